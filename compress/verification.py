@@ -1,0 +1,92 @@
+"""Verify one artifact against the fp32 reference on the target's own runtime, and gate on its budgets.
+
+Used by `compress build` (after export) and `compress verify OUT_DIR` (re-verification).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from compress.artifact import Artifact
+from compress.data.corpus import build_eval_set
+from compress.errors import InputError, RuntimeUnavailable
+from compress.models import LoadedModel
+from compress.targets import TargetSpec
+from runtimes import RUNTIMES
+from runtimes.base import ContextOverflow
+from runtimes.harness import Verification, check_budgets, measure_accuracy, measured_on, run_reference
+from runtimes.latency import measure_latency
+from runtimes.torch_eager import TorchEagerRuntime
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def stop_ids(tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return {int(i) for i in ids}
+
+
+def verify_artifact(target: TargetSpec, artifact: Artifact, reference: LoadedModel, console: Any,
+                    eval_data: str | None = None, threads: int | None = None) -> Verification:
+    runtime_name = target.runtime.name.value
+    runtime = RUNTIMES.get(runtime_name)
+    available = runtime.availability()
+    if not available.ok:
+        raise RuntimeUnavailable(f"runtime {runtime_name!r} is unavailable: {available.reason}")
+    threads = threads or target.runtime.threads
+    spec = target.eval
+    with console.step("Preparing the evaluation set") as step:
+        eval_set = build_eval_set(reference.tokenizer, spec, eval_data)
+        step["detail"] = f"{len(eval_set.windows)} windows x {len(eval_set.windows[0])} tokens, " \
+                         f"{len(eval_set.prompts)} prompts"
+    stops = stop_ids(reference.tokenizer)
+    max_context = artifact.extra.get("max_context") or target.export.max_context
+    longest_prompt = max(len(p) for p in eval_set.prompt_ids) + spec.greedy_tokens
+    if max_context is not None and longest_prompt > max_context:
+        raise InputError(f"a prompt plus {spec.greedy_tokens} greedy tokens needs {longest_prompt} positions; "
+                         f"export.max_context is {max_context}")
+    try:
+        with torch_threads(threads):
+            with console.step("Running the fp32 reference (eager PyTorch)"):
+                ref_session = TorchEagerRuntime.session_for(reference.model, max_context)
+                ref = run_reference(ref_session, eval_set, spec.greedy_tokens, stops, console)
+            with console.step(f"Loading the artifact on {runtime_name} ({threads} threads)"):
+                session = runtime.load(artifact, threads)
+            with console.step(f"Measuring accuracy on {runtime_name}") as step:
+                decode = lambda ids: reference.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+                metrics, samples = measure_accuracy(session, ref, eval_set, spec.greedy_tokens, stops, decode,
+                                                    console)
+                step["detail"] = f"mean KL {metrics['mean_kl']:.3g}, top-1 {metrics['top1_agreement']:.4f}, " \
+                                 f"PPL ratio {metrics['perplexity_ratio']:.4f}"
+    except ContextOverflow as err:
+        raise InputError(f"evaluation does not fit the artifact's context: {err}") from None
+    metrics["size_mb"] = artifact.size_bytes() / 1e6
+    latency: dict[str, Any] = {}
+    unmeasured: dict[str, str] = {}
+    if spec.latency:
+        with console.step(f"Measuring latency on {runtime_name} in a child process "
+                          f"({spec.warmup} warm-up + {spec.repeats} repeats)") as step:
+            latency = measure_latency(runtime_name, artifact, threads, list(eval_set.latency_prompt),
+                                      spec.decode_tokens, spec.warmup, spec.repeats)
+            step["detail"] = f"prefill {latency['prefill_tok_s']:.0f} tok/s, decode " \
+                             f"{latency['decode_tok_s']:.1f} tok/s, peak RSS {latency['peak_rss_mb']:.0f} MB"
+        for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
+            metrics[key] = latency[key]
+    else:
+        for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
+            unmeasured[key] = "latency disabled (eval.latency: false)"
+    budgets = check_budgets(target.budgets, metrics, unmeasured)
+    return Verification(runtime_name, threads, metrics, budgets, samples, eval_set.summary(), measured_on(threads),
+                        latency)

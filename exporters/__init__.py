@@ -1,0 +1,11 @@
+"""Exporters, one file per format, registered by format name (see base.py for the protocol)."""
+
+from __future__ import annotations
+
+from compress.registry import Registry
+from compress.targets import Format
+from exporters.base import Exporter
+from exporters.safetensors import SafetensorsExporter
+
+EXPORTERS: Registry[Exporter] = Registry("exporter")
+EXPORTERS.register(Format.SAFETENSORS.value, SafetensorsExporter())

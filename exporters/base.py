@@ -1,0 +1,43 @@
+"""The Exporter protocol and the atomic-directory helper every exporter writes through.
+
+`export(model, tokenizer, options, out_dir, console) -> Artifact`. An exporter writes into a temporary
+sibling of `out_dir` and renames it into place only when complete, so a crash never leaves a
+half-written artifact where the final one belongs. It reports coverage (linears quantized, nodes
+delegated) in `Artifact.extra`; a silent partial lowering is a failure, not a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from compress.artifact import Artifact
+from runtimes.base import Availability
+
+
+class Exporter(Protocol):
+    version: str  # part of the cache key: bump when the output for a given input changes
+
+    def availability(self) -> Availability: ...
+
+    def export(self, model: Any, tokenizer: Any, options: Any, out_dir: Path, console: Any) -> Artifact: ...
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes `final` only if the block succeeds."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)

@@ -1,0 +1,33 @@
+"""The reference format: a plain HF checkpoint (safetensors) in a chosen dtype, run by eager PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from compress.artifact import Artifact
+from compress.hashing import files_under
+from compress.targets import Format, SafetensorsOptions
+from exporters.base import atomic_dir
+from runtimes.base import Availability
+
+
+class SafetensorsExporter:
+    version = "1"
+
+    def availability(self) -> Availability:
+        return Availability(True)
+
+    def export(self, model: Any, tokenizer: Any, options: SafetensorsOptions, out_dir: Path,
+               console: Any) -> Artifact:
+        import copy
+
+        import torch
+
+        dtype = getattr(torch, options.dtype.value)
+        with atomic_dir(out_dir) as tmp:
+            copy.deepcopy(model).to(dtype).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        files = tuple(str(p) for p in files_under(out_dir))
+        return Artifact(out_dir, Format.SAFETENSORS, files,
+                        {"dtype": options.dtype.value, "max_context": options.max_context})

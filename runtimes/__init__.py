@@ -1,0 +1,11 @@
+"""Runtimes: each loads one artifact format and exposes the Session protocol (see base.py)."""
+
+from __future__ import annotations
+
+from compress.registry import Registry
+from compress.targets import RuntimeName
+from runtimes.base import Runtime
+from runtimes.torch_eager import TorchEagerRuntime
+
+RUNTIMES: Registry[Runtime] = Registry("runtime")
+RUNTIMES.register(RuntimeName.TORCH_EAGER.value, TorchEagerRuntime())

@@ -1,0 +1,47 @@
+"""The protocol every runtime implements, the eager reference included, so the harness never branches.
+
+A Session holds one sequence's KV cache:
+  prefill(token_ids) -> logits for every given position, (len(token_ids), vocab) float32;
+                        appends to the cache, so a long prompt may be fed in chunks
+  decode(token_id)   -> logits for the next position, (vocab,) float32
+  reset()            -> empty the cache
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from compress.artifact import Artifact
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""  # why not, and what to do about it (e.g. "Core ML prediction needs macOS")
+
+
+class Session(Protocol):
+    vocab_size: int
+    max_context: int  # positions the cache holds; prefill/decode beyond it is an error
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray: ...
+
+    def decode(self, token_id: int) -> np.ndarray: ...
+
+    def reset(self) -> None: ...
+
+
+class Runtime(Protocol):
+    name: str
+
+    def availability(self) -> Availability: ...
+
+    def load(self, artifact: Artifact, threads: int) -> Session: ...
+
+
+class ContextOverflow(ValueError):
+    """A prefill/decode would write past the session's max_context."""

@@ -1,0 +1,104 @@
+"""Latency and footprint of one artifact on its runtime, measured in a child process.
+
+The parent (`measure_latency`) starts `python -m runtimes.latency`, sends the request as JSON on stdin
+and reads one JSON object from stdout. The child loads the artifact, then for warm-up + repeats runs:
+reset -> prefill the fixed prompt (time to first token) -> greedy-decode a fixed number of tokens.
+Reported: load time, median TTFT, prefill tok/s, decode tok/s over the repeats, and the child's peak
+RSS (the whole process: interpreter and imports included; `rss_before_load_mb` is that baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from compress.artifact import Artifact
+from compress.errors import RuntimeUnavailable
+
+
+def measure_latency(runtime: str, artifact: Artifact, threads: int, prompt_ids: list[int], decode_tokens: int,
+                    warmup: int, repeats: int, timeout_s: float = 1800) -> dict[str, Any]:
+    request = {"runtime": runtime, "artifact": artifact.to_data(), "root": str(artifact.path.parent),
+               "threads": threads, "prompt_ids": prompt_ids, "decode_tokens": decode_tokens,
+               "warmup": warmup, "repeats": repeats}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "runtimes.latency"], input=json.dumps(request),
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeUnavailable(f"latency measurement on {runtime} did not finish in {timeout_s:.0f} s") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeUnavailable(f"latency child for {runtime} failed (exit {proc.returncode}): {tail}")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise RuntimeUnavailable(result["error"])
+    return result
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _run(request: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from runtimes import RUNTIMES
+
+    runtime = RUNTIMES.get(request["runtime"])
+    available = runtime.availability()
+    if not available.ok:
+        return {"error": f"runtime {request['runtime']} unavailable: {available.reason}"}
+    artifact = Artifact.from_data(request["artifact"], Path(request["root"]))
+    rss_before = _peak_rss_mb()
+    start = time.perf_counter()
+    session = runtime.load(artifact, request["threads"])
+    load_s = time.perf_counter() - start
+    prompt, n = request["prompt_ids"], request["decode_tokens"]
+    ttft, decode_s = [], []
+    for i in range(request["warmup"] + request["repeats"]):
+        session.reset()
+        t0 = time.perf_counter()
+        token = int(np.argmax(session.prefill(prompt)[-1]))
+        t1 = time.perf_counter()
+        for _ in range(n):
+            token = int(np.argmax(session.decode(token)))
+        t2 = time.perf_counter()
+        if i >= request["warmup"]:
+            ttft.append(t1 - t0)
+            decode_s.append(t2 - t1)
+    ttft_med, decode_med = statistics.median(ttft), statistics.median(decode_s)
+    return {
+        "load_s": load_s,
+        "ttft_s": ttft_med,
+        "prefill_tok_s": len(prompt) / ttft_med,
+        "decode_tok_s": n / decode_med,
+        "decode_ms_per_token": 1000 * decode_med / n,
+        "prefill_len": len(prompt),
+        "decode_tokens": n,
+        "warmup": request["warmup"],
+        "repeats": request["repeats"],
+        "ttft_all_s": ttft,
+        "decode_all_s": decode_s,
+        "rss_before_load_mb": rss_before,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    request = json.loads(sys.stdin.read())
+    try:
+        result = _run(request)
+    except Exception as err:  # reported to the parent as one line; it raises RuntimeUnavailable
+        result = {"error": f"{type(err).__name__}: {err}"}
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
