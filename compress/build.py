@@ -26,7 +26,8 @@ from compress.hashing import sha256_file
 from compress.home import compress_home
 from compress.manifest import MANIFEST, Manifest, describe_files
 from compress.report import REPORT_JSON, REPORT_MD, JUNIT, write_reports
-from compress.stages import STAGES, StageContext
+from compress.registry import Registry
+from compress.stages import STAGES, Stage, StageContext
 from compress.targets import Format, TargetSpec, load_targets, parse_target
 from compress.verification import verify_artifact
 from exporters import EXPORTERS
@@ -95,13 +96,13 @@ def _data_identity(source: str) -> str:
     return sha256_file(path) if path.is_file() else source
 
 
-def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache, console: Any) -> tuple[Any, str,
-                                                                                                   list[dict]]:
+def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache, console: Any,
+               stages: Registry[Stage] = STAGES) -> tuple[Any, str, list[dict]]:
     """Run (or load from the cache) every stage; returns (model, its cache key, stage records)."""
     calib = req.eval_data or req.target.eval.data
     keys, prev = [], loaded.source.sha256
     for spec in req.target.stages:
-        prev = cache.key("stage", prev, spec.kind.value, to_data(spec.config), STAGES.get(spec.kind.value).version,
+        prev = cache.key("stage", prev, spec.kind.value, to_data(spec.config), stages.get(spec.kind.value).version,
                          _data_identity(calib), req.seed)
         keys.append(prev)
     last_hit = max((i for i, k in enumerate(keys) if cache.lookup(k)), default=-1)
@@ -120,7 +121,7 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
                            calibration=functools.partial(calibration_windows, loaded.tokenizer, calib))
         with console.step(title) as step:
             start = time.perf_counter()
-            result = STAGES.get(spec.kind.value).run(model, spec.config, ctx)
+            result = stages.get(spec.kind.value).run(model, spec.config, ctx)
             seconds = time.perf_counter() - start
             with cache.write(key, {"kind": spec.kind.value, "seconds": seconds, "notes": result.notes}) as entry:
                 checkpoint.save_model(result.model, entry)

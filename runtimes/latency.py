@@ -96,7 +96,8 @@ def main() -> None:
     try:
         result = _run(request)
     except Exception as err:  # reported to the parent as one line; it raises RuntimeUnavailable
-        result = {"error": f"{type(err).__name__}: {err}"}
+        where = f"{request['runtime']} on {request['artifact']['path']}"
+        result = {"error": f"latency run of {where} failed: {type(err).__name__}: {err}"}
     sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+NONFINITE_PENALTY = 100.0  # nats: the KL/NLL charged at a position whose candidate logits hold NaN/inf
+
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     import torch
@@ -44,17 +46,24 @@ class AccuracyAccumulator:
     top1: list[np.ndarray] = field(default_factory=list)
     ref_nll: list[np.ndarray] = field(default_factory=list)
     cand_nll: list[np.ndarray] = field(default_factory=list)
+    nonfinite: int = 0
 
     def add(self, ref_logits: np.ndarray, cand_logits: np.ndarray, tokens: Sequence[int]) -> None:
         if ref_logits.shape != cand_logits.shape:
             raise ValueError(f"logits shape {cand_logits.shape} differs from the reference's {ref_logits.shape}")
-        if not np.isfinite(cand_logits).all():
-            # A NaN/inf logit is a broken model; record it as maximal divergence rather than crash.
-            cand_logits = np.nan_to_num(cand_logits, nan=0.0, posinf=1e4, neginf=-1e4)
-        self.kl.append(position_kl(ref_logits, cand_logits))
-        self.top1.append(ref_logits.argmax(-1) == cand_logits.argmax(-1))
+        # A NaN/inf logit (e.g. an fp16 overflow) is a broken position: charge it a penalty far above any
+        # budget instead of letting NaN poison the means or crash the run.
+        bad = ~np.isfinite(cand_logits).all(-1)  # (positions,)
+        safe = np.where(bad[:, None], 0.0, cand_logits).astype(np.float32)
+        kl = position_kl(ref_logits, safe)
+        kl[bad] = NONFINITE_PENALTY
+        nll = next_token_nll(safe, tokens)
+        nll[bad[:-1]] = NONFINITE_PENALTY
+        self.kl.append(kl)
+        self.top1.append((ref_logits.argmax(-1) == safe.argmax(-1)) & ~bad)
         self.ref_nll.append(next_token_nll(ref_logits, tokens))
-        self.cand_nll.append(next_token_nll(cand_logits, tokens))
+        self.cand_nll.append(nll)
+        self.nonfinite += int(bad.sum())
 
     def result(self) -> dict[str, float]:
         kl = np.concatenate(self.kl)
@@ -69,6 +78,7 @@ class AccuracyAccumulator:
             "reference_perplexity": ref_ppl,
             "perplexity": cand_ppl,
             "perplexity_ratio": cand_ppl / ref_ppl,
+            "nonfinite_positions": self.nonfinite,
         }
 
 

@@ -71,12 +71,25 @@ def convert_gguf(path: Path, out_dir: Path, console: Any, extra_info: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
         plain.eval().save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _drop_volatile_keys(tmp / "tokenizer_config.json")
         info = {"gguf": path.name, "gguf_sha256": gguf_sha, **(extra_info or {})}
         (tmp / SOURCE_INFO).write_text(json.dumps(info, indent=2))
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
         step["detail"] = f"{sum(p.numel() for p in plain.parameters()) / 1e6:.1f}M parameters"
     return out_dir
+
+
+_VOLATILE_TOKENIZER_KEYS = ("local_files_only",)  # records HF_HUB_OFFLINE of the saving process
+
+
+def _drop_volatile_keys(path: Path) -> None:
+    """Keep a conversion byte-identical whatever the environment it ran in."""
+    if path.is_file():
+        config = json.loads(path.read_text())
+        for key in _VOLATILE_TOKENIZER_KEYS:
+            config.pop(key, None)
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def checkpoint_hash(path: Path) -> str:

@@ -1,0 +1,133 @@
+"""`compress build` / `verify` / `report` end to end through the real CLI, on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+import yaml
+
+from compress.hashing import sha256_file
+
+# Latency is exercised by its own tests; these keep the end-to-end runs short.
+FAST_EVAL = {"windows": 4, "window_len": 64, "greedy_tokens": 8, "prefill_len": 32, "decode_tokens": 8,
+             "warmup": 0, "repeats": 2}
+
+
+def _targets(tmp_path: Path, dtype: str = "float32", budgets: dict | None = None, name: str = "ref") -> Path:
+    path = tmp_path / f"targets-{name}-{dtype}.yaml"
+    budgets = budgets if budgets is not None else {"max_mean_kl": 1e-6, "min_top1_agreement": 0.999,
+                                                   "max_perplexity_ratio": 1.0001, "min_greedy_match": 8}
+    path.write_text(yaml.safe_dump({"version": 1, "targets": {name: {
+        "export": {"format": "safetensors", "dtype": dtype}, "runtime": {"name": "torch_eager", "threads": 1},
+        "eval": FAST_EVAL, "budgets": budgets}}}))
+    return path
+
+
+@pytest.fixture
+def built(tiny_dir: Path, tmp_path: Path, cli):
+    out = tmp_path / "out"
+    result = cli("build", "--target", "ref", "--model", str(tiny_dir), "--targets", str(_targets(tmp_path)),
+                 "--out", str(out))
+    assert result.code == 0, result.stderr
+    return out, result
+
+
+def test_reference_build_passes_with_kl_zero_and_a_complete_manifest(built):
+    out, result = built
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verdict"] == "pass"
+    metrics = manifest["verification"]["metrics"]
+    assert metrics["mean_kl"] == 0.0 and metrics["top1_agreement"] == 1.0 and metrics["perplexity_ratio"] == 1.0
+    assert metrics["greedy_match_mean"] == 8
+    assert manifest["model"]["kind"] == "hf_dir" and len(manifest["model"]["sha256"]) == 64
+    assert manifest["target"]["spec"]["export"]["format"] == "safetensors"
+    assert {"torch", "transformers", "python", "compress"} <= set(manifest["tools"])
+    assert manifest["verification"]["measured_on"]["logical_cores"] >= 1
+    # Every artifact file is listed with the hash and size of what is on disk.
+    files = manifest["artifact"]["file_hashes"]
+    assert {f["path"] for f in files} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    for f in files:
+        path = out / manifest["artifact"]["path"] / f["path"]
+        assert sha256_file(path) == f["sha256"] and path.stat().st_size == f["bytes"]
+    junit = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    assert junit.get("tests") == "4" and junit.get("failures") == "0"
+    assert "## compress ref: PASS" in (out / "report.md").read_text()
+    assert "Built" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_rebuild_reuses_the_cached_export(built, tiny_dir: Path, tmp_path: Path, cli):
+    out, _ = built
+    again = cli("build", "--target", "ref", "--model", str(tiny_dir), "--targets", str(_targets(tmp_path)),
+                "--out", str(out))
+    assert again.code == 0, again.stderr
+    assert json.loads((out / "manifest.json").read_text())["export"]["cached"] is True
+    assert "Export to safetensors (cached)" in again.stderr
+
+
+def test_verify_reruns_on_an_existing_build_and_catches_tampering(built, tmp_path: Path, cli):
+    out, _ = built
+    ok = cli("verify", str(out))
+    assert ok.code == 0, ok.stderr
+    report = cli("report", str(out), "--json")
+    assert json.loads(report.stdout)["metrics"]["mean_kl"] == 0.0
+    stricter = _targets(tmp_path, budgets={"max_size_mb": 0.01})
+    broken = cli("verify", str(out), "--targets", str(stricter))
+    assert broken.code == 4
+    assert "max_size_mb" in broken.stderr
+    weights = out / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    tampered = cli("verify", str(out))
+    assert tampered.code == 2
+    assert "changed since the build" in tampered.stderr
+
+
+def test_a_damaged_artifact_breaks_the_budget_gate_with_exit_4(tiny_dir: Path, tmp_path: Path, cli):
+    # bfloat16 weights are a real, small degradation; the reference budgets refuse it.
+    out = tmp_path / "bf16"
+    summary = tmp_path / "summary.md"
+    result = cli("build", "--target", "ref", "--model", str(tiny_dir), "--out", str(out),
+                 "--targets", str(_targets(tmp_path, dtype="bfloat16")), env={"GITHUB_STEP_SUMMARY": str(summary)})
+    assert result.code == 4, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: target 'ref': budget broken (max_mean_kl: mean_kl = ")
+    manifest = json.loads((out / "manifest.json").read_text())  # written even when the gate fails
+    assert manifest["verdict"] == "fail"
+    assert 0 < manifest["verification"]["metrics"]["mean_kl"]
+    cases = {c.get("name"): c for c in ET.parse(out / "junit.xml").getroot().iter("testcase")}
+    assert cases["max_mean_kl"].find("failure") is not None
+    assert "| max_mean_kl |" in (out / "report.md").read_text() and "**FAIL**" in (out / "report.md").read_text()
+    assert "compress ref: FAIL" in summary.read_text()
+
+
+def test_targets_without_their_components_fail_before_any_work(tmp_path: Path, cli):
+    out = tmp_path / "android"
+    result = cli("build", "--target", "android", "--out", str(out))
+    assert result.code == 3
+    assert result.stderr.count("\n") == 1 and "exporter for format 'pte'" in result.stderr
+    assert "not available yet" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,code,fragment", [
+    (["build", "--target", "andriod"], 2, "unknown target 'andriod'; valid: android"),
+    (["build", "--target", "reference", "--model", "/no/such/model"], 2, "is not a catalog name"),
+    (["build", "--target", "reference", "--threads", "0"], 2, "Invalid value for '--threads'"),
+    (["verify", "/no/such/build"], 2, "no manifest.json; not a completed compress build"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, code, fragment, cli):
+    result = cli(*args)
+    assert result.code == code, result.stderr
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_occupied_output_directory_is_not_overwritten(tiny_dir: Path, tmp_path: Path, cli):
+    occupied = tmp_path / "mine"
+    occupied.mkdir()
+    (occupied / "thesis.tex").write_text("precious")
+    result = cli("build", "--target", "ref", "--model", str(tiny_dir), "--targets", str(_targets(tmp_path)),
+                 "--out", str(occupied))
+    assert result.code == 2 and "is not a compress build directory" in result.stderr
+    assert (occupied / "thesis.tex").read_text() == "precious"

