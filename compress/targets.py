@@ -24,7 +24,7 @@ import yaml
 
 from compress.config import check_fields, join, parse_dataclass, parse_value, setting, to_data, type_name
 from compress.errors import ConfigError, Problem
-from compress.stages.configs import STAGE_CONFIGS, StageKind
+from compress.stages.configs import STAGE_CONFIGS, Activations, Precision, QuantAlgorithm, QuantizeConfig, StageKind
 
 SCHEMA_VERSION = 1
 SHIPPED_TARGETS = Path(__file__).resolve().parent.parent / "targets.yaml"
@@ -80,14 +80,32 @@ class GgufType(enum.Enum):
 
 # ---- export options, one dataclass per format -------------------------------------------------
 
+def pte_quantize_problems(q: QuantizeConfig | None) -> list[Problem]:
+    """What XNNPACK can run: 8da4w / 8da8w (int8 dynamic activations) or int8 weight-only, symmetric."""
+    if q is None:
+        return []
+    out = []
+    if q.weight_bits == 4 and q.activations is not Activations.INT8_DYNAMIC:
+        out.append(Problem("quantize.activations", "int4 weights on XNNPACK need activations: int8_dynamic (8da4w)"))
+    if not q.symmetric:
+        out.append(Problem("quantize.symmetric", "false is not supported by XNNPACK's integer kernels; use true"))
+    if q.algorithm not in (QuantAlgorithm.RTN, QuantAlgorithm.HQQ):
+        out.append(Problem("quantize.algorithm", f"{q.algorithm.value!r} is not available for pte yet; choose 'rtn' "
+                                                 f"or 'hqq'"))
+    if q.lm_head is Precision.FP16 or q.embedding is Precision.FP16:
+        out.append(Problem("quantize", "fp16 embedding/lm_head is not supported for pte; use fp32, int8 or int4"))
+    return out
+
+
 @dataclass(frozen=True)
 class PteOptions:
     max_context: int = setting(512, ge=16, le=32768, doc="KV-cache length baked into the program")
     backend: str = setting("xnnpack", choices=("xnnpack",))
+    quantize: QuantizeConfig | None = setting(None, doc="torchao quantization applied before lowering; null: fp32")
     allow_unquantized_linears: bool = setting(False, doc="let the export succeed when a linear is skipped")
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_fields(self, pte_quantize_problems(self.quantize))
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,7 @@ class OnnxOptions:
     max_context: int = setting(2048, ge=16, le=131072)
     opset: int = setting(18, ge=17, le=23)
     external_data: bool = True
+    quantize: QuantizeConfig | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -106,6 +125,7 @@ class MlpackageOptions:
     compute_units: ComputeUnits = ComputeUnits.CPU_AND_NE
     minimum_deployment_target: str = setting("iOS18", choices=("iOS18", "macOS15"))
     query_lengths: tuple[int, ...] = (1, 64)
+    quantize: QuantizeConfig | None = None
 
     def __post_init__(self) -> None:
         extra = []

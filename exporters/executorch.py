@@ -1,0 +1,166 @@
+"""ExecuTorch `.pte` for XNNPACK: our export-friendly Llama, ExecuTorch's custom SDPA and in-place KV-cache
+ops, torchao quantization, lowering with the XNNPACK partitioners.
+
+The program has one method, `forward(tokens (1, seq), input_pos (1,)) -> logits (1, seq, vocab)`, with a
+dynamic `seq` (1..max_context), so a whole prompt prefills in one call and decode is seq = 1. It returns
+logits for every position: the harness needs them, and the stock llama runner reads the last one.
+Beside the program: `tokenizer.json` and `compress-pte.json` (ids, context, coverage), and the runner's
+metadata is baked into the program as constant methods (get_bos_id, get_eos_ids, get_max_context_len...).
+Coverage is a post-condition: a linear left outside XNNPACK fails the export unless the target allows it.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from compress.artifact import Artifact
+from compress.errors import ExportError, InputError
+from compress.hashing import files_under
+from compress.targets import Format, PteOptions
+from exporters.base import atomic_dir
+from exporters.llama import AttentionBackend, ExportLlama
+from exporters.torchao_quant import apply_plan, check_plan, coverage, plan_linears
+from runtimes.base import Availability
+
+PROGRAM = "model.pte"
+SIDECAR = "compress-pte.json"
+# Edge ops that may stay outside XNNPACK: custom attention/cache ops, quantized embedding, bookkeeping.
+_LINEAR_OPS = ("linear", "addmm", ".mm.", "bmm", "dq_linear", "matmul")
+
+
+def _needed_modules() -> list[str]:
+    return [m for m in ("executorch", "torchao") if importlib.util.find_spec(m) is None]
+
+
+class ExecuTorchExporter:
+    version = "1"
+
+    def availability(self) -> Availability:
+        missing = _needed_modules()
+        if missing:
+            return Availability(False, f"{', '.join(missing)} not installed; pip install 'compress[executorch]'")
+        return Availability(True)
+
+    def export(self, model: Any, tokenizer: Any, options: PteOptions, out_dir: Path, console: Any) -> Artifact:
+        import torch
+
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers llama::custom_sdpa/update_cache
+
+        limit = model.config.max_position_embeddings
+        if options.max_context > limit:
+            raise InputError(f"export.max_context {options.max_context} exceeds the model's "
+                             f"max_position_embeddings {limit}")
+        module = ExportLlama.from_hf(model, options.max_context, AttentionBackend.CUSTOM)
+        notes: dict[str, Any] = {"quantization": "fp32 (none)"}
+        if options.quantize is not None:
+            plans = plan_linears(module, options.quantize)
+            check_plan(plans, options.allow_unquantized_linears)
+            with console.step("Quantizing with torchao") as step:
+                apply_plan(module, plans, options.quantize)
+                notes = {"quantization": _scheme_name(options.quantize), **coverage(plans),
+                         "embedding": options.quantize.embedding.value, "lm_head": options.quantize.lm_head.value,
+                         "tied_embeddings": model.config.tie_word_embeddings}
+                step["detail"] = f"{notes['linears_quantized']}/{notes['linears_total']} linears"
+        else:
+            notes.update(linears_total=sum(1 for m in module.modules() if isinstance(m, torch.nn.Linear)),
+                         linears_quantized=0)
+        timings: dict[str, float] = {}
+        with atomic_dir(out_dir) as tmp:
+            program, delegation = self._lower(module, options, tokenizer, timings, console)
+            (tmp / PROGRAM).write_bytes(program)
+            tokenizer.save_pretrained(tmp)  # tokenizer.json: what the stock llama runner's --tokenizer_path reads
+            sidecar = {"max_context": options.max_context, "vocab_size": module.dims.vocab_size,
+                       "bos_id": module.dims.bos_token_id, "eos_ids": _eos_ids(tokenizer, module),
+                       "coverage": {**notes, **delegation}, "export_seconds": timings}
+            (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+        self._check_delegation(delegation, options)
+        files = tuple(str(p) for p in files_under(out_dir))
+        return Artifact(out_dir, Format.PTE, files, {"max_context": options.max_context, "program": PROGRAM,
+                                                     "coverage": {**notes, **delegation}, "export_seconds": timings})
+
+    def _lower(self, module: Any, options: PteOptions, tokenizer: Any, timings: dict[str, float],
+               console: Any) -> tuple[bytes, dict[str, Any]]:
+        import torch
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner)
+        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.passes import MemoryPlanningPass
+        from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+        from torch.export import Dim
+
+        example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
+        seq = Dim("seq", min=1, max=options.max_context)
+        with console.step("torch.export") as step, torch.no_grad():
+            exported = torch.export.export(module, example, dynamic_shapes=({1: seq}, None), strict=False)
+        timings["torch_export"] = step["seconds"]
+        with console.step("Lowering to XNNPACK") as step:
+            edge = to_edge_transform_and_lower(
+                exported, partitioner=[XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()],
+                compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+                constant_methods=_runner_metadata(module, tokenizer, options))
+            delegation = _count_delegation(edge.exported_program().graph_module)
+            step["detail"] = f"{delegation['delegated_nodes']} nodes in {delegation['delegate_calls']} XNNPACK " \
+                             f"partitions, {delegation['non_delegated_nodes']} outside"
+        timings["lower"] = step["seconds"]
+        with console.step("Emitting the ExecuTorch program") as step:
+            start = time.perf_counter()
+            program = edge.to_executorch(ExecutorchBackendConfig(
+                extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
+            buffer = program.buffer
+            timings["emit"] = time.perf_counter() - start
+        return buffer, delegation
+
+    @staticmethod
+    def _check_delegation(delegation: dict[str, Any], options: PteOptions) -> None:
+        outside = {op: n for op, n in delegation["non_delegated_ops"].items() if any(k in op for k in _LINEAR_OPS)}
+        if outside and not options.allow_unquantized_linears:
+            raise ExportError(f"linear ops left outside XNNPACK: {outside}; the program would run them on portable "
+                              f"kernels (set export.allow_unquantized_linears: true to accept)")
+
+
+def _scheme_name(q: Any) -> str:
+    act = "8da" if q.activations.value == "int8_dynamic" else ""
+    group = f" g{q.group_size}" if q.group_size else " per-channel"
+    return f"{act}{q.weight_bits}w{group} ({q.algorithm.value})" if act else f"int{q.weight_bits} weight-only{group}"
+
+
+def _eos_ids(tokenizer: Any, module: Any) -> list[int]:
+    ids = {module.dims.eos_token_id, tokenizer.eos_token_id}
+    return sorted(int(i) for i in ids if i is not None)
+
+
+def _runner_metadata(module: Any, tokenizer: Any, options: PteOptions) -> dict[str, Any]:
+    """What ExecuTorch's stock llama runner reads from the program's constant methods."""
+    dims = module.dims
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else dims.bos_token_id
+    return {"get_bos_id": int(bos if bos is not None else 0), "get_eos_ids": _eos_ids(tokenizer, module),
+            "get_max_seq_len": options.max_context, "get_max_context_len": options.max_context,
+            "get_n_layers": dims.num_layers, "get_vocab_size": dims.vocab_size, "use_kv_cache": True,
+            "use_sdpa_with_kv_cache": True, "enable_dynamic_shape": True}
+
+
+def _count_delegation(graph_module: Any) -> dict[str, Any]:
+    """Nodes inside XNNPACK partitions vs compute nodes left on portable kernels."""
+    delegated, calls = 0, 0
+    for name, sub in graph_module.named_children():
+        if name.startswith("lowered_module"):
+            calls += 1
+            delegated += sum(1 for n in sub.original_module.graph.nodes if n.op == "call_function")
+    outside: collections.Counter[str] = collections.Counter()
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = getattr(node.target, "__name__", str(node.target))
+        if any(skip in target for skip in ("executorch_call_delegate", "getitem", "sym_size", "_assert_scalar",
+                                           "_local_scalar_dense")) or target in ("le", "ge", "lt", "gt", "add"):
+            continue  # bookkeeping of the dynamic sequence length, not compute
+        outside[target.removeprefix("aten.").removesuffix(".default")] += 1
+    return {"delegate_calls": calls, "delegated_nodes": delegated, "non_delegated_nodes": sum(outside.values()),
+            "non_delegated_ops": dict(outside.most_common())}

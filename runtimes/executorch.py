@@ -1,0 +1,66 @@
+"""The ExecuTorch runtime (`executorch.runtime`) over a `.pte` from exporters/executorch.py.
+
+The program's KV cache lives in its mutable buffers; the custom SDPA op only reads positions before
+`input_pos + seq`, so `reset()` just rewinds the position and stale entries are overwritten, never read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from compress.artifact import Artifact
+from runtimes.base import Availability, ContextOverflow
+
+
+class ExecuTorchSession:
+    def __init__(self, method: Any, vocab_size: int, max_context: int):
+        self._method = method
+        self.vocab_size = vocab_size
+        self.max_context = max_context
+        self._pos = 0
+
+    def reset(self) -> None:
+        self._pos = 0
+
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
+        import torch
+
+        if self._pos + len(ids) > self.max_context:
+            raise ContextOverflow(f"position {self._pos + len(ids)} exceeds max_context {self.max_context}")
+        tokens = torch.tensor([list(ids)], dtype=torch.long)  # (1, seq)
+        pos = torch.tensor([self._pos], dtype=torch.long)  # (1,)
+        logits = self._method.execute([tokens, pos])[0]  # (1, seq, vocab)
+        self._pos += len(ids)
+        return logits[0].numpy()
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run(token_ids)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._run([token_id])[0]
+
+
+class ExecuTorchRuntime:
+    name = "executorch"
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("executorch") is None:
+            return Availability(False, "executorch is not installed; pip install 'compress[executorch]'")
+        return Availability(True)
+
+    def load(self, artifact: Artifact, threads: int) -> ExecuTorchSession:
+        # Kernel libraries the program calls outside XNNPACK: quantized embedding, llama custom ops.
+        import executorch.kernels.quantized  # noqa: F401
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        from executorch.runtime import Runtime
+
+        _unsafe_reset_threadpool(threads)
+        program = Runtime.get().load_program(artifact.path / artifact.extra.get("program", "model.pte"))
+        method = program.load_method("forward")
+        vocab = int(program.load_method("get_vocab_size").execute([])[0])
+        return ExecuTorchSession(method, vocab, int(artifact.extra["max_context"]))
