@@ -34,7 +34,7 @@ from exporters import EXPORTERS
 from runtimes import RUNTIMES
 
 ARTIFACT_NAMES = {
-    Format.PTE: "model.pte",
+    Format.PTE: "executorch",
     Format.ONNX: "onnx",
     Format.MLPACKAGE: "model.mlpackage",
     Format.GGUF: "model.gguf",

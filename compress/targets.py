@@ -69,6 +69,11 @@ class ComputeUnits(enum.Enum):
     CPU_AND_NE = "cpu_and_ne"
 
 
+class PteAttention(enum.Enum):
+    XNNPACK = "xnnpack"  # bmm/softmax over the static cache on XNNPACK: flat cost in the position
+    CUSTOM_SDPA = "custom_sdpa"  # ExecuTorch's custom SDPA kernel: faster below ~128 cached tokens, slower after
+
+
 class GgufType(enum.Enum):
     F32 = "f32"
     F16 = "f16"
@@ -101,6 +106,7 @@ def pte_quantize_problems(q: QuantizeConfig | None) -> list[Problem]:
 class PteOptions:
     max_context: int = setting(512, ge=16, le=32768, doc="KV-cache length baked into the program")
     backend: str = setting("xnnpack", choices=("xnnpack",))
+    attention: PteAttention = PteAttention.XNNPACK
     quantize: QuantizeConfig | None = setting(None, doc="torchao quantization applied before lowering; null: fp32")
     allow_unquantized_linears: bool = setting(False, doc="let the export succeed when a linear is skipped")
 

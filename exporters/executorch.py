@@ -1,5 +1,5 @@
-"""ExecuTorch `.pte` for XNNPACK: our export-friendly Llama, ExecuTorch's custom SDPA and in-place KV-cache
-ops, torchao quantization, lowering with the XNNPACK partitioners.
+"""ExecuTorch `.pte` for XNNPACK: our export-friendly Llama, ExecuTorch's in-place KV-cache op, attention
+on XNNPACK (or ExecuTorch's custom SDPA kernel, `export.attention`), torchao quantization, XNNPACK lowering.
 
 The program has one method, `forward(tokens (1, seq), input_pos (1,)) -> logits (1, seq, vocab)`, with a
 dynamic `seq` (1..max_context), so a whole prompt prefills in one call and decode is seq = 1. It returns
@@ -21,7 +21,7 @@ from typing import Any
 from compress.artifact import Artifact
 from compress.errors import ExportError, InputError
 from compress.hashing import files_under
-from compress.targets import Format, PteOptions
+from compress.targets import Format, PteAttention, PteOptions
 from exporters.base import atomic_dir
 from exporters.llama import AttentionBackend, ExportLlama
 from exporters.torchao_quant import apply_plan, check_plan, coverage, plan_linears
@@ -49,13 +49,15 @@ class ExecuTorchExporter:
     def export(self, model: Any, tokenizer: Any, options: PteOptions, out_dir: Path, console: Any) -> Artifact:
         import torch
 
-        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers llama::custom_sdpa/update_cache
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers llama::update_cache/custom_sdpa
 
         limit = model.config.max_position_embeddings
         if options.max_context > limit:
             raise InputError(f"export.max_context {options.max_context} exceeds the model's "
                              f"max_position_embeddings {limit}")
-        module = ExportLlama.from_hf(model, options.max_context, AttentionBackend.CUSTOM)
+        backend = {PteAttention.XNNPACK: AttentionBackend.XNNPACK,
+                   PteAttention.CUSTOM_SDPA: AttentionBackend.CUSTOM}[options.attention]
+        module = ExportLlama.from_hf(model, options.max_context, backend)
         notes: dict[str, Any] = {"quantization": "fp32 (none)"}
         if options.quantize is not None:
             plans = plan_linears(module, options.quantize)
@@ -86,8 +88,7 @@ class ExecuTorchExporter:
     def _lower(self, module: Any, options: PteOptions, tokenizer: Any, timings: dict[str, float],
                console: Any) -> tuple[bytes, dict[str, Any]]:
         import torch
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-            XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner)
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
         from executorch.exir.passes import MemoryPlanningPass
         from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -100,7 +101,9 @@ class ExecuTorchExporter:
         timings["torch_export"] = step["seconds"]
         with console.step("Lowering to XNNPACK") as step:
             edge = to_edge_transform_and_lower(
-                exported, partitioner=[XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()],
+                # One greedy partitioner: the dynamic-quant-only one makes a partition per linear, and ExecuTorch
+                # re-legalizes the whole graph for every partition (quadratic: >6 min on 2 cores for 30 layers).
+                exported, partitioner=[XnnpackPartitioner()],
                 compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
                 constant_methods=_runner_metadata(module, tokenizer, options))
             delegation = _count_delegation(edge.exported_program().graph_module)

@@ -79,7 +79,9 @@ def apply_plan(module: Any, plans: list[LinearPlan], q: QuantizeConfig) -> None:
     from torch import nn
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
 
+    mapping = MappingType.SYMMETRIC if q.symmetric else MappingType.ASYMMETRIC
     algorithm = "hqq_scale_only" if q.algorithm is QuantAlgorithm.HQQ else "affine"
     schemes: dict[tuple[int, int | None], set[str]] = {}
     for p in plans:
@@ -91,9 +93,10 @@ def apply_plan(module: Any, plans: list[LinearPlan], q: QuantizeConfig) -> None:
             dtype = torch.int4 if bits == 4 else torch.int8
             if q.activations is Activations.INT8_DYNAMIC:
                 config = Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity,
+                                                               weight_mapping_type=mapping,
                                                                intx_choose_qparams_algorithm=algorithm)
             else:
-                config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity,
+                config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, mapping_type=mapping,
                                               intx_choose_qparams_algorithm=algorithm)
             quantize_(module, config, filter_fn=lambda m, fqn, names=names: isinstance(m, nn.Linear) and fqn in names)
         bits = _BITS[q.embedding]

@@ -43,7 +43,16 @@ def measure_latency(runtime: str, artifact: Artifact, threads: int, prompt_ids: 
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak RSS. Linux's ru_maxrss survives fork+exec, so a child started from a large
+    parent would report the parent's footprint; VmHWM belongs to the new address space and resets at exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 * 1024)
 
 
 def _run(request: dict[str, Any]) -> dict[str, Any]:

@@ -110,3 +110,32 @@ def test_cli_builds_and_verifies_the_reference_target_on_the_real_model(smollm2,
     assert manifest["model"]["kind"] == "catalog" and manifest["verdict"] == "pass"
     verified = cli("verify", str(out), env=env)
     assert verified.code == 0, verified.stderr
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("executorch") is None, reason="needs compress[executorch]")
+def test_the_android_target_builds_passes_its_budgets_and_runs_in_the_stock_runner(smollm2, real_home: Path,
+                                                                                  tmp_path: Path, cli):
+    """The README's first command, end to end: export, lower, verify on ExecuTorch, gate."""
+    out = tmp_path / "android"
+    result = cli("build", "--target", "android", "--out", str(out), env={"COMPRESS_HOME": str(real_home)})
+    assert result.code == 0, result.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    coverage = manifest["artifact"]["extra"]["coverage"]
+    assert coverage["linears_quantized"] == coverage["linears_total"] == 211  # 30 x 7 + lm_head
+    assert not any("linear" in op or "mm" in op for op in coverage["non_delegated_ops"])
+    metrics = manifest["verification"]["metrics"]
+    assert 0.05 < metrics["mean_kl"] < 0.45 and metrics["top1_agreement"] > 0.68
+    assert metrics["size_mb"] < 130
+    # ExecuTorch's own C++ LLM runner (what an app links) loads the program and its tokenizer.
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+
+    runner = TextLLMRunner(str(out / "executorch" / "model.pte"), str(out / "executorch" / "tokenizer.json"))
+    pieces: list[str] = []
+    prompt = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                                   add_generation_prompt=True, tokenize=False)
+    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0),
+                    token_callback=pieces.append)
+    assert "Paris" in "".join(pieces)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from compress.errors import ConfigError
-from compress.stages.configs import QuantizeConfig, StageKind
+from compress.stages.configs import QuantizeConfig
 from compress.targets import SHIPPED_TARGETS, Format, RuntimeName, load_targets, parse_target, parse_targets
 
 GOOD = {
@@ -52,11 +52,9 @@ def test_every_shipped_target_loads_with_the_expected_format_and_runtime():
         spec = tf.get(name)
         assert (spec.export.format, spec.runtime.name) == (fmt, runtime)
         assert spec.budgets.items(), f"{name} has no budgets"
-    android = tf.get("android").stages[0]
-    assert android.kind is StageKind.QUANTIZE
-    assert (android.config.weight_bits, android.config.group_size, android.config.activations.value) == (4, 32,
-                                                                                                       "int8_dynamic")
-    assert tf.get("desktop").stages[0].config.weight_bits == 8
+    android = tf.get("android").export.options.quantize
+    assert (android.weight_bits, android.group_size, android.activations.value) == (4, 32, "int8_dynamic")
+    assert tf.get("desktop").export.options.quantize.weight_bits == 8
 
 
 def test_resolved_spec_round_trips_through_its_data_form():
@@ -78,6 +76,9 @@ BAD_CASES = [
     ("stages", [{"quantize": {"weight_bits": 3}}], ["stages[0].quantize.weight_bits", "3", "4, 8"]),
     ("stages", [{"quantize": {"group_size": 48}}], ["stages[0].quantize.group_size", "power of two"]),
     ("stages", [{"quantize": {}}, {"quantize": {}}], ["stages[1]", "appears twice"]),
+    ("export.quantize", {"weight_bits": 4, "activations": "none"}, ["export.quantize.activations",
+                                                                    "need activations: int8_dynamic"]),
+    ("export.attention", "flash", ["export.attention", "'flash'", "'xnnpack'", "'custom_sdpa'"]),
     ("stages", "quantize", ["targets.t.stages", "expected a list"]),
     ("budgets.max_mean_kl", -1, ["budgets.max_mean_kl", "out of range", ">= 0"]),
     ("budgets.min_top1_agreement", 1.5, ["budgets.min_top1_agreement", "<= 1"]),

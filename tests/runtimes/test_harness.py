@@ -86,3 +86,13 @@ def test_latency_is_measured_in_a_child_process(tmp_path: Path):
 
     with pytest.raises(RuntimeUnavailable, match="latency run of torch_eager on gone failed: OSError"):
         measure_latency("torch_eager", missing, 1, [1, 2], 2, 0, 1)
+
+
+def test_the_childs_peak_rss_is_its_own_not_the_parents(tmp_path: Path):
+    ballast = bytearray(1536 * 1024 * 1024)  # 1.5 GB touched in the parent: fork+exec must not inherit it
+    ballast[:: 4096] = b"x" * len(range(0, len(ballast), 4096))
+    artifact = SafetensorsExporter().export(tiny_llama(seed=0), byte_tokenizer(), SafetensorsOptions(),
+                                            tmp_path / "ckpt", QUIET)
+    result = measure_latency("torch_eager", artifact, 1, list(range(8)), 2, 0, 1)
+    assert result["peak_rss_mb"] < 1200, result["peak_rss_mb"]
+    del ballast

@@ -1,0 +1,124 @@
+"""Real .pte files from tiny Llamas, executed in the ExecuTorch runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("executorch")
+
+from compress.errors import InputError  # noqa: E402
+from compress.models.tiny import byte_tokenizer, tiny_llama  # noqa: E402
+from compress.progress import Console  # noqa: E402
+from compress.stages.configs import Activations, Precision, QuantizeConfig  # noqa: E402
+from compress.targets import PteAttention, PteOptions  # noqa: E402
+from exporters.executorch import ExecuTorchExporter  # noqa: E402
+from exporters.llama import ExportLlama  # noqa: E402
+from runtimes.executorch import ExecuTorchRuntime  # noqa: E402
+from runtimes.harness import measure_accuracy, run_reference  # noqa: E402
+from runtimes.torch_eager import TorchEagerRuntime  # noqa: E402
+
+QUIET = Console(quiet=True)
+Q8DA4W = QuantizeConfig(weight_bits=4, group_size=32, activations=Activations.INT8_DYNAMIC,
+                        embedding=Precision.INT8, lm_head=Precision.INT4)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = tiny_llama(seed=0)
+    root = tmp_path_factory.mktemp("pte")
+    exporter = ExecuTorchExporter()
+    fp32 = exporter.export(model, byte_tokenizer(), PteOptions(max_context=96), root / "fp32", QUIET)
+    # The shipped default (XNNPACK attention) gets the strict float test; the 8da4w program uses ExecuTorch's
+    # custom SDPA kernel, so both attention paths run in the real runtime.
+    q = exporter.export(model, byte_tokenizer(), PteOptions(max_context=96, quantize=Q8DA4W,
+                                                            attention=PteAttention.CUSTOM_SDPA), root / "q", QUIET)
+    return model, fp32, q
+
+
+def test_fp32_program_matches_eager_for_prefill_and_decode(exported):
+    model, fp32, _ = exported
+    session = ExecuTorchRuntime().load(fp32, threads=2)
+    tokens = list(range(10, 50))
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0].numpy()  # (40, vocab)
+    got = np.concatenate([session.prefill(tokens[:25])] + [session.decode(t)[None] for t in tokens[25:]])
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    session.reset()  # a second sequence after reset sees none of the first
+    np.testing.assert_allclose(session.prefill(tokens[:5]), expected[:5], atol=1e-4, rtol=1e-4)
+
+
+def test_the_program_carries_what_the_stock_runner_reads(exported):
+    from executorch.runtime import Runtime
+
+    _, fp32, _ = exported
+    program = Runtime.get().load_program(fp32.path / "model.pte")
+    meta = {name: program.load_method(name).execute([])[0] for name in
+            ("get_max_context_len", "get_vocab_size", "get_bos_id", "use_kv_cache", "enable_dynamic_shape")}
+    assert meta == {"get_max_context_len": 96, "get_vocab_size": 259, "get_bos_id": 256, "use_kv_cache": True,
+                    "enable_dynamic_shape": True}
+    assert {"model.pte", "tokenizer.json", "compress-pte.json"} <= set(fp32.files)
+    sidecar = json.loads((fp32.path / "compress-pte.json").read_text())
+    assert sidecar["eos_ids"] == [257] and sidecar["max_context"] == 96
+
+
+def test_8da4w_quantizes_every_linear_delegates_them_and_stays_close(exported):
+    model, fp32, q = exported
+    cov = q.extra["coverage"]
+    assert (cov["linears_quantized"], cov["linears_total"], cov["linears_skipped"]) == (15, 15, [])
+    assert not any("linear" in op or "mm" in op for op in cov["non_delegated_ops"])
+    assert cov["delegated_nodes"] > cov["non_delegated_nodes"]
+    assert q.size_bytes() < fp32.size_bytes() / 2
+    from compress.data.corpus import build_eval_set
+    from compress.targets import EvalSpec
+
+    tok = byte_tokenizer()
+    spec = EvalSpec(windows=2, window_len=64, greedy_tokens=8)
+    eval_set = build_eval_set(tok, spec)
+    ref = run_reference(TorchEagerRuntime.session_for(model), eval_set, 8, {tok.eos_token_id}, QUIET)
+    metrics, _ = measure_accuracy(ExecuTorchRuntime().load(q, 2), ref, eval_set, 8, {tok.eos_token_id},
+                                  tok.decode, QUIET)
+    assert 1e-4 < metrics["mean_kl"] < 0.5  # really quantized, still the same model
+    assert metrics["top1_agreement"] > 0.7
+
+
+def test_max_context_beyond_the_model_is_refused_before_work(tmp_path: Path):
+    model = tiny_llama(seed=0, max_position_embeddings=64)
+    with pytest.raises(InputError, match="max_context 128 exceeds the model's max_position_embeddings 64"):
+        ExecuTorchExporter().export(model, byte_tokenizer(), PteOptions(max_context=128), tmp_path / "x", QUIET)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_bad_pte_configs_with_one_line(tiny_dir: Path, tmp_path: Path, cli):
+    def targets(quantize: dict) -> Path:
+        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(yaml.safe_dump({"version": 1, "targets": {"a": {
+            "export": {"format": "pte", "max_context": 64, "quantize": quantize}, "runtime": "executorch",
+            "eval": {"window_len": 32, "prefill_len": 16, "decode_tokens": 8}}}}))
+        return path
+
+    out = tmp_path / "out"
+    result = cli("build", "--target", "a", "--model", str(tiny_dir), "--out", str(out),
+                 "--targets", str(targets({"weight_bits": 4, "group_size": 128, "activations": "int8_dynamic"})))
+    assert result.code == 3, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: 12 of 15 linears cannot be quantized as configured (layers.0.self_attn.q_proj: in_features 64 is "
+        "not a multiple of group_size 128); choose a group_size that divides every width, add an override, or set "
+        "export.allow_unquantized_linears: true")
+    assert not (out / "executorch").exists() and not (out / "manifest.json").exists()
+    bad = cli("build", "--target", "a", "--model", str(tiny_dir), "--out", str(out),
+              "--targets", str(targets({"weight_bits": 4, "symmetric": False})))
+    assert bad.code == 2
+    assert "quantize.activations: int4 weights on XNNPACK need activations: int8_dynamic" in bad.stderr
+    assert "quantize.symmetric: false is not supported by XNNPACK" in bad.stderr
+
+
+def test_export_module_weights_are_what_was_exported(exported):
+    model, _, _ = exported
+    module = ExportLlama.from_hf(model, 96)
+    assert module.dims.num_kv_heads == 2 and module.dims.head_dim == 16
