@@ -21,7 +21,8 @@ from typing import Any
 from compress.artifact import Artifact
 from compress.errors import ExportError, InputError
 from compress.hashing import files_under
-from compress.targets import Format, PteAttention, PteOptions
+from compress.export_options import PteAttention, PteOptions
+from compress.targets import Format
 from exporters.base import atomic_dir
 from exporters.llama import AttentionBackend, ExportLlama
 from exporters.torchao_quant import apply_plan, check_plan, coverage, plan_linears

@@ -7,7 +7,8 @@ from typing import Any
 
 from compress.artifact import Artifact
 from compress.hashing import files_under
-from compress.targets import Format, SafetensorsOptions
+from compress.export_options import SafetensorsOptions
+from compress.targets import Format
 from exporters.base import atomic_dir
 from runtimes.base import Availability
 

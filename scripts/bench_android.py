@@ -88,7 +88,7 @@ def main() -> None:
               "pte_size_mb": artifact.size_bytes() / 1e6, "gguf_size_mb": gguf.stat().st_size / 1e6,
               "decode_ratio": et["decode_tok_s"] / peer["decode_tok_s"],
               "prefill_ratio": et["prefill_tok_s"] / peer["prefill_tok_s"], "raw": rounds}
-    print(f"| runtime | size MB | prefill tok/s | decode tok/s | peak RSS MB |\n|---|---|---|---|---|")
+    print("| runtime | size MB | prefill tok/s | decode tok/s | peak RSS MB |\n|---|---|---|---|---|")
     print(f"| ExecuTorch .pte ({manifest.target['name']}) | {result['pte_size_mb']:.0f} | {et['prefill_tok_s']:.0f} | "
           f"{et['decode_tok_s']:.1f} | {et['peak_rss_mb']:.0f} |")
     print(f"| llama.cpp {gguf.name} | {result['gguf_size_mb']:.0f} | {peer['prefill_tok_s']:.0f} | "

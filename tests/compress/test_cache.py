@@ -16,7 +16,8 @@ from compress.progress import Console
 from compress.registry import Registry
 from compress.stages import StageResult
 from compress.stages.configs import PruneConfig, QuantizeConfig, StageKind
-from compress.targets import ExportSpec, Format, RuntimeName, RuntimeSpec, SafetensorsOptions, StageSpec, TargetSpec
+from compress.export_options import SafetensorsOptions
+from compress.targets import ExportSpec, Format, RuntimeName, RuntimeSpec, StageSpec, TargetSpec
 
 QUIET = Console(quiet=True)
 

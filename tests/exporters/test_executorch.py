@@ -16,7 +16,7 @@ from compress.errors import InputError  # noqa: E402
 from compress.models.tiny import byte_tokenizer, tiny_llama  # noqa: E402
 from compress.progress import Console  # noqa: E402
 from compress.stages.configs import Activations, Precision, QuantizeConfig  # noqa: E402
-from compress.targets import PteAttention, PteOptions  # noqa: E402
+from compress.export_options import PteAttention, PteOptions  # noqa: E402
 from exporters.executorch import ExecuTorchExporter  # noqa: E402
 from exporters.llama import ExportLlama  # noqa: E402
 from runtimes.executorch import ExecuTorchRuntime  # noqa: E402

@@ -10,7 +10,8 @@ from compress.artifact import Artifact
 from compress.data.corpus import build_eval_set
 from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console
-from compress.targets import Budgets, EvalSpec, Format, SafetensorsOptions, load_targets
+from compress.export_options import SafetensorsOptions
+from compress.targets import Budgets, EvalSpec, Format, load_targets
 from exporters.safetensors import SafetensorsExporter
 from runtimes.harness import check_budgets, measure_accuracy, run_reference
 from runtimes.latency import measure_latency

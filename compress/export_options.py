@@ -1,0 +1,117 @@
+"""Export options: one frozen dataclass per artifact format, validated before any exporter runs.
+
+`export: {format: NAME, **options}` in targets.yaml is parsed into the format's dataclass here; the
+exporter for that format receives it unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from compress.config import check_fields, setting
+from compress.errors import Problem
+from compress.stages.configs import Activations, Precision, QuantAlgorithm, QuantizeConfig
+
+
+class Dtype(enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+class ComputeUnits(enum.Enum):
+    ALL = "all"
+    CPU_ONLY = "cpu_only"
+    CPU_AND_GPU = "cpu_and_gpu"
+    CPU_AND_NE = "cpu_and_ne"
+
+
+class PteAttention(enum.Enum):
+    XNNPACK = "xnnpack"  # bmm/softmax over the static cache on XNNPACK: flat cost in the position
+    CUSTOM_SDPA = "custom_sdpa"  # ExecuTorch's custom SDPA kernel: faster below ~128 cached tokens, slower after
+
+
+class GgufType(enum.Enum):
+    F32 = "f32"
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+    Q4_K_M = "q4_k_m"
+    Q5_K_M = "q5_k_m"
+
+
+# ---- export options, one dataclass per format -------------------------------------------------
+
+def pte_quantize_problems(q: QuantizeConfig | None) -> list[Problem]:
+    """What XNNPACK can run: 8da4w / 8da8w (int8 dynamic activations) or int8 weight-only, symmetric."""
+    if q is None:
+        return []
+    out = []
+    if q.weight_bits == 4 and q.activations is not Activations.INT8_DYNAMIC:
+        out.append(Problem("quantize.activations", "int4 weights on XNNPACK need activations: int8_dynamic (8da4w)"))
+    if not q.symmetric:
+        out.append(Problem("quantize.symmetric", "false is not supported by XNNPACK's integer kernels; use true"))
+    if q.algorithm not in (QuantAlgorithm.RTN, QuantAlgorithm.HQQ):
+        out.append(Problem("quantize.algorithm", f"{q.algorithm.value!r} is not available for pte yet; choose 'rtn' "
+                                                 f"or 'hqq'"))
+    if q.lm_head is Precision.FP16 or q.embedding is Precision.FP16:
+        out.append(Problem("quantize", "fp16 embedding/lm_head is not supported for pte; use fp32, int8 or int4"))
+    return out
+
+
+@dataclass(frozen=True)
+class PteOptions:
+    max_context: int = setting(512, ge=16, le=32768, doc="KV-cache length baked into the program")
+    backend: str = setting("xnnpack", choices=("xnnpack",))
+    attention: PteAttention = PteAttention.XNNPACK
+    quantize: QuantizeConfig | None = setting(None, doc="torchao quantization applied before lowering; null: fp32")
+    allow_unquantized_linears: bool = setting(False, doc="let the export succeed when a linear is skipped")
+
+    def __post_init__(self) -> None:
+        check_fields(self, pte_quantize_problems(self.quantize))
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    max_context: int = setting(2048, ge=16, le=131072)
+    opset: int = setting(18, ge=17, le=23)
+    external_data: bool = True
+    quantize: QuantizeConfig | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class MlpackageOptions:
+    max_context: int = setting(512, ge=16, le=8192)
+    compute_units: ComputeUnits = ComputeUnits.CPU_AND_NE
+    minimum_deployment_target: str = setting("iOS18", choices=("iOS18", "macOS15"))
+    query_lengths: tuple[int, ...] = (1, 64)
+    quantize: QuantizeConfig | None = None
+
+    def __post_init__(self) -> None:
+        extra = []
+        if not self.query_lengths or 1 not in self.query_lengths:
+            extra.append(Problem("query_lengths", f"{list(self.query_lengths)} must contain 1 (decode)"))
+        if any(q < 1 or q > self.max_context for q in self.query_lengths):
+            extra.append(Problem("query_lengths", f"{list(self.query_lengths)}: each must be in 1..max_context"))
+        check_fields(self, extra)
+
+
+@dataclass(frozen=True)
+class GgufOptions:
+    file_type: GgufType = GgufType.Q4_K_M
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class SafetensorsOptions:
+    dtype: Dtype = Dtype.FLOAT32
+    max_context: int = setting(2048, ge=16, le=131072)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
