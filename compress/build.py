@@ -18,7 +18,7 @@ from typing import Any
 
 from compress import __version__, checkpoint, models
 from compress.artifact import Artifact
-from compress.cache import StageCache
+from compress.cache import StageCache, code_version
 from compress.config import to_data
 from compress.data.corpus import calibration_windows
 from compress.errors import BudgetBroken, InputError, NotAvailableYet, RuntimeUnavailable
@@ -102,7 +102,8 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
     calib = req.eval_data or req.target.eval.data
     keys, prev = [], loaded.source.sha256
     for spec in req.target.stages:
-        prev = cache.key("stage", prev, spec.kind.value, to_data(spec.config), stages.get(spec.kind.value).version,
+        stage = stages.get(spec.kind.value)
+        prev = cache.key("stage", prev, spec.kind.value, to_data(spec.config), stage.version, code_version(stage),
                          _data_identity(calib), req.seed)
         keys.append(prev)
     last_hit = max((i for i, k in enumerate(keys) if cache.lookup(k)), default=-1)
@@ -137,7 +138,7 @@ def run_export(req: BuildRequest, model: Any, tokenizer: Any, model_key: str, ca
     fmt = req.target.export.format
     exporter = EXPORTERS.get(fmt.value)
     options = req.target.export.options
-    key = cache.key("export", model_key, fmt.value, to_data(options), exporter.version)
+    key = cache.key("export", model_key, fmt.value, to_data(options), exporter.version, code_version(exporter))
     name = ARTIFACT_NAMES[fmt]
     cached = cache.lookup(key) is not None
     with console.step(f"Export to {fmt.value}" + (" (cached)" if cached else "")) as step:

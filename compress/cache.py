@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,13 @@ from compress.hashing import sha256_json
 
 ENTRY_INFO = "entry.json"
 _STALE_AFTER_S = 24 * 3600
+
+
+def code_version(step: Any) -> str:
+    """Hash of the source of the package that defines `step` (an exporter or a stage object). A cache key
+    that includes it goes stale by itself when that code changes, with no version to remember to bump."""
+    package = Path(sys.modules[type(step).__module__].__file__).parent  # type: ignore[arg-type]
+    return sha256_json([[p.name, p.read_text()] for p in sorted(package.glob("*.py"))])
 
 
 def _pid_alive(pid: int) -> bool:

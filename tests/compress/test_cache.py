@@ -115,3 +115,21 @@ def test_a_rerun_after_a_crash_resumes_after_the_last_completed_stage(tiny_dir: 
         out_dir=req.out_dir, targets_file=req.targets_file)
     _, other, records = run_stages(changed, loaded, cache, QUIET, registry)
     assert other != key and [r["cached"] for r in records] == [True, False]  # a config change reruns its stage
+
+
+def test_the_code_version_follows_the_steps_source(tmp_path: Path, monkeypatch):
+    import importlib
+
+    from compress.cache import code_version
+
+    package = tmp_path / "mystages"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "scale.py").write_text("class Scale:\n    version = '1'\n    factor = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("mystages.scale")
+    before = code_version(module.Scale())
+    assert before == code_version(module.Scale())  # stable
+    (package / "scale.py").write_text("class Scale:\n    version = '1'\n    factor = 3\n")  # same version string
+    assert code_version(module.Scale()) != before
+    assert code_version(HalveFinalNorm()) != before
