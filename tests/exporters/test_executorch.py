@@ -122,3 +122,21 @@ def test_export_module_weights_are_what_was_exported(exported):
     model, _, _ = exported
     module = ExportLlama.from_hf(model, 96)
     assert module.dims.num_kv_heads == 2 and module.dims.head_dim == 16
+
+
+@pytest.mark.parametrize("ops,fails", [
+    ({"mm": 1, "llama.update_cache": 60}, True),
+    ({"linear": 2}, True),
+    ({"addmm": 1}, True),
+    ({"bmm": 60, "llama.custom_sdpa": 30, "view_copy": 216, "embedding": 1}, False),  # attention and bookkeeping
+])
+def test_a_weight_matmul_left_outside_xnnpack_fails_the_export_unless_allowed(ops, fails):
+    from compress.errors import ExportError
+
+    delegation = {"non_delegated_ops": ops}
+    if fails:
+        with pytest.raises(ExportError, match="linear ops left outside XNNPACK"):
+            ExecuTorchExporter._check_delegation(delegation, PteOptions())
+    else:
+        ExecuTorchExporter._check_delegation(delegation, PteOptions())
+    ExecuTorchExporter._check_delegation(delegation, PteOptions(allow_unquantized_linears=True))
