@@ -72,15 +72,52 @@ class PteOptions:
         check_fields(self, pte_quantize_problems(self.quantize))
 
 
+class OnnxDeploy(enum.Enum):
+    DESKTOP = "desktop"  # ONNX Runtime (CPU EP) / onnxruntime-genai
+    WEB = "web"  # onnxruntime-web (WASM, WebGPU) / transformers.js: the graph must use only ops it ships
+
+
+# MatMulNBits' block sizes (onnxruntime's CPU kernels and the onnxruntime-genai builder accept these).
+ONNX_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def onnx_quantize_problems(q: QuantizeConfig | None) -> list[Problem]:
+    """What ONNX Runtime's weight-only MatMulNBits (int4/int8, block-wise) and GatherBlockQuantized can hold."""
+    if q is None:
+        return []
+    out = []
+    if q.group_size is None:
+        out.append(Problem("quantize.group_size", "null (per-channel) is not available for onnx: MatMulNBits is "
+                                                  f"block-wise; choose one of {list(ONNX_BLOCK_SIZES)}"))
+    elif q.group_size not in ONNX_BLOCK_SIZES:
+        out.append(Problem("quantize.group_size", f"{q.group_size} is not a MatMulNBits block size; choose one of "
+                                                  f"{list(ONNX_BLOCK_SIZES)}"))
+    if q.algorithm is not QuantAlgorithm.RTN:
+        out.append(Problem("quantize.algorithm", f"{q.algorithm.value!r} is not available for onnx yet; choose 'rtn'"))
+    if q.lm_head not in (Precision.FP32, Precision.INT8, Precision.INT4):
+        out.append(Problem("quantize.lm_head", f"{q.lm_head.value!r} is not available for onnx; choose fp32, int8 "
+                                               f"or int4"))
+    if q.embedding not in (Precision.FP32, q.lm_head):
+        out.append(Problem("quantize.embedding", f"{q.embedding.value!r} with lm_head {q.lm_head.value!r}: the ONNX "
+                                                 f"export either shares the output layer's quantized matrix with "
+                                                 f"the embedding (set embedding: {q.lm_head.value}) or keeps it "
+                                                 f"fp32 (embedding: fp32)"))
+    if q.overrides:
+        out.append(Problem("quantize.overrides", "per-layer overrides are not available for onnx yet"))
+    return out
+
+
 @dataclass(frozen=True)
 class OnnxOptions:
-    max_context: int = setting(2048, ge=16, le=131072)
-    opset: int = setting(18, ge=17, le=23)
-    external_data: bool = True
-    quantize: QuantizeConfig | None = None
+    max_context: int = setting(2048, ge=16, le=131072, doc="KV-cache length a session pre-allocates")
+    max_opset: int = setting(22, ge=17, le=24, doc="highest ai.onnx opset the deploying runtime runs")
+    external_data: bool = setting(True, doc="weights in model.onnx.data beside model.onnx (false: one file)")
+    deploy: OnnxDeploy = OnnxDeploy.DESKTOP
+    quantize: QuantizeConfig | None = setting(None, doc="MatMulNBits weight-only quantization; null: fp32")
+    allow_unquantized_matmuls: bool = setting(False, doc="let the export succeed when a MatMul is skipped")
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_fields(self, onnx_quantize_problems(self.quantize))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""ONNX Runtime over an ONNX folder from exporters/onnx.py: one InferenceSession, the KV cache carried between calls.
+
+Two ways to carry the cache, both over the same graph:
+- `shared` (default, what onnxruntime-genai does): one pre-allocated (1, kv_heads, max_context, head_dim) buffer
+  per layer and key/value, bound through IO binding as both `past_key_values.N.*` and `present.N.*`, so
+  GroupQueryAttention writes the new positions in place and nothing is copied between steps.
+- `concat` (what optimum and transformers.js do): past of the current length in, present one longer out.
+Tests run both and compare; the harness and the latency measurement use `shared`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from compress.artifact import Artifact
+from compress.errors import RuntimeUnavailable
+from runtimes.base import Availability, ContextOverflow
+
+KV_MODES = ("shared", "concat")
+
+
+class OnnxRuntimeSession:
+    def __init__(self, session: Any, extra: dict[str, Any], kv_mode: str = "shared"):
+        if kv_mode not in KV_MODES:
+            raise ValueError(f"kv_mode {kv_mode!r}; valid: {', '.join(KV_MODES)}")
+        self._session = session
+        self._mode = kv_mode
+        self.vocab_size = int(extra["vocab_size"])
+        self.max_context = int(extra["max_context"])
+        self._layers = int(extra["num_layers"])
+        self._shape = (1, int(extra["kv_heads"]), self.max_context, int(extra["head_dim"]))
+        self._dtype = np.float32
+        self._pos = 0
+        self._cache: dict[str, Any] = {}
+        self.reset()
+
+    def _names(self) -> list[tuple[str, str]]:
+        return [(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}")
+                for i in range(self._layers) for kind in ("key", "value")]
+
+    def reset(self) -> None:
+        import onnxruntime as ort
+
+        self._pos = 0
+        if self._mode == "shared":
+            # Positions at or past the sequence length are never read (GroupQueryAttention uses
+            # attention_mask's sum), so reset only rewinds; buffers are allocated once per session.
+            if not self._cache:
+                self._cache = {past: ort.OrtValue.ortvalue_from_numpy(np.zeros(self._shape, self._dtype))
+                               for past, _ in self._names()}
+        else:
+            empty = np.zeros((*self._shape[:2], 0, self._shape[3]), self._dtype)
+            self._cache = {past: empty for past, _ in self._names()}
+
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
+        if self._pos + len(ids) > self.max_context:
+            raise ContextOverflow(f"position {self._pos + len(ids)} exceeds max_context {self.max_context}")
+        input_ids = np.asarray([list(ids)], dtype=np.int64)  # (1, seq)
+        mask = np.ones((1, self._pos + len(ids)), dtype=np.int64)  # (1, past + seq)
+        if self._mode == "shared":
+            binding = self._session.io_binding()
+            binding.bind_cpu_input("input_ids", input_ids)
+            binding.bind_cpu_input("attention_mask", mask)
+            binding.bind_output("logits")  # first bound output: get_outputs()[0]
+            for past, present in self._names():
+                binding.bind_ortvalue_input(past, self._cache[past])
+                binding.bind_ortvalue_output(present, self._cache[past])
+            self._session.run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy()
+        else:
+            feed = {"input_ids": input_ids, "attention_mask": mask, **self._cache}
+            outputs = dict(zip(self._output_names(), self._session.run(None, feed)))
+            logits = outputs["logits"]
+            self._cache = {past: outputs[present] for past, present in self._names()}
+        self._pos += len(ids)
+        return logits[0].astype(np.float32, copy=False)  # (seq, vocab)
+
+    def _output_names(self) -> list[str]:
+        return [o.name for o in self._session.get_outputs()]
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run(token_ids)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._run([token_id])[0]
+
+
+class OnnxRuntimeRuntime:
+    name = "onnxruntime"
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return Availability(False, "onnxruntime is not installed; pip install 'compress[onnx]'")
+        return Availability(True)
+
+    def load(self, artifact: Artifact, threads: int, kv_mode: str = "shared") -> OnnxRuntimeSession:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        path = artifact.path / artifact.extra.get("model", "model.onnx")
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeUnavailable(f"onnxruntime {ort.__version__} cannot load {path.name}: {first}") from None
+        return OnnxRuntimeSession(session, artifact.extra, kv_mode)
