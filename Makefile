@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+# onnxruntime-web (WASM) for the test that runs the web artifact the way a browser would; skipped without npm.
+WEB_STAMP := .web/.installed
+$(WEB_STAMP):
+	@if command -v npm >/dev/null; then \
+		npm install --prefix .web --silent --no-audit --no-fund onnxruntime-web@1.30.0 && touch $(WEB_STAMP); \
+	else echo "npm not found: the onnxruntime-web test will be skipped"; fi
+
+setup: $(STAMP) $(WEB_STAMP)
 
 build: setup
 	$(BIN)/compress build --target $(TARGET) --model $(MODEL)
@@ -29,4 +36,4 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) .web out .pytest_cache

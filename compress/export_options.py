@@ -65,7 +65,7 @@ class PteOptions:
     max_context: int = setting(512, ge=16, le=32768, doc="KV-cache length baked into the program")
     backend: str = setting("xnnpack", choices=("xnnpack",))
     attention: PteAttention = PteAttention.XNNPACK
-    quantize: QuantizeConfig | None = setting(None, doc="torchao quantization applied before lowering; null: fp32")
+    quantize: QuantizeConfig | None = None  # torchao quantization applied before lowering; null: fp32
     allow_unquantized_linears: bool = setting(False, doc="let the export succeed when a linear is skipped")
 
     def __post_init__(self) -> None:
@@ -113,7 +113,7 @@ class OnnxOptions:
     max_opset: int = setting(22, ge=17, le=24, doc="highest ai.onnx opset the deploying runtime runs")
     external_data: bool = setting(True, doc="weights in model.onnx.data beside model.onnx (false: one file)")
     deploy: OnnxDeploy = OnnxDeploy.DESKTOP
-    quantize: QuantizeConfig | None = setting(None, doc="MatMulNBits weight-only quantization; null: fp32")
+    quantize: QuantizeConfig | None = None  # MatMulNBits weight-only quantization; null: fp32
     allow_unquantized_matmuls: bool = setting(False, doc="let the export succeed when a MatMul is skipped")
 
     def __post_init__(self) -> None:

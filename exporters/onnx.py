@@ -164,7 +164,7 @@ def _run_builder(source: Path, out: Path, cache: Path, args: dict[str, str], log
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         raise ExportError(f"onnxruntime-genai's builder failed (exit {proc.returncode}): "

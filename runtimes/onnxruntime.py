@@ -107,7 +107,7 @@ class OnnxRuntimeRuntime:
         path = artifact.path / artifact.extra.get("model", "model.onnx")
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+        except Exception as err:  # noqa: BLE001  ORT raises its own Fail/InvalidGraph/NotImplemented types
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RuntimeUnavailable(f"onnxruntime {ort.__version__} cannot load {path.name}: {first}") from None
         return OnnxRuntimeSession(session, artifact.extra, kv_mode)

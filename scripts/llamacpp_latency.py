@@ -1,4 +1,4 @@
-"""llama.cpp latency child for scripts/bench_android.py; runs in the bench venv (llama-cpp-python).
+"""llama.cpp latency child for scripts/bench_vs_llamacpp.py; runs in the bench venv (llama-cpp-python).
 
 Reads a JSON request on stdin, prints one JSON line: the same protocol as runtimes/latency.py
 (load, then warm-up + repeats of: reset -> prefill the prompt ids -> greedy-decode N tokens; medians;

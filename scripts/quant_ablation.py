@@ -20,15 +20,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from compress import models  # noqa: E402
-from compress.data.corpus import build_eval_set  # noqa: E402
-from compress.progress import Console  # noqa: E402
-from compress.stages.configs import Activations, Precision, QuantAlgorithm, QuantizeConfig  # noqa: E402
-from compress.targets import EvalSpec  # noqa: E402
-from exporters.llama import AttentionBackend, ExportLlama  # noqa: E402
-from exporters.torchao_quant import apply_plan, plan_linears  # noqa: E402
-from runtimes.harness import measure_accuracy, run_reference  # noqa: E402
-from runtimes.torch_eager import TorchEagerRuntime  # noqa: E402
+from compress import models
+from compress.data.corpus import build_eval_set
+from compress.progress import Console
+from compress.stages.configs import Activations, Precision, QuantAlgorithm, QuantizeConfig
+from compress.targets import EvalSpec
+from exporters.llama import AttentionBackend, ExportLlama
+from exporters.torchao_quant import apply_plan, plan_linears
+from runtimes.harness import measure_accuracy, run_reference
+from runtimes.torch_eager import TorchEagerRuntime
 
 DA, NONE = Activations.INT8_DYNAMIC, Activations.NONE
 I8, I4, F32 = Precision.INT8, Precision.INT4, Precision.FP32

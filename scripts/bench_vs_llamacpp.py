@@ -1,7 +1,10 @@
-"""Decode/prefill speed of a built android .pte against llama.cpp on the same model, same prompt, same threads.
+"""Decode/prefill speed of a built target against llama.cpp on the same model, same prompt, same threads.
 
-    python scripts/bench_android.py [--build out/android] [--gguf FILE] [--threads 2] [--rounds 3]
+    python scripts/bench_vs_llamacpp.py [--build out/android] [--gguf FILE] [--threads 2] [--rounds 3]
            [--install-llamacpp]
+
+Any build directory works (android .pte on ExecuTorch, web/desktop ONNX on ONNX Runtime, ...): the artifact
+runs on its target's runtime through the harness's latency child, exactly as `compress build` measures it.
 
 The peer is llama.cpp (llama-cpp-python) on the default model's source GGUF (Q4_1), in its own virtual
 environment `.venv-bench` (llama-cpp-python compiles llama.cpp on install: ~10 minutes on 2 cores;
@@ -27,7 +30,7 @@ LLAMACPP = "llama-cpp-python==0.3.36"
 
 def _llamacpp_python(install: bool) -> Path:
     python = BENCH_VENV / "bin" / "python"
-    if not python.exists() or subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode:
+    if not python.exists() or subprocess.run([python, "-c", "import llama_cpp"], check=False, capture_output=True).returncode:
         if not install:
             sys.exit(f"llama-cpp-python is not installed in {BENCH_VENV}; re-run with --install-llamacpp")
         subprocess.run([sys.executable, "-m", "venv", BENCH_VENV], check=True)
@@ -72,9 +75,10 @@ def main() -> None:
     prompt = list(build_eval_set(loaded.tokenizer, target.eval).latency_prompt)
     python = _llamacpp_python(args.install_llamacpp)
 
-    rounds: dict[str, list[dict]] = {"executorch": [], "llama.cpp": []}
+    runtime = target.runtime.name.value
+    rounds: dict[str, list[dict]] = {runtime: [], "llama.cpp": []}
     for r in range(args.rounds):
-        rounds["executorch"].append(measure_latency("executorch", artifact, args.threads, prompt,
+        rounds[runtime].append(measure_latency(runtime, artifact, args.threads, prompt,
                                                     args.decode_tokens, 1, args.repeats))
         rounds["llama.cpp"].append(_llamacpp_latency(python, gguf, prompt, args))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
@@ -82,14 +86,14 @@ def main() -> None:
             for k, v in rounds.items()), file=sys.stderr)
     summary = {k: {m: statistics.median(x[m] for x in v) for m in ("decode_tok_s", "prefill_tok_s", "load_s",
                                                                   "peak_rss_mb")} for k, v in rounds.items()}
-    et, peer = summary["executorch"], summary["llama.cpp"]
+    et, peer = summary[runtime], summary["llama.cpp"]
     result = {"threads": args.threads, "prompt_tokens": len(prompt), "decode_tokens": args.decode_tokens,
               "rounds": args.rounds, "repeats": args.repeats, "summary": summary,
-              "pte_size_mb": artifact.size_bytes() / 1e6, "gguf_size_mb": gguf.stat().st_size / 1e6,
+              "runtime": runtime, "artifact_size_mb": artifact.size_bytes() / 1e6, "gguf_size_mb": gguf.stat().st_size / 1e6,
               "decode_ratio": et["decode_tok_s"] / peer["decode_tok_s"],
               "prefill_ratio": et["prefill_tok_s"] / peer["prefill_tok_s"], "raw": rounds}
     print("| runtime | size MB | prefill tok/s | decode tok/s | peak RSS MB |\n|---|---|---|---|---|")
-    print(f"| ExecuTorch .pte ({manifest.target['name']}) | {result['pte_size_mb']:.0f} | {et['prefill_tok_s']:.0f} | "
+    print(f"| {runtime} {artifact.format.value} ({manifest.target['name']}) | {result['artifact_size_mb']:.0f} | {et['prefill_tok_s']:.0f} | "
           f"{et['decode_tok_s']:.1f} | {et['peak_rss_mb']:.0f} |")
     print(f"| llama.cpp {gguf.name} | {result['gguf_size_mb']:.0f} | {peer['prefill_tok_s']:.0f} | "
           f"{peer['decode_tok_s']:.1f} | {peer['peak_rss_mb']:.0f} |")

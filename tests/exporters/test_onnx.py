@@ -1,0 +1,192 @@
+"""Real ONNX folders from tiny Llamas, executed in ONNX Runtime and loaded by onnxruntime-genai."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime_genai")
+
+from compress.errors import ConfigError, ExportError, InputError
+from compress.export_options import OnnxDeploy, OnnxOptions
+from compress.models.tiny import byte_tokenizer, tiny_llama
+from compress.progress import Console
+from compress.stages.configs import Activations, Precision, QuantizeConfig
+from exporters.onnx import OnnxExporter, _check_graph
+from runtimes.metrics import position_kl
+from runtimes.onnxruntime import OnnxRuntimeRuntime
+
+QUIET = Console(quiet=True)
+INT4 = QuantizeConfig(weight_bits=4, group_size=32, activations=Activations.INT8_DYNAMIC,
+                      embedding=Precision.INT8, lm_head=Precision.INT8)
+INT8 = QuantizeConfig(weight_bits=8, group_size=32, activations=Activations.INT8_DYNAMIC,
+                      embedding=Precision.INT8, lm_head=Precision.INT8)
+TOKENS = list(range(10, 50))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    with torch.no_grad():
+        return model(torch.tensor([TOKENS])).logits[0].numpy()  # (40, vocab)
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    exporter = OnnxExporter()
+    fp32 = exporter.export(model, byte_tokenizer(), OnnxOptions(max_context=96), root / "fp32", QUIET)
+    int4 = exporter.export(model, byte_tokenizer(), OnnxOptions(max_context=96, quantize=INT4, deploy=OnnxDeploy.WEB),
+                           root / "int4", QUIET)
+    int8 = exporter.export(model, byte_tokenizer(), OnnxOptions(max_context=96, quantize=INT8), root / "int8", QUIET)
+    return {"fp32": fp32, "int4": int4, "int8": int8}
+
+
+def _logits(artifact, kv_mode="shared", chunks=(25,)):
+    """Prefill in the given chunk boundaries, then decode the rest one token at a time."""
+    session = OnnxRuntimeRuntime().load(artifact, threads=2, kv_mode=kv_mode)
+    parts, start = [], 0
+    for end in chunks:
+        parts.append(session.prefill(TOKENS[start:end]))
+        start = end
+    parts += [session.decode(t)[None] for t in TOKENS[start:]]
+    return np.concatenate(parts), session
+
+
+@pytest.mark.parametrize("kv_mode", ["shared", "concat"])
+@pytest.mark.parametrize("chunks", [(25,), (10, 25)])
+def test_fp32_graph_matches_eager_for_prefill_chunks_and_decode(exported, expected, kv_mode, chunks):
+    got, session = _logits(exported["fp32"], kv_mode, chunks)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    session.reset()  # a second sequence sees nothing of the first
+    np.testing.assert_allclose(session.prefill(TOKENS[:5]), expected[:5], atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_graphs_cover_every_matmul_and_share_the_tied_embedding(exported):
+    cov4, cov8 = exported["int4"].extra["coverage"], exported["int8"].extra["coverage"]
+    assert cov4["matmuls_quantized"] == cov4["matmuls_total"] == 11  # 2 x (qkv, o, gate, up, down) + lm_head
+    assert cov4["matmulnbits_bits"] == {"4": 10, "8": 1}  # int8 output layer
+    assert cov8["matmulnbits_bits"] == {"8": 11}
+    for name in ("int4", "int8"):
+        cov = exported[name].extra["coverage"]
+        assert cov["embedding_op"] == "GatherBlockQuantized" and not cov["unquantized_matmuls"]
+        assert "com.microsoft::GroupQueryAttention" in cov["ops"] and not cov["missing_io"]
+    sidecar = json.loads((exported["int8"].path / "compress-onnx.json").read_text())
+    assert sidecar["builder_options"]["precision"] == "int8" and sidecar["max_context"] == 96
+    genai = json.loads((exported["int8"].path / "genai_config.json").read_text())
+    assert genai["search"]["max_length"] == 96
+    import onnx
+
+    graph = onnx.load(str(exported["int8"].path / "model.onnx"), load_external_data=False).graph
+    names = {t.name for t in graph.initializer}
+    assert "model.embed_tokens.weight" not in names  # one quantized copy of the tied matrix, no fp32 one
+
+
+def test_quantized_graphs_stay_close_to_eager_and_int8_closer_than_int4(exported, expected):
+    kl4 = float(np.mean(position_kl(expected, _logits(exported["int4"])[0])))
+    kl8 = float(np.mean(position_kl(expected, _logits(exported["int8"])[0])))
+    assert kl8 < kl4 < 0.5
+    assert kl8 < 0.02
+
+
+def test_the_shared_int8_embedding_decodes_like_the_fp32_one(model, exported, tmp_path):
+    """The embedding pass reads the output layer's int8 codes: same logits as an fp32 embedding, within int8."""
+    fp32_embedding = QuantizeConfig(weight_bits=8, group_size=32, activations=Activations.INT8_DYNAMIC,
+                                    embedding=Precision.FP32, lm_head=Precision.INT8)
+    plain = OnnxExporter().export(model, byte_tokenizer(), OnnxOptions(max_context=96, quantize=fp32_embedding),
+                                  tmp_path / "plain", QUIET)
+    assert plain.extra["coverage"]["embedding_op"] == "Gather"
+    a, b = _logits(plain)[0], _logits(exported["int8"])[0]
+    assert float(np.mean(position_kl(a, b))) < 0.01
+
+
+def test_onnxruntime_genai_loads_the_folder_and_generates_what_our_session_generates(exported):
+    import onnxruntime_genai as og
+
+    artifact = exported["int8"]
+    session = OnnxRuntimeRuntime().load(artifact, threads=2)
+    ours, logits = [], session.prefill(TOKENS[:12])[-1]
+    for _ in range(12):
+        ours.append(int(logits.argmax()))
+        logits = session.decode(ours[-1])
+    model = og.Model(str(artifact.path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=24)
+    generator = og.Generator(model, params)
+    generator.append_tokens(TOKENS[:12])
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert list(generator.get_sequence(0))[12:] == ours
+
+
+def test_a_block_size_that_does_not_divide_the_model_fails_before_writing(model, tmp_path):
+    q = QuantizeConfig(weight_bits=4, group_size=128)
+    with pytest.raises(InputError, match=r"group_size 128 does not divide .*hidden_size 64.*fit: \[16, 32, 64\]"):
+        OnnxExporter().export(model, byte_tokenizer(), OnnxOptions(quantize=q), tmp_path / "x", QUIET)
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_opset_the_deploying_runtime_cannot_run_fails_and_leaves_nothing(model, tmp_path):
+    with pytest.raises(ExportError, match="needs ai.onnx opset 22; export.max_opset is 21"):
+        OnnxExporter().export(model, byte_tokenizer(), OnnxOptions(max_context=64, max_opset=21),
+                              tmp_path / "x", QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_context_beyond_the_model_is_refused(model, tmp_path):
+    with pytest.raises(InputError, match="max_context 4096 exceeds the model's max_position_embeddings 2048"):
+        OnnxExporter().export(model, byte_tokenizer(), OnnxOptions(max_context=4096), tmp_path / "x", QUIET)
+
+
+@pytest.mark.parametrize(("quantize", "message"), [
+    ({"group_size": None}, r"MatMulNBits is block-wise; choose one of \[16, 32, 64, 128, 256\]"),
+    ({"group_size": 512}, "512 is not a MatMulNBits block size"),
+    ({"embedding": "int4", "lm_head": "int8"}, "set embedding: int8"),
+    ({"algorithm": "gptq"}, "'gptq' is not available for onnx yet"),
+])
+def test_schemes_onnx_cannot_hold_are_config_errors(quantize, message):
+    with pytest.raises(ConfigError, match=message):
+        OnnxOptions(quantize=QuantizeConfig(**{k: v if k == "group_size" else _enum(k, v)
+                                               for k, v in quantize.items()}))
+
+
+def _enum(field: str, value: str):
+    from compress.stages.configs import QuantAlgorithm
+
+    return QuantAlgorithm(value) if field == "algorithm" else Precision(value)
+
+
+def test_a_web_graph_with_an_op_onnxruntime_web_lacks_fails(exported):
+    graph = {**exported["int4"].extra["coverage"], "ops": {"com.microsoft::MatMulNBits": 1, "com.microsoft::MoE": 1}}
+    with pytest.raises(ExportError, match="ops not in onnxruntime-web's set: \\['com.microsoft::MoE'\\]"):
+        _check_graph(graph, OnnxOptions(deploy=OnnxDeploy.WEB, quantize=INT4))
+    _check_graph(graph, OnnxOptions(deploy=OnnxDeploy.DESKTOP, quantize=INT4))  # desktop runs anything ORT runs
+
+
+WEB_RUNTIME = Path(__file__).resolve().parents[2] / ".web"
+
+
+@pytest.mark.skipif(shutil.which("node") is None or not (WEB_RUNTIME / "node_modules" / "onnxruntime-web").exists(),
+                    reason="needs node and onnxruntime-web in .web/ (make setup installs it)")
+def test_the_web_folder_runs_under_onnxruntime_web_wasm_like_in_a_browser(exported):
+    """onnxruntime-web's WASM build has every op of the web graph, and computes what desktop ORT computes."""
+    artifact = exported["int4"]
+    script = Path(__file__).resolve().parents[2] / "scripts" / "ort_web_run.mjs"
+    proc = subprocess.run(["node", str(script), str(artifact.path), json.dumps(TOKENS)], capture_output=True,
+                          text=True, cwd=WEB_RUNTIME, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    web = np.asarray(json.loads(proc.stdout)["logits"], dtype=np.float32)
+    ours = OnnxRuntimeRuntime().load(artifact, threads=2, kv_mode="concat").prefill(TOKENS)
+    # WASM's MatMulNBits quantizes activations slightly differently; a wrong op would be off by far more.
+    assert float(np.mean(position_kl(ours, web))) < 0.01
+    assert float(np.mean(web.argmax(1) == ours.argmax(1))) >= 0.95

@@ -1,0 +1,59 @@
+"""The ONNX Runtime session: the cache's bounds, reset, and a load failure as a one-line error."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime_genai")
+
+from compress.artifact import Artifact
+from compress.errors import RuntimeUnavailable
+from compress.export_options import OnnxOptions
+from compress.models.tiny import byte_tokenizer, tiny_llama
+from compress.progress import Console
+from exporters.onnx import OnnxExporter
+from runtimes.base import ContextOverflow
+from runtimes.onnxruntime import OnnxRuntimeRuntime
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort") / "onnx"
+    return OnnxExporter().export(tiny_llama(seed=1), byte_tokenizer(), OnnxOptions(max_context=32), out,
+                                 Console(quiet=True))
+
+
+@pytest.mark.parametrize("kv_mode", ["shared", "concat"])
+def test_the_session_refuses_to_run_past_max_context(artifact, kv_mode):
+    session = OnnxRuntimeRuntime().load(artifact, threads=1, kv_mode=kv_mode)
+    assert session.max_context == 32 and session.vocab_size == 259
+    session.prefill(list(range(30)))
+    session.decode(5)
+    session.decode(6)
+    with pytest.raises(ContextOverflow, match="position 33 exceeds max_context 32"):
+        session.decode(7)
+
+
+def test_reset_rewinds_so_a_new_sequence_sees_nothing_of_the_old(artifact):
+    session = OnnxRuntimeRuntime().load(artifact, threads=1)
+    first = session.prefill([3, 4, 5])
+    session.prefill(list(range(40, 60)))
+    session.reset()
+    np.testing.assert_array_equal(session.prefill([3, 4, 5]), first)
+
+
+def test_an_unknown_kv_mode_lists_the_valid_ones(artifact):
+    with pytest.raises(ValueError, match="kv_mode 'paged'; valid: shared, concat"):
+        OnnxRuntimeRuntime().load(artifact, threads=1, kv_mode="paged")
+
+
+def test_a_damaged_model_file_is_a_one_line_runtime_error(artifact, tmp_path):
+    broken = tmp_path / "onnx"
+    shutil.copytree(artifact.path, broken)
+    (broken / "model.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(RuntimeUnavailable, match=r"onnxruntime .* cannot load model.onnx") as err:
+        OnnxRuntimeRuntime().load(Artifact(broken, artifact.format, artifact.files, artifact.extra), threads=1)
+    assert "\n" not in str(err.value)
