@@ -139,3 +139,34 @@ def test_the_android_target_builds_passes_its_budgets_and_runs_in_the_stock_runn
     runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0),
                     token_callback=pieces.append)
     assert "Paris" in "".join(pieces)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("onnxruntime_genai") is None, reason="needs compress[onnx]")
+def test_the_web_target_builds_passes_its_budgets_and_answers_in_onnxruntime_genai(smollm2, real_home: Path,
+                                                                                   tmp_path: Path, cli):
+    """ONNX export, ONNX Runtime verification and gate; then onnxruntime-genai generates from the folder alone."""
+    out = tmp_path / "web"
+    result = cli("build", "--target", "web", "--out", str(out), env={"COMPRESS_HOME": str(real_home)})
+    assert result.code == 0, result.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    coverage = manifest["artifact"]["extra"]["coverage"]
+    assert coverage["matmuls_quantized"] == coverage["matmuls_total"] == 151  # 30 x (qkv, o, gate, up, down) + 1
+    assert coverage["matmulnbits_bits"] == {"4": 150, "8": 1}
+    assert coverage["embedding_op"] == "GatherBlockQuantized"
+    metrics = manifest["verification"]["metrics"]
+    assert 0.05 < metrics["mean_kl"] < 0.6 and metrics["top1_agreement"] > 0.7 and metrics["size_mb"] < 130
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out / "onnx"))
+    tokenizer = og.Tokenizer(model)
+    prompt = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                                   add_generation_prompt=True, tokenize=False)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=64)
+    generator = og.Generator(model, params)
+    generator.append_tokens(tokenizer.encode(prompt))
+    answer = []
+    for _ in range(12):
+        generator.generate_next_token()
+        answer.append(tokenizer.decode(generator.get_next_tokens()))
+    assert "Paris" in "".join(answer)
