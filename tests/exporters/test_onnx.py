@@ -23,7 +23,7 @@ from runtimes.metrics import position_kl
 from runtimes.onnxruntime import OnnxRuntimeRuntime
 
 QUIET = Console(quiet=True)
-INT4 = QuantizeConfig(weight_bits=4, group_size=32, activations=Activations.INT8_DYNAMIC,
+INT4 = QuantizeConfig(weight_bits=4, group_size=32, symmetric=False, activations=Activations.INT8_DYNAMIC,
                       embedding=Precision.INT8, lm_head=Precision.INT8)
 INT8 = QuantizeConfig(weight_bits=8, group_size=32, activations=Activations.INT8_DYNAMIC,
                       embedding=Precision.INT8, lm_head=Precision.INT8)
