@@ -6,8 +6,10 @@ from compress.registry import Registry
 from compress.targets import Format
 from exporters.base import Exporter
 from exporters.executorch import ExecuTorchExporter
+from exporters.gguf import GgufExporter
 from exporters.safetensors import SafetensorsExporter
 
 EXPORTERS: Registry[Exporter] = Registry("exporter")
 EXPORTERS.register(Format.SAFETENSORS.value, SafetensorsExporter())
 EXPORTERS.register(Format.PTE.value, ExecuTorchExporter())
+EXPORTERS.register(Format.GGUF.value, GgufExporter())

@@ -6,8 +6,10 @@ from compress.registry import Registry
 from compress.targets import RuntimeName
 from runtimes.base import Runtime
 from runtimes.executorch import ExecuTorchRuntime
+from runtimes.llamacpp import LlamaCppRuntime
 from runtimes.torch_eager import TorchEagerRuntime
 
 RUNTIMES: Registry[Runtime] = Registry("runtime")
 RUNTIMES.register(RuntimeName.TORCH_EAGER.value, TorchEagerRuntime())
 RUNTIMES.register(RuntimeName.EXECUTORCH.value, ExecuTorchRuntime())
+RUNTIMES.register(RuntimeName.LLAMACPP.value, LlamaCppRuntime())
