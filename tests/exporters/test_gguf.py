@@ -169,7 +169,8 @@ def test_bad_input_fails_cleanly_and_leaves_no_file(tmp_path: Path, monkeypatch:
     model = tiny_llama(0, vocab_size=VOCAB)
     out = tmp_path / "model.gguf"
     with pytest.raises(ExportError, match="max_context 4096 exceeds the model's max_position_embeddings 2048"):
-        GgufExporter().export(model, byte_tokenizer(GPT2_MERGES), GgufOptions(max_context=4096), out, QUIET)
+        GgufExporter().export(model, byte_tokenizer(GPT2_MERGES), GgufOptions(GgufType.F32, max_context=4096), out,
+                              QUIET)
     with pytest.raises(ExportError, match="no BPE merges; llama.cpp's gpt2 tokenizer needs at least one"):
         GgufExporter().export(tiny_llama(0), byte_tokenizer(), GgufOptions(file_type=GgufType.F16), out, QUIET)
     assert list(tmp_path.iterdir()) == []
