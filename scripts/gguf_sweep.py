@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,21 +41,8 @@ from runtimes.torch_eager import TorchEagerRuntime
 QUIET = Console(quiet=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--types", default="f32,f16,q8_0,q4_0,q4_k_m")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating latency rounds; 0 skips latency")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    loaded = models.load_spec(args.model, QUIET)
-    spec = EvalSpec()
-    eval_set = build_eval_set(loaded.tokenizer, spec)
-    stops = {loaded.tokenizer.eos_token_id}
-    ref = run_reference(TorchEagerRuntime.session_for(loaded.model), eval_set, spec.greedy_tokens, stops, QUIET)
-    work = Path(tempfile.mkdtemp(prefix="gguf-sweep-"))
+def sweep(args: argparse.Namespace, loaded: Any, eval_set: Any, ref: Any, work: Path) -> dict[str, dict]:
+    spec, stops = EvalSpec(), {loaded.tokenizer.eos_token_id}
     artifacts: dict[str, Artifact] = {}
     for name in args.types.split(","):
         artifacts[name] = GgufExporter().export(loaded.model, loaded.tokenizer, GgufOptions(file_type=GgufType(name)),
@@ -81,6 +69,25 @@ def main() -> None:
     for r in results.values():
         r["prefill_tok_s"] = statistics.median(r["prefill_all"]) if r["prefill_all"] else None
         r["decode_tok_s"] = statistics.median(r["decode_all"]) if r["decode_all"] else None
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--types", default="f32,f16,q8_0,q4_0,q4_k_m")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating latency rounds; 0 skips latency")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = models.load_spec(args.model, QUIET)
+    spec = EvalSpec()
+    eval_set = build_eval_set(loaded.tokenizer, spec)
+    stops = {loaded.tokenizer.eos_token_id}
+    ref = run_reference(TorchEagerRuntime.session_for(loaded.model), eval_set, spec.greedy_tokens, stops, QUIET)
+    with tempfile.TemporaryDirectory(prefix="gguf-sweep-") as tmp:  # ~1 GB of GGUFs, removed at the end
+        results = sweep(args, loaded, eval_set, ref, Path(tmp))
     base = results.get("q4_0", {})
     print("| GGUF | size MB | mean KL | p99 KL | top-1 | PPL ratio | greedy | prefill tok/s | decode tok/s | "
           "vs q4_0 (prefill / decode) |\n|---|---|---|---|---|---|---|---|---|---|")
