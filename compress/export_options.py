@@ -140,6 +140,7 @@ class MlpackageOptions:
 @dataclass(frozen=True)
 class GgufOptions:
     file_type: GgufType = GgufType.Q4_K_M
+    max_context: int = setting(2048, ge=16, le=131072, doc="llama.cpp context (n_ctx) the runtime allocates")
 
     def __post_init__(self) -> None:
         check_fields(self)

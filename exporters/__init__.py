@@ -6,6 +6,7 @@ from compress.registry import Registry
 from compress.targets import Format
 from exporters.base import Exporter
 from exporters.executorch import ExecuTorchExporter
+from exporters.gguf import GgufExporter
 from exporters.onnx import OnnxExporter
 from exporters.safetensors import SafetensorsExporter
 
@@ -13,3 +14,4 @@ EXPORTERS: Registry[Exporter] = Registry("exporter")
 EXPORTERS.register(Format.SAFETENSORS.value, SafetensorsExporter())
 EXPORTERS.register(Format.PTE.value, ExecuTorchExporter())
 EXPORTERS.register(Format.ONNX.value, OnnxExporter())
+EXPORTERS.register(Format.GGUF.value, GgufExporter())

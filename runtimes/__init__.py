@@ -6,6 +6,7 @@ from compress.registry import Registry
 from compress.targets import RuntimeName
 from runtimes.base import Runtime
 from runtimes.executorch import ExecuTorchRuntime
+from runtimes.llamacpp import LlamaCppRuntime
 from runtimes.onnxruntime import OnnxRuntimeRuntime
 from runtimes.torch_eager import TorchEagerRuntime
 
@@ -13,3 +14,4 @@ RUNTIMES: Registry[Runtime] = Registry("runtime")
 RUNTIMES.register(RuntimeName.TORCH_EAGER.value, TorchEagerRuntime())
 RUNTIMES.register(RuntimeName.EXECUTORCH.value, ExecuTorchRuntime())
 RUNTIMES.register(RuntimeName.ONNXRUNTIME.value, OnnxRuntimeRuntime())
+RUNTIMES.register(RuntimeName.LLAMACPP.value, LlamaCppRuntime())

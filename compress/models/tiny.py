@@ -7,6 +7,7 @@ chat template), so tests exercise the same loading path as a user's checkpoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +18,27 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_tokenizer() -> Any:
-    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus BOS/EOS/PAD (259 ids)."""
+# A few English merges (byte-level alphabet: "Ġ" is a space) for a GPT-2-style tokenizer.
+GPT2_MERGES = (("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġt", "he"), ("e", "r"))
+
+
+def byte_tokenizer(merges: Sequence[tuple[str, str]] = ()) -> Any:
+    """A byte-level BPE tokenizer: 256 byte tokens, one token per merge, then BOS/EOS/PAD (259 ids without merges).
+
+    Without merges, text is not split (every byte is a token anyway). With merges it is a GPT-2-style BPE,
+    split with GPT-2's regex, as llama.cpp's `gpt2` tokenizer (which needs at least one merge) expects.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
     for tok in (BOS, EOS, PAD):
         vocab[tok] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=bool(merges))
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens([BOS, EOS, PAD])
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
@@ -62,10 +73,10 @@ def tiny_llama(seed: int = 0, *, hidden_size: int = 64, num_hidden_layers: int =
     return model
 
 
-def save_tiny_llama(path: Path | str, seed: int = 0, **dims: Any) -> Path:
-    """Write a tiny Llama as a complete HF directory and return its path."""
+def save_tiny_llama(path: Path | str, seed: int = 0, merges: Sequence[tuple[str, str]] = (), **dims: Any) -> Path:
+    """Write a tiny Llama as a complete HF directory and return its path (vocab sized to the tokenizer)."""
     path = Path(path)
-    model = tiny_llama(seed, **dims)
+    model = tiny_llama(seed, **{"vocab_size": 259 + len(merges), **dims})
     model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    byte_tokenizer(merges).save_pretrained(path)
     return path

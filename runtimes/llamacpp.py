@@ -1,0 +1,140 @@
+"""llama.cpp through llama-cpp-python's low-level C API, over a `.gguf` (ours, or any llama.cpp GGUF as a peer).
+
+One context with one sequence: every token of a prefill is marked as an output, so llama.cpp returns logits
+for every position (what the harness compares); the KV cache persists between calls; `reset()` clears it.
+
+This machine's CPU advertises Intel AMX but the VM does not grant AMX tile state, and llama.cpp's AMX weight
+repacking ("extra buffer types") crashes in llama_decode (SIGSEGV, llama-cpp-python 0.3.36). The model is
+loaded with `use_extra_bufts = False`, so llama.cpp runs its ordinary AVX-512/AVX2 kernels everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from compress.artifact import Artifact
+from runtimes.base import Availability, ContextOverflow
+
+INSTALL_HINT = "pip install 'compress[llamacpp]' (builds llama.cpp from source: ~10 min on 2 cores)"
+DEFAULT_CONTEXT = 2048  # for a GGUF without our exporter's record (a peer): capped by the model's own context
+MAX_BATCH = 512  # tokens per llama_decode call; longer prefills are fed in chunks
+
+
+class LlamaCppError(RuntimeError):
+    pass
+
+
+class LlamaCppSession:
+    def __init__(self, lib: Any, model: Any, ctx: Any, vocab_size: int, max_context: int, n_batch: int):
+        self._lib, self._ctx = lib, ctx
+        self.vocab_size = vocab_size
+        self.max_context = max_context
+        self._n_batch = n_batch
+        self._batch = lib.llama_batch_init(n_batch, 0, 1)
+        self._pos = 0
+        # Free the C objects with the session (and never twice); the model outlives its context.
+        self._finalizer = weakref.finalize(self, _free, lib, model, ctx, self._batch)
+
+    def reset(self) -> None:
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
+        self._pos = 0
+
+    def _run(self, ids: Sequence[int]) -> np.ndarray:
+        if self._pos + len(ids) > self.max_context:
+            raise ContextOverflow(f"position {self._pos + len(ids)} exceeds max_context {self.max_context}")
+        out = np.empty((len(ids), self.vocab_size), dtype=np.float32)  # (seq, vocab)
+        batch = self._batch
+        for start in range(0, len(ids), self._n_batch):
+            chunk = ids[start:start + self._n_batch]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i] = int(token)
+                batch.pos[i] = self._pos + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = True  # an output row for every position, not just the last
+            rc = self._lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise LlamaCppError(f"llama_decode returned {rc} at position {self._pos}")
+            logits = np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx),
+                                           shape=(len(chunk), self.vocab_size))  # (chunk, vocab), C memory
+            out[start:start + len(chunk)] = logits
+            self._pos += len(chunk)
+        return out
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run(list(token_ids))
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._run([token_id])[0]
+
+
+def installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def llama_cpp_quiet() -> Any:
+    """The `llama_cpp` module, with llama.cpp's log (routed by llama-cpp-python through its Python logger)
+    reduced to errors: below that it is per-tensor load and quantization chatter."""
+    import logging
+
+    import llama_cpp
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    return llama_cpp
+
+
+def _free(lib: Any, model: Any, ctx: Any, batch: Any) -> None:
+    lib.llama_batch_free(batch)
+    lib.llama_free(ctx)
+    lib.llama_model_free(model)
+
+
+class LlamaCppRuntime:
+    """llama.cpp as deployed: its default f16 KV cache and flash attention (auto).
+
+    `exact=True` keeps the KV cache in f32 and disables flash attention (which computes in f16): an f32 GGUF
+    then matches eager PyTorch to ~1e-5, which is how the tests pin the tensor layout down.
+    """
+
+    name = "llamacpp"
+
+    def __init__(self, exact: bool = False):
+        self.exact = exact
+
+    def availability(self) -> Availability:
+        if not installed():
+            return Availability(False, f"llama-cpp-python is not installed; {INSTALL_HINT}")
+        return Availability(True)
+
+    def load(self, artifact: Artifact, threads: int) -> LlamaCppSession:
+        lib = llama_cpp_quiet()
+        lib.llama_backend_init()
+        mparams = lib.llama_model_default_params()
+        mparams.use_extra_bufts = False  # see the module docstring: AMX repacking crashes on these VMs
+        mparams.n_gpu_layers = 0
+        model = lib.llama_model_load_from_file(str(artifact.path).encode(), mparams)
+        if not model:
+            raise LlamaCppError(f"llama.cpp could not load {artifact.path}")
+        n_ctx = int(artifact.extra.get("max_context") or min(DEFAULT_CONTEXT, lib.llama_model_n_ctx_train(model)))
+        n_batch = min(n_ctx, MAX_BATCH)
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        if self.exact:
+            cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
+            cparams.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx = lib.llama_init_from_model(model, cparams)
+        if not ctx:
+            lib.llama_model_free(model)
+            raise LlamaCppError(f"llama.cpp could not create a context of {n_ctx} tokens for {artifact.path}")
+        vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
+        return LlamaCppSession(lib, model, ctx, vocab, n_ctx, n_batch)

@@ -1,0 +1,178 @@
+"""Our GGUF files run in llama.cpp (llama-cpp-python): logits for every position against eager PyTorch.
+
+Skipped where llama-cpp-python is not installed (it is an optional extra: pip compiles llama.cpp).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compress.errors import RuntimeUnavailable
+from compress.export_options import GgufOptions, GgufType
+from compress.models.tiny import GPT2_MERGES, byte_tokenizer, tiny_llama
+from compress.progress import Console
+from exporters.gguf import GgufExporter
+from runtimes import llamacpp
+from runtimes.base import ContextOverflow
+from runtimes.llamacpp import LlamaCppRuntime
+
+QUIET = Console(quiet=True)
+VOCAB = 259 + len(GPT2_MERGES)
+needs_llamacpp = pytest.mark.skipif(not llamacpp.installed(), reason="llama-cpp-python is not installed "
+                                    "(optional extra: pip install 'compress[llamacpp]')")
+
+
+def kl(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    lp, lq = torch.log_softmax(torch.tensor(ref), -1), torch.log_softmax(torch.tensor(cand), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).numpy()  # (positions,)
+
+
+def llama_cpp_tokenize(path: Path, text: str) -> list[int]:
+    lib = llamacpp.llama_cpp_quiet()
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    model = lib.llama_model_load_from_file(str(path).encode(), params)
+    try:
+        data = text.encode()
+        buf = (lib.llama_token * (len(data) + 8))()
+        n = lib.llama_tokenize(lib.llama_model_get_vocab(model), data, len(data), buf, len(buf), False, True)
+        return list(buf[:n])
+    finally:
+        lib.llama_model_free(model)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(0, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def ggufs(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    types = ("f32", "q8_0", "q4_0", "q4_k_m") if llamacpp.installed() else ("f32",)
+    return {t: GgufExporter().export(tiny, byte_tokenizer(GPT2_MERGES),
+                                     GgufOptions(file_type=GgufType(t), max_context=640), root / f"{t}.gguf", QUIET)
+            for t in types}
+
+
+def eager(model, tokens: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()  # (seq, vocab)
+
+
+TOKENS = [int(t) for t in torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(3))]
+
+
+@needs_llamacpp
+def test_f32_gguf_matches_eager_for_prefill_decode_reset_and_long_prefills(tiny, ggufs):
+    # exact: f32 KV cache and no flash attention, so any layout or RoPE mistake shows far above float noise.
+    session = LlamaCppRuntime(exact=True).load(ggufs["f32"], threads=2)
+    assert (session.vocab_size, session.max_context) == (VOCAB, 640)
+    expected = eager(tiny, TOKENS[:40])
+    got = np.concatenate([session.prefill(TOKENS[:25])] + [session.decode(t)[None] for t in TOKENS[25:40]])
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    session.reset()  # a new sequence sees nothing of the last one
+    np.testing.assert_allclose(session.prefill(TOKENS[:5]), expected[:5], atol=1e-4, rtol=1e-4)
+    session.reset()  # 600 tokens: two llama_decode calls (512 + 88), positions carried across them
+    np.testing.assert_allclose(session.prefill(TOKENS), eager(tiny, TOKENS), atol=2e-4, rtol=1e-4)
+    with pytest.raises(ContextOverflow, match="position 641 exceeds max_context 640"):
+        session.prefill(TOKENS[:41])
+
+
+@needs_llamacpp
+def test_default_runtime_f16_cache_is_within_float_noise(tiny, ggufs):
+    session = LlamaCppRuntime().load(ggufs["f32"], threads=1)
+    got, expected = session.prefill(TOKENS[:200]), eager(tiny, TOKENS[:200])
+    assert kl(expected, got).mean() < 1e-5
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+@needs_llamacpp
+def test_quantized_types_stay_close_and_record_what_llama_cpp_chose(tiny, ggufs):
+    expected = eager(tiny, TOKENS[:200])
+    mean_kl = {}
+    for t in ("q8_0", "q4_0", "q4_k_m"):
+        mean_kl[t] = float(kl(expected, LlamaCppRuntime().load(ggufs[t], threads=2).prefill(TOKENS[:200])).mean())
+    assert mean_kl["q8_0"] < 0.005 and mean_kl["q4_k_m"] < 0.1 and mean_kl["q4_0"] < 0.3
+    assert mean_kl["q8_0"] < mean_kl["q4_k_m"] < mean_kl["q4_0"]
+    q4_0, q4_k_m = ggufs["q4_0"].extra, ggufs["q4_k_m"].extra
+    assert q4_0["quantizer"] == "llama.cpp" and q4_0["tensor_types"]["attn_q.weight"] == {"Q4_0": 2}
+    # K-quants need rows that are whole 256-blocks; 64-wide rows fall back, and the record says so.
+    assert "Q4_K" not in q4_k_m["tensor_type_counts"] and q4_k_m["tensor_types"]["attn_q.weight"] == {"Q5_0": 2}
+    assert len(q4_k_m["fallbacks"]) == 14 and "not divisible by 256" in q4_k_m["fallbacks"][0]
+    assert ggufs["q4_0"].size_bytes() < ggufs["q8_0"].size_bytes() < ggufs["f32"].size_bytes() / 3
+
+
+@needs_llamacpp
+def test_llama_cpp_tokenizes_text_and_chat_markup_like_the_source_tokenizer(ggufs):
+    tok = byte_tokenizer(GPT2_MERGES)
+    text = tok.apply_chat_template([{"role": "user", "content": "the thin interpreter, in 1234 lines!"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert llama_cpp_tokenize(ggufs["f32"].path, text) == tok(text)["input_ids"]
+
+
+@needs_llamacpp
+def test_cli_build_verifies_a_gguf_on_llama_cpp(tmp_path: Path, cli):
+    import json
+
+    import yaml
+
+    from compress.models.tiny import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "tiny", merges=GPT2_MERGES)
+    targets = tmp_path / "t.yaml"
+    targets.write_text(yaml.safe_dump({"version": 1, "targets": {"g": {
+        "export": {"format": "gguf", "file_type": "f16", "max_context": 256}, "runtime": "llamacpp",
+        "eval": {"windows": 2, "window_len": 64, "prefill_len": 32, "decode_tokens": 8, "greedy_tokens": 8,
+                 "repeats": 2},
+        "budgets": {"max_mean_kl": 1e-4, "min_top1_agreement": 0.99}}}}))
+    out = tmp_path / "out"
+    result = cli("build", "--target", "g", "--model", str(model_dir), "--out", str(out), "--targets", str(targets))
+    assert result.code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["runtime"] == "llamacpp" and report["metrics"]["decode_tok_s"] > 0
+    assert report["metrics"]["mean_kl"] < 1e-4
+
+
+def test_a_missing_llama_cpp_stops_the_build_before_any_work(monkeypatch: pytest.MonkeyPatch):
+    from compress.build import check_available
+    from compress.targets import load_targets
+
+    monkeypatch.setattr(llamacpp, "installed", lambda: False)
+    target = load_targets().get("desktop-gguf")
+    with pytest.raises(RuntimeUnavailable, match=r"^runtime 'llamacpp' is unavailable: llama-cpp-python is not "
+                                                 r"installed; pip install 'compress\[llamacpp\]'"):
+        check_available(target, verify=True)
+    check_available(target, verify=False)  # q8_0 is written without llama.cpp
+
+
+@pytest.mark.slow
+@needs_llamacpp
+def test_real_model_f32_gguf_on_llama_cpp_matches_the_reference(real_home: Path, tmp_path: Path):
+    from compress import models
+    from compress.data.corpus import build_eval_set, encode_prompt
+    from compress.targets import EvalSpec
+    from runtimes.harness import measure_accuracy, run_reference
+    from runtimes.torch_eager import TorchEagerRuntime
+
+    loaded = models.load_spec("smollm2-135m", QUIET)
+    art = GgufExporter().export(loaded.model, loaded.tokenizer, GgufOptions(file_type=GgufType.F32), tmp_path / "m.gguf",
+                                QUIET)
+    spec = EvalSpec(windows=4)
+    eval_set = build_eval_set(loaded.tokenizer, spec)
+    stops = {loaded.tokenizer.eos_token_id}
+    torch.set_num_threads(2)
+    ref = run_reference(TorchEagerRuntime.session_for(loaded.model), eval_set, spec.greedy_tokens, stops, QUIET)
+    metrics, _ = measure_accuracy(LlamaCppRuntime().load(art, 2), ref, eval_set, spec.greedy_tokens, stops,
+                                  loaded.tokenizer.decode, QUIET)
+    assert metrics["mean_kl"] < 1e-5 and metrics["top1_agreement"] > 0.998  # measured: 5e-7 and 0.9995 (8 windows)
+    assert metrics["greedy_match_mean"] == spec.greedy_tokens
+    for prompt in spec.prompts:  # the chat template's special tokens and the text, tokenized by llama.cpp
+        text = loaded.tokenizer.decode(encode_prompt(loaded.tokenizer, prompt))
+        assert llama_cpp_tokenize(art.path, text) == encode_prompt(loaded.tokenizer, prompt)
+    digits = "In 2024, 1,234,567 items cost $89.10 each."
+    assert llama_cpp_tokenize(art.path, digits) == loaded.tokenizer(digits)["input_ids"]
