@@ -5,9 +5,11 @@ from __future__ import annotations
 from compress.registry import Registry
 from compress.targets import Format
 from exporters.base import Exporter
+from exporters.coreml import CoreMLExporter
 from exporters.executorch import ExecuTorchExporter
 from exporters.safetensors import SafetensorsExporter
 
 EXPORTERS: Registry[Exporter] = Registry("exporter")
 EXPORTERS.register(Format.SAFETENSORS.value, SafetensorsExporter())
 EXPORTERS.register(Format.PTE.value, ExecuTorchExporter())
+EXPORTERS.register(Format.MLPACKAGE.value, CoreMLExporter())

@@ -5,9 +5,11 @@ from __future__ import annotations
 from compress.registry import Registry
 from compress.targets import RuntimeName
 from runtimes.base import Runtime
+from runtimes.coreml import CoreMLRuntime
 from runtimes.executorch import ExecuTorchRuntime
 from runtimes.torch_eager import TorchEagerRuntime
 
 RUNTIMES: Registry[Runtime] = Registry("runtime")
 RUNTIMES.register(RuntimeName.TORCH_EAGER.value, TorchEagerRuntime())
 RUNTIMES.register(RuntimeName.EXECUTORCH.value, ExecuTorchRuntime())
+RUNTIMES.register(RuntimeName.COREML.value, CoreMLRuntime())
