@@ -36,7 +36,7 @@ from runtimes import RUNTIMES
 ARTIFACT_NAMES = {
     Format.PTE: "executorch",
     Format.ONNX: "onnx",
-    Format.MLPACKAGE: "model.mlpackage",
+    Format.MLPACKAGE: "coreml",  # model.mlpackage beside its tokenizer and sidecar
     Format.GGUF: "model.gguf",
     Format.SAFETENSORS: "checkpoint",
 }

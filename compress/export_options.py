@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from compress.config import check_fields, setting
 from compress.errors import Problem
-from compress.stages.configs import Activations, Precision, QuantAlgorithm, QuantizeConfig
+from compress.stages.configs import Activations, Precision, QuantAlgorithm, QuantizeConfig, WeightFormat
 
 
 class Dtype(enum.Enum):
@@ -57,6 +57,9 @@ def pte_quantize_problems(q: QuantizeConfig | None) -> list[Problem]:
                                                  f"or 'hqq'"))
     if q.lm_head is Precision.FP16 or q.embedding is Precision.FP16:
         out.append(Problem("quantize", "fp16 embedding/lm_head is not supported for pte; use fp32, int8 or int4"))
+    if q.weight_format is not WeightFormat.AFFINE:
+        out.append(Problem("quantize.weight_format", f"{q.weight_format.value!r} is not supported by XNNPACK; use "
+                                                     f"'affine'"))
     return out
 
 
@@ -120,20 +123,53 @@ class OnnxOptions:
         check_fields(self, onnx_quantize_problems(self.quantize))
 
 
+def mlpackage_quantize_problems(q: QuantizeConfig | None, compute_units: ComputeUnits) -> list[Problem]:
+    """What coremltools.optimize can express, and what the Neural Engine runs: checked before any conversion."""
+    if q is None:
+        return []
+    out = []
+    if q.activations is not Activations.NONE:
+        out.append(Problem("quantize.activations", f"{q.activations.value!r} is not supported for mlpackage "
+                                                   f"(weight-only compression); use 'none'"))
+    if q.algorithm is not QuantAlgorithm.RTN:
+        out.append(Problem("quantize.algorithm", f"{q.algorithm.value!r} is not available for mlpackage; use 'rtn' "
+                                                 f"(palettized weights are always k-means)"))
+    if q.weight_format is WeightFormat.PALETTIZED and not q.symmetric:
+        out.append(Problem("quantize.symmetric", "false has no meaning for palettized weights; use true"))
+    if q.overrides:
+        out.append(Problem("quantize.overrides", "per-layer overrides are not supported for mlpackage yet"))
+    if (compute_units is ComputeUnits.CPU_AND_NE and q.weight_format is WeightFormat.AFFINE
+            and q.group_size is not None):
+        out.append(Problem("quantize.group_size", f"{q.group_size}: per-block scales do not run on the Neural Engine "
+                                                  f"(compute_units: cpu_and_ne), which wants per-channel scales; use "
+                                                  f"group_size: null, weight_format: palettized, or compute_units: "
+                                                  f"cpu_and_gpu"))
+    return out
+
+
 @dataclass(frozen=True)
 class MlpackageOptions:
-    max_context: int = setting(512, ge=16, le=8192)
+    max_context: int = setting(512, ge=16, le=8192, doc="positions the Core ML states hold")
     compute_units: ComputeUnits = ComputeUnits.CPU_AND_NE
-    minimum_deployment_target: str = setting("iOS18", choices=("iOS18", "macOS15"))
-    query_lengths: tuple[int, ...] = (1, 64)
-    quantize: QuantizeConfig | None = None
+    minimum_deployment_target: str = setting("iOS18", choices=("iOS18", "macOS15"), doc="states need iOS18/macOS15")
+    query_lengths: tuple[int, ...] = setting((1, 64), doc="the enumerated tokens-per-call shapes; 1 is decode")
+    compute_precision: Dtype = setting(Dtype.FLOAT16, choices=(Dtype.FLOAT16, Dtype.FLOAT32))
+    quantize: QuantizeConfig | None = setting(None, doc="coremltools.optimize weight compression; null: fp16")
+    allow_unquantized_linears: bool = setting(False, doc="let the export succeed when a linear is not compressed")
 
     def __post_init__(self) -> None:
-        extra = []
+        extra = mlpackage_quantize_problems(self.quantize, self.compute_units)
         if not self.query_lengths or 1 not in self.query_lengths:
             extra.append(Problem("query_lengths", f"{list(self.query_lengths)} must contain 1 (decode)"))
         if any(q < 1 or q > self.max_context for q in self.query_lengths):
-            extra.append(Problem("query_lengths", f"{list(self.query_lengths)}: each must be in 1..max_context"))
+            extra.append(Problem("query_lengths", f"{list(self.query_lengths)}: each must be in 1..max_context "
+                                                  f"({self.max_context})"))
+        if len(set(self.query_lengths)) > 16:
+            extra.append(Problem("query_lengths", f"{len(set(self.query_lengths))} lengths; at most 16 (each is a "
+                                                  f"shape Core ML specializes the model for)"))
+        if self.compute_precision is Dtype.FLOAT32 and self.compute_units is ComputeUnits.CPU_AND_NE:
+            extra.append(Problem("compute_precision", "float32 cannot run on the Neural Engine (fp16 only); use "
+                                                      "float16, or compute_units cpu_only or cpu_and_gpu"))
         check_fields(self, extra)
 
 

@@ -75,7 +75,7 @@ def verify_artifact(target: TargetSpec, artifact: Artifact, reference: LoadedMod
     metrics["size_mb"] = artifact.size_bytes() / 1e6
     latency: dict[str, Any] = {}
     unmeasured: dict[str, str] = {}
-    if spec.latency:
+    if spec.latency and not available.latency_unmeasured:
         with console.step(f"Measuring latency on {runtime_name} in a child process "
                           f"({spec.warmup} warm-up + {spec.repeats} repeats)") as step:
             latency = measure_latency(runtime_name, artifact, threads, list(eval_set.latency_prompt),
@@ -85,8 +85,9 @@ def verify_artifact(target: TargetSpec, artifact: Artifact, reference: LoadedMod
         for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
             metrics[key] = latency[key]
     else:
+        reason = available.latency_unmeasured or "latency disabled (eval.latency: false)"
         for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
-            unmeasured[key] = "latency disabled (eval.latency: false)"
+            unmeasured[key] = reason
     budgets = check_budgets(target.budgets, metrics, unmeasured)
     return Verification(runtime_name, threads, metrics, budgets, samples, eval_set.summary(), measured_on(threads),
                         latency)

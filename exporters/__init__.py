@@ -5,6 +5,7 @@ from __future__ import annotations
 from compress.registry import Registry
 from compress.targets import Format
 from exporters.base import Exporter
+from exporters.coreml import CoreMLExporter
 from exporters.executorch import ExecuTorchExporter
 from exporters.gguf import GgufExporter
 from exporters.onnx import OnnxExporter
@@ -15,3 +16,4 @@ EXPORTERS.register(Format.SAFETENSORS.value, SafetensorsExporter())
 EXPORTERS.register(Format.PTE.value, ExecuTorchExporter())
 EXPORTERS.register(Format.ONNX.value, OnnxExporter())
 EXPORTERS.register(Format.GGUF.value, GgufExporter())
+EXPORTERS.register(Format.MLPACKAGE.value, CoreMLExporter())

@@ -13,6 +13,12 @@ partially to ExecuTorch and did not trace for Core ML. This one has:
       "custom": `llama::update_cache` + `llama::custom_sdpa` on (1, ctx, n_kv, d) caches. Faster at short
         context (1.7 ms at position 10) but ~5x slower past ~128 cached tokens on 2 threads (8.2 ms at 400).
       "eager": index_copy + SDPA with an explicit mask, plain PyTorch (for exporters without custom ops).
+      "coreml": fp16 caches (1, n_kv, ctx, d) updated by slice assignment at a traced (tensor) start
+        position, which coremltools turns into Core ML states (read_state/slice_update/update_state); then
+        matmul/softmax over the whole static cache with a finite additive mask. Core ML states must be fp16.
+  - an RMSNorm that is safe in fp16 on request (`fp16_safe_norm`): SmolLM2's residual stream reaches
+    |x| ~ 2.5e4, so squaring x overflows fp16 (max 65504); the norm divides each row by its max |x| first,
+    which is exact in real arithmetic (eps is rescaled with it).
 forward(tokens (1, seq) int64, input_pos (1,) int64) -> logits (1, seq, vocab), all positions.
 """
 
@@ -32,6 +38,7 @@ class AttentionBackend(enum.Enum):
     XNNPACK = "xnnpack"  # update_cache custom op + bmm/softmax attention (import the custom ops first)
     CUSTOM = "custom"  # update_cache + custom_sdpa custom ops
     EAGER = "eager"  # plain PyTorch ops only
+    COREML = "coreml"  # fp16 caches updated by slice assignment (Core ML states), plain ops only
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,9 @@ class LlamaDims:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, fp16_safe: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fp16_safe = eps, fp16_safe
         self.weight = nn.Parameter(torch.ones(dim))
         # The mean over the last dim as a matmul with a (1, dim) row of 1/dim: XNNPACK has no last-dim mean
         # for 3-D tensors, so `x.pow(2).mean(-1)` would cut every block into several partitions.
@@ -76,8 +83,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()  # (1, seq, dim)
+        eps: float | torch.Tensor = self.eps
+        if self.fp16_safe:
+            # rms(x / s) * s == rms(x): with s = max |x| per row the squares stay <= 1 in fp16. The floor keeps an
+            # all-zero row finite; eps / s^2 is formed as (sqrt(eps) / s)^2 so s^2 never underflows fp16.
+            scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-2)  # (1, seq, 1)
+            x32 = x32 / scale
+            eps = (math.sqrt(self.eps) / scale) ** 2
         mean_sq = F.linear(x32 * x32, self.mean_row)  # (1, seq, 1)
-        return (x32 * torch.rsqrt(mean_sq + self.eps)).to(x.dtype) * self.weight
+        return (x32 * torch.rsqrt(mean_sq + eps)).to(x.dtype) * self.weight
 
 
 def rope_tables(dims: LlamaDims, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +129,11 @@ class Attention(nn.Module):
         # ExecuTorch keeps the caches as mutable buffers updated in place. update_cache writes along dim 1,
         # so the xnnpack backend uses n_kv as the op's batch dim: (n_kv, ctx, 1, d) is (n_kv, ctx, d) in memory.
         shape = (kv, max_context, 1, d) if backend is AttentionBackend.XNNPACK else (1, max_context, kv, d)
-        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        dtype = torch.float32
+        if backend is AttentionBackend.COREML:  # Core ML states: fp16 only, heads before positions
+            shape, dtype = (1, kv, max_context, d), torch.float16
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
                 rotate: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,6 +148,8 @@ class Attention(nn.Module):
             torch.ops.llama.update_cache(k, self.k_cache, start)
             torch.ops.llama.update_cache(v, self.v_cache, start)
             out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True)  # (1,seq,h,d)
+        elif self.backend is AttentionBackend.COREML:
+            out = self._coreml(q, k, v, start, seq, mask)
         else:
             out = self._eager(q, k, v, start, seq)
         return self.o_proj(out.reshape(1, seq, dims.num_heads * dims.head_dim))  # (1, seq, hidden)
@@ -149,6 +168,20 @@ class Attention(nn.Module):
         scores = torch.bmm(keys, q_grouped).transpose(1, 2) * (1.0 / math.sqrt(d)) + mask  # (kv, seq*g, ctx)
         out = torch.bmm(torch.softmax(scores, dim=-1), values)  # (kv, seq*g, d)
         return out.view(kv, seq, groups, d).permute(1, 0, 2, 3)  # (seq, h, d) as (1, seq, h, d) below
+
+    def _coreml(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, seq: int,
+                mask: torch.Tensor) -> torch.Tensor:
+        kv, d = self.dims.num_kv_heads, self.dims.head_dim
+        groups = self.dims.num_heads // kv
+        # `start` is a 0-d tensor: the trace records the slice bounds as graph values (a dynamic slice_update).
+        self.k_cache[:, :, start:start + seq] = k.transpose(1, 2).to(self.k_cache.dtype)  # (1, kv, seq, d)
+        self.v_cache[:, :, start:start + seq] = v.transpose(1, 2).to(self.v_cache.dtype)
+        keys = self.k_cache.to(q.dtype)  # (1, kv, ctx, d)
+        values = self.v_cache.to(q.dtype)
+        q_grouped = q.view(1, seq, kv, groups, d).transpose(1, 2).reshape(1, kv, seq * groups, d)  # (1,kv,seq*g,d)
+        scores = torch.matmul(q_grouped, keys.transpose(2, 3)) * (1.0 / math.sqrt(d)) + mask  # (1, kv, seq*g, ctx)
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (1, kv, seq*g, d)
+        return out.view(1, kv, seq, groups, d).transpose(1, 2)  # (1, seq, kv, g, d) = (1, seq, h, d)
 
     def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, seq: int) -> torch.Tensor:
         positions = torch.arange(seq) + start
@@ -175,11 +208,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend):
+    def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend, fp16_safe_norm: bool):
         super().__init__()
-        self.input_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps)
+        self.input_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, fp16_safe_norm)
         self.self_attn = Attention(dims, max_context, backend)
-        self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, fp16_safe_norm)
         self.mlp = MLP(dims)
 
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -189,12 +222,14 @@ class Block(nn.Module):
 
 
 class ExportLlama(nn.Module):
-    def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend = AttentionBackend.EAGER):
+    def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend = AttentionBackend.EAGER,
+                 fp16_safe_norm: bool = False):
         super().__init__()
         self.dims, self.max_context, self.backend = dims, max_context, backend
         self.embed_tokens = nn.Embedding(dims.vocab_size, dims.hidden_size)
-        self.layers = nn.ModuleList(Block(dims, max_context, backend) for _ in range(dims.num_layers))
-        self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(dims, max_context, backend, fp16_safe_norm)
+                                    for _ in range(dims.num_layers))
+        self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, fp16_safe_norm)
         # Always its own Linear, even when the source ties it to the embedding: the gather (embedding) and
         # the matmul (lm_head) are quantized into different formats, deliberately, never one copy twice.
         self.lm_head = nn.Linear(dims.hidden_size, dims.vocab_size, bias=False)
@@ -205,24 +240,35 @@ class ExportLlama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]  # tokens (1, seq), input_pos (1,)
-        start = input_pos[0].item()
-        torch._check_is_size(start)
-        torch._check(start + seq <= self.max_context)
-        cos = self.rope_cos.narrow(0, start, seq).view(1, seq, 1, -1)  # (1, seq, 1, head_dim)
-        sin = self.rope_sin.narrow(0, start, seq).view(1, seq, 1, -1)
-        mask = self._grouped_mask(start, seq) if self.backend is AttentionBackend.XNNPACK else None
+        if self.backend is AttentionBackend.COREML:
+            start = input_pos[0]  # stays a tensor, so a trace keeps the position dynamic
+            cos = self.rope_cos[start:start + seq].view(1, seq, 1, -1)  # (1, seq, 1, head_dim)
+            sin = self.rope_sin[start:start + seq].view(1, seq, 1, -1)
+            mask = self._grouped_mask(start, seq, finite=True)
+        else:
+            start = input_pos[0].item()
+            torch._check_is_size(start)
+            torch._check(start + seq <= self.max_context)
+            cos = self.rope_cos.narrow(0, start, seq).view(1, seq, 1, -1)  # (1, seq, 1, head_dim)
+            sin = self.rope_sin.narrow(0, start, seq).view(1, seq, 1, -1)
+            mask = self._grouped_mask(start, seq) if self.backend is AttentionBackend.XNNPACK else None
         x = self.embed_tokens(tokens)  # (1, seq, hidden)
         for layer in self.layers:
             x = layer(x, start, cos, sin, self.rope_rotate, mask)
         return self.lm_head(self.norm(x))  # (1, seq, vocab)
 
-    def _grouped_mask(self, start: int, seq: int) -> torch.Tensor:
+    def _grouped_mask(self, start: int | torch.Tensor, seq: int, finite: bool = False) -> torch.Tensor:
         """Additive causal mask over the whole cache, one row per (position, query head in a KV group):
-        (seq * groups, ctx). It also hides slots not written yet, so stale entries are never read."""
+        (seq * groups, ctx). It also hides slots not written yet, so stale entries are never read.
+        `finite`: -3e4 instead of -inf, built arithmetically (fp16 programs; Core ML's select with scalar
+        branches mis-infers its output shape)."""
         groups = self.dims.num_heads // self.dims.num_kv_heads
         positions = torch.arange(seq) + start  # (seq,)
         visible = torch.arange(self.max_context).view(1, -1) <= positions.view(-1, 1)  # (seq, ctx)
-        mask = torch.where(visible, 0.0, float("-inf"))  # (seq, ctx)
+        if finite:
+            mask = (visible.to(torch.float32) - 1.0) * 3.0e4  # (seq, ctx): 0 or -3e4
+        else:
+            mask = torch.where(visible, 0.0, float("-inf"))  # (seq, ctx)
         return mask.view(seq, 1, -1).expand(seq, groups, self.max_context).reshape(seq * groups, self.max_context)
 
     def reset_cache(self) -> None:
@@ -231,11 +277,11 @@ class ExportLlama(nn.Module):
             layer.self_attn.v_cache.zero_()
 
     @classmethod
-    def from_hf(cls, hf_model: Any, max_context: int,
-                backend: AttentionBackend = AttentionBackend.EAGER) -> ExportLlama:
+    def from_hf(cls, hf_model: Any, max_context: int, backend: AttentionBackend = AttentionBackend.EAGER,
+                fp16_safe_norm: bool = False) -> ExportLlama:
         """Copy an HF LlamaForCausalLM's weights (fp32) into a fresh export module."""
         dims = LlamaDims.from_hf(hf_model.config)
-        module = cls(dims, max_context, backend)
+        module = cls(dims, max_context, backend, fp16_safe_norm)
         state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
         if "lm_head.weight" not in state:  # tied: HF omits it
             state["lm_head.weight"] = state["embed_tokens.weight"]

@@ -18,7 +18,7 @@ from typing import Any
 from compress.errors import ExportError
 from compress.stages.configs import Activations, Precision, QuantAlgorithm, QuantizeConfig
 
-_BITS = {Precision.FP32: None, Precision.INT8: 8, Precision.INT4: 4}
+BITS = {Precision.FP32: None, Precision.FP16: None, Precision.INT8: 8, Precision.INT4: 4}  # None: not quantized
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def plan_linears(module: Any, q: QuantizeConfig) -> list[LinearPlan]:
         if not isinstance(mod, nn.Linear):
             continue
         if name == "lm_head":
-            bits = _BITS[q.lm_head]
+            bits = BITS[q.lm_head]
             group = q.group_size if bits == 4 else None
         else:
             override = next((o for o in q.overrides if fnmatch.fnmatchcase(name, o.pattern)), None)
@@ -99,7 +99,7 @@ def apply_plan(module: Any, plans: list[LinearPlan], q: QuantizeConfig) -> None:
                 config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, mapping_type=mapping,
                                               intx_choose_qparams_algorithm=algorithm)
             quantize_(module, config, filter_fn=lambda m, fqn, names=names: isinstance(m, nn.Linear) and fqn in names)
-        bits = _BITS[q.embedding]
+        bits = BITS[q.embedding]
         if bits is not None:
             granularity = PerGroup(q.group_size or 32) if bits == 4 else PerAxis(0)
             config = IntxWeightOnlyConfig(weight_dtype=torch.int4 if bits == 4 else torch.int8, granularity=granularity,

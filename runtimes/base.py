@@ -21,7 +21,10 @@ from compress.artifact import Artifact
 @dataclass(frozen=True)
 class Availability:
     ok: bool
-    reason: str = ""  # why not, and what to do about it (e.g. "Core ML prediction needs macOS")
+    reason: str = ""  # why not, and what to do about it (e.g. "coremltools is not installed; pip install ...")
+    # Set when the runtime runs here but its latency would not be the real runtime's (Core ML on Linux runs an
+    # interpreter): verification reports latency as not measured, with this reason, instead of measuring it.
+    latency_unmeasured: str = ""
 
 
 class Session(Protocol):

@@ -170,3 +170,21 @@ def test_the_web_target_builds_passes_its_budgets_and_answers_in_onnxruntime_gen
         generator.generate_next_token()
         answer.append(tokenizer.decode(generator.get_next_tokens()))
     assert "Paris" in "".join(answer)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("coremltools") is None, reason="needs compress[coreml]")
+def test_the_ios_target_builds_and_passes_its_budgets_through_the_mil_interpreter(smollm2, real_home: Path,
+                                                                                  tmp_path: Path, cli):
+    """Convert, compress, run the package's ML program op by op through the harness, gate (~2 min cold)."""
+    out = tmp_path / "ios"
+    result = cli("build", "--target", "ios", "--out", str(out), env={"COMPRESS_HOME": str(real_home)})
+    assert result.code == 0, result.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    coverage = manifest["artifact"]["extra"]["coverage"]
+    assert coverage["linears_quantized"] == coverage["linears_total"] == 211 and coverage["embedding_compressed"]
+    assert coverage["tied_storage"] == "one shared compressed copy"
+    metrics = manifest["verification"]["metrics"]
+    assert 0.05 < metrics["mean_kl"] < 0.32 and metrics["top1_agreement"] > 0.72 and metrics["size_mb"] < 100
+    budgets = {b["name"]: b for b in manifest["verification"]["budgets"]}
+    assert all(b["passed"] for b in budgets.values() if b["metric"] != "decode_tok_s")
+    assert "decode_tok_s" not in metrics  # never estimated on Linux

@@ -40,6 +40,11 @@ class QuantAlgorithm(enum.Enum):
     KEEP_GGUF = "keep_gguf"  # keep the source GGUF's codes where the format represents them exactly
 
 
+class WeightFormat(enum.Enum):
+    AFFINE = "affine"  # integer codes times a scale (and zero point), per output channel or per block of group_size
+    PALETTIZED = "palettized"  # codes index a k-means look-up table shared by group_size output channels
+
+
 @dataclass(frozen=True)
 class LayerOverride:
     """Per-layer precision by glob pattern on the module name; the first matching override wins."""
@@ -62,6 +67,8 @@ class QuantizeConfig:
     lm_head: Precision = Precision.FP32
     algorithm: QuantAlgorithm = QuantAlgorithm.RTN
     overrides: tuple[LayerOverride, ...] = ()
+    weight_format: WeightFormat = setting(WeightFormat.AFFINE, doc="palettized: group_size counts output channels "
+                                                                   "per look-up table (null: one per tensor)")
 
     def __post_init__(self) -> None:
         extra = []

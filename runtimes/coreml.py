@@ -1,0 +1,125 @@
+"""The Core ML runtime over a package from exporters/coreml.py.
+
+On macOS the Session calls `MLModel.predict` with the model's state, on the compute units the export
+recorded. Elsewhere (Linux CI) there is no Core ML, so the Session executes the package's own ML program
+op by op in its own dtypes (runtimes/mil_interpreter.py): accuracy is the program's, latency is not
+measured (never estimated).
+
+The package accepts the enumerated query lengths only, so a prefill is cut into chunks: the longest
+allowed length that fits, or one padded call when a longer allowed length covers the rest. Padding
+writes cache slots beyond the last real token; every query's causal mask hides them, and the next real
+tokens overwrite them before anything can read them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress.artifact import Artifact
+from runtimes.base import Availability, ContextOverflow
+
+LINUX_LATENCY = "not measured: needs macOS (Core ML prediction); accuracy comes from executing the package's " \
+                "ML program op by op"
+
+
+def plan_chunks(n: int, start: int, lengths: Sequence[int], max_context: int) -> list[tuple[int, int]]:
+    """(tokens taken, call length) per call to feed n tokens from position `start`."""
+    allowed = sorted(set(lengths))
+    out, pos = [], start
+    while n > 0:
+        cover = [q for q in allowed if q >= n and pos + q <= max_context]
+        if cover:
+            out.append((n, cover[0]))
+            break
+        q = max(q for q in allowed if q <= n)
+        out.append((q, q))
+        n, pos = n - q, pos + q
+    return out
+
+
+class CoreMLSession:
+    """Session protocol over `predict(tokens (1, q) int32, input_pos (1,) int32) -> logits (1, q, vocab)`."""
+
+    def __init__(self, predict: Callable[[np.ndarray, np.ndarray], np.ndarray], reset: Callable[[], None],
+                 vocab_size: int, max_context: int, query_lengths: Sequence[int]):
+        self._predict, self._reset = predict, reset
+        self.vocab_size, self.max_context = vocab_size, max_context
+        self.query_lengths = tuple(query_lengths)
+        self._pos = 0
+
+    def reset(self) -> None:
+        self._reset()
+        self._pos = 0
+
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = list(token_ids)
+        if self._pos + len(ids) > self.max_context:
+            raise ContextOverflow(f"position {self._pos + len(ids)} exceeds max_context {self.max_context}")
+        rows, i = [], 0
+        for take, length in plan_chunks(len(ids), self._pos, self.query_lengths, self.max_context):
+            chunk = ids[i:i + take] + [0] * (length - take)  # padding: see the module docstring
+            logits = self._predict(np.array([chunk], dtype=np.int32), np.array([self._pos], dtype=np.int32))
+            rows.append(np.asarray(logits, dtype=np.float32)[0, :take])  # (take, vocab)
+            i, self._pos = i + take, self._pos + take
+        return np.concatenate(rows)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self.prefill([token_id])[0]
+
+
+def _macos_session(package: Path, extra: dict[str, Any], vocab: int) -> CoreMLSession:
+    import coremltools as ct
+
+    units = getattr(ct.ComputeUnit, extra.get("compute_units", "all").upper())
+    model = ct.models.MLModel(str(package), compute_units=units)
+    state = [model.make_state()]
+
+    def predict(tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        return model.predict({"tokens": tokens, "input_pos": pos}, state=state[0])["logits"]
+
+    def reset() -> None:
+        state[0] = model.make_state()
+
+    return CoreMLSession(predict, reset, vocab, int(extra["max_context"]), extra["query_lengths"])
+
+
+def _interpreter_session(package: Path, extra: dict[str, Any], vocab: int) -> CoreMLSession:
+    from runtimes.mil_interpreter import MilInterpreter, load_program
+
+    program, _ = load_program(package)
+    interpreter = MilInterpreter(program)
+
+    def predict(tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        return interpreter.run({"tokens": tokens, "input_pos": pos})["logits"]
+
+    return CoreMLSession(predict, interpreter.reset, vocab, int(extra["max_context"]), extra["query_lengths"])
+
+
+def can_predict() -> bool:
+    """Core ML prediction exists only on macOS, through coremltools' native extension."""
+    return sys.platform == "darwin" and importlib.util.find_spec("coremltools.libcoremlpython") is not None
+
+
+class CoreMLRuntime:
+    name = "coreml"
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("coremltools") is None:
+            return Availability(False, "coremltools is not installed; pip install 'compress[coreml]'")
+        return Availability(True, latency_unmeasured="" if can_predict() else LINUX_LATENCY)
+
+    def load(self, artifact: Artifact, threads: int) -> CoreMLSession:
+        package = artifact.path / artifact.extra.get("program", "model.mlpackage")
+        vocab = int(artifact.extra["vocab_size"])
+        if can_predict():
+            return _macos_session(package, artifact.extra, vocab)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads, user_api="blas")  # the interpreter's matmuls are numpy's BLAS
+        return _interpreter_session(package, artifact.extra, vocab)

@@ -1,0 +1,169 @@
+"""Real .mlpackage files from tiny Llamas, executed op by op by the MIL interpreter (Linux has no Core ML)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("coremltools")
+
+from compress.config import parse  # noqa: E402
+from compress.errors import ConfigError, ExportError, InputError  # noqa: E402
+from compress.export_options import ComputeUnits, Dtype, MlpackageOptions  # noqa: E402
+from compress.models.tiny import byte_tokenizer, tiny_llama  # noqa: E402
+from compress.progress import Console  # noqa: E402
+from compress.stages.configs import Precision, QuantizeConfig, WeightFormat  # noqa: E402
+from exporters import coreml  # noqa: E402
+from exporters.coreml import CoreMLExporter  # noqa: E402
+from exporters.llama import AttentionBackend, ExportLlama  # noqa: E402
+from runtimes.coreml import CoreMLRuntime  # noqa: E402
+from runtimes.mil_interpreter import load_program  # noqa: E402
+
+QUIET = Console(quiet=True)
+GPU = ComputeUnits.CPU_AND_GPU
+INT4 = QuantizeConfig(weight_bits=4, group_size=32, embedding=Precision.INT8, lm_head=Precision.INT8)
+TOKENS = list(range(10, 50))
+
+
+def _export(root: Path, name: str, **options) -> object:
+    options = {"max_context": 64, "query_lengths": (1, 8), "compute_units": GPU, **options}
+    return CoreMLExporter().export(tiny_llama(seed=0), byte_tokenizer(), MlpackageOptions(**options), root / name,
+                                   QUIET)
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coreml")
+    return {"fp32": _export(root, "fp32", compute_precision=Dtype.FLOAT32), "fp16": _export(root, "fp16"),
+            "int4": _export(root, "int4", quantize=INT4)}
+
+
+def _run(artifact, tokens: list[int], split: int) -> np.ndarray:
+    """Prefill tokens[:split] (chunked: 8, 8, then a padded call), decode the rest one by one."""
+    session = CoreMLRuntime().load(artifact, threads=2)
+    return np.concatenate([session.prefill(tokens[:split])] + [session.decode(t)[None] for t in tokens[split:]])
+
+
+def test_an_fp32_package_matches_the_pytorch_module_to_float_tolerance(packages):
+    module = ExportLlama.from_hf(tiny_llama(seed=0), 64, AttentionBackend.COREML, fp16_safe_norm=True)
+    with torch.no_grad():
+        expected = module(torch.tensor([TOKENS], dtype=torch.int32), torch.tensor([0], dtype=torch.int32))[0]
+    got = _run(packages["fp32"], TOKENS, split=21)  # 8 + 8 + a padded 5, then 19 decode steps
+    np.testing.assert_allclose(got, expected.numpy(), atol=2e-4, rtol=2e-4)
+
+
+def test_an_fp16_package_stays_close_to_the_reference_and_carries_its_state(packages):
+    hf = tiny_llama(seed=0)
+    with torch.no_grad():
+        expected = hf(torch.tensor([TOKENS])).logits[0].numpy()  # (40, vocab)
+    got = _run(packages["fp16"], TOKENS, split=17)
+    np.testing.assert_allclose(got, expected, atol=0.15, rtol=0.05)  # fp16 rounding, op by op
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.95
+    # Decode depends on what prefill left in the states: the same token after another history differs.
+    session = CoreMLRuntime().load(packages["fp16"], threads=2)
+    session.prefill(TOKENS[:5])
+    after_other = session.decode(TOKENS[17])
+    session.reset()
+    np.testing.assert_allclose(session.prefill(TOKENS[:3]), got[:3], atol=1e-6)  # reset forgets everything
+    assert np.abs(after_other - got[17]).max() > 0.1
+
+
+def test_the_package_records_what_an_app_needs(packages):
+    art = packages["fp16"]
+    assert {"model.mlpackage/Manifest.json", "tokenizer.json", "compress-mlpackage.json"} <= set(art.files)
+    sidecar = json.loads((art.path / "compress-mlpackage.json").read_text())
+    assert sidecar["query_lengths"] == [1, 8] and sidecar["max_context"] == 64 and sidecar["eos_ids"] == [257]
+    assert sidecar["compute_units"] == "cpu_and_gpu" and art.extra["compute_units"] == "cpu_and_gpu"
+    assert len(sidecar["states"]) == 4 and sidecar["states"][0] == "layers_0_self_attn_k_cache"
+    program, spec = load_program(art.path / "model.mlpackage")
+    assert spec.specificationVersion >= 9  # iOS 18 / macOS 15: states
+    inputs = program.functions["main"].inputs
+    assert [n for n in inputs][:2] == ["tokens", "input_pos"] and len(inputs) == 2 + 4
+
+
+def test_int4_per_block_compresses_every_linear_and_shares_the_tied_matrix(packages):
+    cov = packages["int4"].extra["coverage"]
+    assert (cov["linears_quantized"], cov["linears_total"], cov["linears_not_compressed"]) == (15, 15, [])
+    assert cov["tied_storage"] == "one shared compressed copy" and cov["embedding_compressed"]
+    ops = {op.op_type for op in load_program(packages["int4"].path / "model.mlpackage")[0]
+           .functions["main"].operations}
+    assert "constexpr_blockwise_shift_scale" in ops
+    model_bytes = lambda a: sum((a.path / f).stat().st_size for f in a.files if f.startswith("model"))  # noqa: E731
+    assert model_bytes(packages["int4"]) < model_bytes(packages["fp16"]) / 1.8  # tiny: scales and the mil text weigh
+    got = _run(packages["int4"], TOKENS[:20], split=12)
+    with torch.no_grad():
+        expected = tiny_llama(seed=0)(torch.tensor([TOKENS[:20]])).logits[0].numpy()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.6  # compressed, still the same model
+
+
+def test_palettized_weights_use_lookup_tables_and_untied_precisions_get_two_copies(tmp_path: Path):
+    q = QuantizeConfig(weight_bits=4, group_size=16, weight_format=WeightFormat.PALETTIZED,
+                       embedding=Precision.INT8, lm_head=Precision.INT8)
+    cov = _export(tmp_path, "pal", quantize=q, compute_units=ComputeUnits.CPU_AND_NE).extra["coverage"]
+    assert cov["linears_quantized"] == 15 and cov["quantization"].startswith("4-bit palettized")
+    ops = {op.op_type for op in load_program(tmp_path / "pal" / "model.mlpackage")[0].functions["main"].operations}
+    assert "constexpr_lut_to_dense" in ops  # the body; the int8 lm_head/embedding stay affine
+    two = _export(tmp_path, "two", quantize=QuantizeConfig(weight_bits=8, group_size=None, embedding=Precision.INT8,
+                                                           lm_head=Precision.INT4, symmetric=True))
+    assert two.extra["coverage"]["tied_storage"] == "two copies"
+
+
+def test_a_block_size_that_does_not_divide_fails_before_conversion_and_writes_nothing(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(CoreMLExporter, "_convert", lambda *a, **k: pytest.fail("converted anyway"))
+    with pytest.raises(ExportError, match="in_features 64 is not a multiple of group_size 128"):
+        _export(tmp_path, "x", quantize=QuantizeConfig(weight_bits=4, group_size=128))
+    with pytest.raises(InputError, match="max_context 128 exceeds the model's max_position_embeddings 64"):
+        CoreMLExporter().export(tiny_llama(seed=0, max_position_embeddings=64), byte_tokenizer(),
+                                MlpackageOptions(max_context=128, compute_units=GPU), tmp_path / "x", QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_after_conversion_leaves_no_half_written_package(tmp_path: Path, monkeypatch):
+    def broken(*_):
+        raise ExportError("compression failed")
+
+    monkeypatch.setattr(coreml, "_compress", broken)
+    with pytest.raises(ExportError, match="compression failed"):
+        _export(tmp_path, "x", quantize=INT4)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    ({"compute_units": "cpu_and_ne", "quantize": {"weight_bits": 4, "group_size": 32}},
+     "quantize.group_size: 32: per-block scales do not run on the Neural Engine"),
+    ({"compute_units": "cpu_and_ne", "compute_precision": "float32"}, "float32 cannot run on the Neural Engine"),
+    ({"max_context": 32, "query_lengths": [1, 64]}, "each must be in 1..max_context (32)"),
+    ({"query_lengths": [8, 64]}, "must contain 1 (decode)"),
+    ({"max_context": 100000}, "max_context: 100000 is out of range"),
+    ({"minimum_deployment_target": "iOS17"}, "choose one of 'iOS18', 'macOS15'"),
+    ({"quantize": {"weight_bits": 4, "activations": "int8_dynamic"}}, "weight-only compression"),
+    ({"compute_precision": "bfloat16"}, "choose one of 'float16', 'float32'"),
+])
+def test_configs_apple_backends_cannot_honour_are_refused_naming_the_choices(raw, fragment):
+    with pytest.raises(ConfigError, match=None) as err:
+        parse(MlpackageOptions, {"compute_units": "cpu_and_gpu", **raw}, "export")
+    assert fragment in str(err.value)
+
+
+def test_per_channel_and_palettized_weights_are_fine_on_the_neural_engine():
+    for q in (QuantizeConfig(weight_bits=8, group_size=None),
+              QuantizeConfig(weight_bits=4, group_size=16, weight_format=WeightFormat.PALETTIZED)):
+        assert MlpackageOptions(compute_units=ComputeUnits.CPU_AND_NE, quantize=q).quantize is q
+
+
+def test_without_coremltools_the_build_stops_with_exit_5_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    from compress.build import check_available
+    from compress.errors import RuntimeUnavailable
+    from compress.targets import load_targets
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "coremltools" else real(name, *a))
+    with pytest.raises(RuntimeUnavailable, match=r"pip install 'compress\[coreml\]'") as err:
+        check_available(load_targets().get("ios"), verify=True)
+    assert err.value.exit_code == 5
