@@ -95,6 +95,9 @@ def onnx_quantize_problems(q: QuantizeConfig | None) -> list[Problem]:
     elif q.group_size not in ONNX_BLOCK_SIZES:
         out.append(Problem("quantize.group_size", f"{q.group_size} is not a MatMulNBits block size; choose one of "
                                                   f"{list(ONNX_BLOCK_SIZES)}"))
+    if q.weight_format is not WeightFormat.AFFINE:
+        out.append(Problem("quantize.weight_format", f"{q.weight_format.value!r} has no ONNX Runtime kernel; use "
+                                                     f"'affine' (MatMulNBits)"))
     if q.algorithm is not QuantAlgorithm.RTN:
         out.append(Problem("quantize.algorithm", f"{q.algorithm.value!r} is not available for onnx yet; choose 'rtn'"))
     if q.lm_head not in (Precision.FP32, Precision.INT8, Precision.INT4):
