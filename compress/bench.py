@@ -1,0 +1,276 @@
+"""`compress bench`: built artifacts and peers measured by one protocol in one run, written as one table.
+
+Every entry (a build directory's artifact, or a peer made here from the same fp32 reference) runs the SAME
+evaluation windows and prompts (the harness's default `EvalSpec`) on its own runtime, compared with the same
+reference logits; then latency is measured in a child process per entry (`runtimes/latency.py`), entries
+alternating round by round so a noisy machine hits them all alike, and each metric is the median of the rounds.
+
+Peers: `eager` (the fp32 checkpoint on eager PyTorch), `llamacpp-<type>` (the reference written as a GGUF by
+exporters/gguf.py, quantized by llama.cpp's own quantizer for q4_0/q4_k_m/q5_k_m), and `llamacpp-source` (the
+catalog model's own GGUF, or the .gguf file the model was converted from).
+
+Inputs are all checked before anything is measured (exit 2 or 5). After that, an entry that fails keeps its
+row, with the error, and the others are still measured and written; the command then exits 5.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compress import models
+from compress.artifact import Artifact
+from compress.errors import InputError, RuntimeUnavailable
+from compress.export_options import GgufOptions, GgufType
+from compress.manifest import Manifest
+from compress.registry import Registry
+from compress.targets import EvalSpec, Format, parse_target
+from compress.verification import stop_ids, torch_threads
+from runtimes import RUNTIMES
+from runtimes.base import Runtime
+
+EAGER = "eager"
+SOURCE = "llamacpp-source"
+LLAMACPP_PREFIX = "llamacpp-"
+BASELINE = "llamacpp-q4_0"  # speed ratios are stated against this peer, measured in the same run
+DEFAULT_PEERS = (EAGER, "llamacpp-q8_0", BASELINE, "llamacpp-q4_k_m", SOURCE)
+LATENCY_KEYS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
+
+
+def valid_peers() -> list[str]:
+    return [EAGER, SOURCE] + [LLAMACPP_PREFIX + t.value for t in GgufType]
+
+
+def parse_peers(raw: str) -> tuple[str, ...]:
+    """`--peers a,b,c` (or `none`): each name checked, order kept, duplicates dropped."""
+    names = [p.strip().lower() for p in raw.split(",") if p.strip()]
+    if names == ["none"]:
+        return ()
+    unknown = [p for p in names if p not in valid_peers()]
+    if unknown:
+        raise InputError(f"unknown peer {unknown[0]!r}; valid: {', '.join(valid_peers())} (or 'none')")
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    builds: tuple[Path, ...]
+    peers: tuple[str, ...] = DEFAULT_PEERS
+    threads: int = 2
+    rounds: int = 3  # alternating latency rounds; 0 measures accuracy only
+    repeats: int = 5
+    out_dir: Path = Path("out/bench")
+    model: str | None = None  # the reference when no build directory is given
+    eval_data: str | None = None
+
+    def __post_init__(self) -> None:
+        cores = os.cpu_count() or 1
+        if not 1 <= self.threads <= cores:
+            raise InputError(f"--threads {self.threads}: must be 1..{cores} (this machine's logical cores)")
+        if not 0 <= self.rounds <= 50:
+            raise InputError(f"--rounds {self.rounds}: must be 0..50 (0 measures accuracy only)")
+        if not 1 <= self.repeats <= 1000:
+            raise InputError(f"--repeats {self.repeats}: must be 1..1000")
+        if not self.builds and not self.peers:
+            raise InputError("nothing to measure: give at least one build directory or peer")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise InputError(f"--out {self.out_dir}: exists and is not a directory")
+
+
+@dataclass
+class Entry:
+    """One row: an artifact to measure (None for a peer made during the run), and everything measured on it."""
+
+    name: str
+    kind: str  # "build" or "peer"
+    format: str
+    runtime: str
+    detail: str  # what the artifact is: quantization scheme, file type
+    artifact: Artifact | None = None
+    gguf_type: GgufType | None = None  # a llama.cpp peer exported during the run
+    metrics: dict[str, float] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""  # why this entry has no (or incomplete) numbers
+    latency_note: str = ""  # why latency is not measured here (not an error: e.g. Core ML on Linux)
+    peer: str = ""  # the --peers name, for a peer
+
+    def latency(self) -> dict[str, float]:
+        """Median over the rounds of each latency metric."""
+        if not self.rounds:
+            return {}
+        return {k: statistics.median(r[k] for r in self.rounds) for k in LATENCY_KEYS}
+
+
+def quant_detail(spec: dict[str, Any]) -> str:
+    """A short description of a build's export: `int4 g32 asym, int8 act` / `q8_0` / `fp32`."""
+    export = spec.get("export", {})
+    if export.get("format") == "gguf":
+        return str(export.get("file_type", ""))
+    q = export.get("quantize")
+    if not q:
+        return str(export.get("dtype", "fp32"))
+    text = f"int{q['weight_bits']} g{q['group_size']} {'sym' if q.get('symmetric', True) else 'asym'}"
+    if q.get("activations") == "int8_dynamic":
+        text += ", int8 act"
+    return text
+
+
+def _check_runtime(runtime: Runtime, what: str) -> Any:
+    available = runtime.availability()
+    if not available.ok:
+        raise RuntimeUnavailable(f"{what} runs on {runtime.name}, which is unavailable here: {available.reason}")
+    return available
+
+
+def collect_builds(req: BenchRequest, runtimes: Registry[Runtime]) -> tuple[list[Entry], dict[str, Any] | None]:
+    """Every build directory checked (manifest, file hashes, one reference model, runtime installed)."""
+    entries: list[Entry] = []
+    model: dict[str, Any] | None = None
+    names: set[str] = set()
+    for out_dir in req.builds:
+        if not out_dir.is_dir():
+            raise InputError(f"{out_dir}: no such build directory")
+        manifest = Manifest.read(out_dir)
+        manifest.check_files(out_dir)
+        if model is None:
+            model = manifest.model
+        elif manifest.model["sha256"] != model["sha256"]:
+            raise InputError(f"{out_dir} was built from {manifest.model['spec']!r}, not {model['spec']!r} like the "
+                             f"first build: one bench compares one model")
+        target = parse_target(manifest.target["spec"], manifest.target["name"])
+        artifact = manifest.artifact_obj(out_dir)
+        runtime = runtimes.get(target.runtime.name.value)
+        available = _check_runtime(runtime, f"build {out_dir}")
+        name = target.name if target.name not in names else f"{target.name} ({out_dir.name})"
+        names.add(name)
+        entries.append(Entry(name, "build", artifact.format.value, runtime.name, quant_detail(manifest.target["spec"]),
+                             artifact, latency_note=available.latency_unmeasured))
+    return entries, model
+
+
+def source_gguf(source: models.ModelSource) -> Path | None:
+    from compress.models.default import CATALOG
+
+    if source.kind is models.SourceKind.CATALOG:
+        entry = CATALOG[source.spec]
+        return entry.model_dir() / Path(entry.member).name
+    if source.kind is models.SourceKind.GGUF:
+        return Path(source.reopen)
+    return None
+
+
+def collect_peers(req: BenchRequest, source: models.ModelSource, runtimes: Registry[Runtime]) -> list[Entry]:
+    from exporters.gguf import describe_gguf
+
+    entries = []
+    for peer in req.peers:
+        if peer == EAGER:
+            ckpt = source.checkpoint
+            files = tuple(str(p.relative_to(ckpt)) for p in sorted(ckpt.rglob("*")) if p.is_file())
+            art = Artifact(ckpt, Format.SAFETENSORS, files, {"max_context": 2048})
+            entries.append(Entry("eager fp32 (peer)", "peer", art.format.value, "torch_eager", "fp32", art, peer=peer))
+            continue
+        runtime = runtimes.get("llamacpp")
+        _check_runtime(runtime, f"peer {peer!r} (leave it out of --peers to skip it)")
+        if peer == SOURCE:
+            path = source_gguf(source)
+            if path is None or not path.is_file():
+                raise InputError(f"peer {SOURCE!r}: model {source.spec!r} has no source GGUF (only a catalog model "
+                                 f"or a .gguf file has one); leave it out of --peers")
+            info = describe_gguf(path)
+            art = Artifact(path, Format.GGUF, (path.name,), {"max_context": 2048, **info})
+            counts = {k: n for k, n in info["tensor_type_counts"].items() if k not in ("F32", "F16")}
+            ftype = max(counts, key=counts.get).lower() if counts else "f32"  # the type most tensors have
+            entries.append(Entry(f"llama.cpp source {ftype} (peer)", "peer", "gguf", "llamacpp", ftype, art, peer=peer))
+        else:
+            gtype = GgufType(peer[len(LLAMACPP_PREFIX):])
+            entries.append(Entry(f"llama.cpp {gtype.value} (peer)", "peer", "gguf", "llamacpp", gtype.value,
+                                 gguf_type=gtype, peer=peer))
+    return entries
+
+
+def _error(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:300]
+
+
+def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUNTIMES) -> dict[str, Any]:
+    """Measure every entry; return the results (see compress/bench_report.py for the files)."""
+    from compress.data.corpus import build_eval_set
+    from compress.progress import Console
+    from exporters.gguf import GgufExporter
+    from runtimes.harness import measure_accuracy, measured_on, run_reference
+    from runtimes.latency import measure_latency
+    from runtimes.torch_eager import TorchEagerRuntime
+
+    entries, model_record = collect_builds(req, runtimes)
+    for peer in req.peers:  # before the model is resolved (a first fetch takes ~30 s)
+        if peer != EAGER:
+            _check_runtime(runtimes.get("llamacpp"), f"peer {peer!r} (leave it out of --peers to skip it)")
+    with console.step("Resolving the reference model") as step:
+        source = models.resolve(model_record["reopen"] if model_record else (req.model or "smollm2-135m"), console)
+        if model_record and source.sha256 != model_record["sha256"]:
+            raise InputError(f"reference model {model_record['spec']!r} changed since the builds (sha256 "
+                             f"{source.sha256[:12]} != {model_record['sha256'][:12]}); rebuild them")
+        step["detail"] = f"{source.spec}, sha256 {source.sha256[:12]}"
+    entries += collect_peers(req, source, runtimes)
+    loaded = models.load(source)
+    spec = EvalSpec(repeats=req.repeats)
+    eval_set = build_eval_set(loaded.tokenizer, spec, req.eval_data)
+    stops = stop_ids(loaded.tokenizer)
+
+    def decode(ids: list[int]) -> str:
+        return loaded.tokenizer.decode(ids, skip_special_tokens=False)
+
+    prompt = list(eval_set.latency_prompt)
+    quiet = Console(quiet=True)
+    with tempfile.TemporaryDirectory(prefix="compress-bench-") as work:
+        with torch_threads(req.threads):
+            with console.step("Running the fp32 reference (eager PyTorch)"):
+                ref = run_reference(TorchEagerRuntime.session_for(loaded.model), eval_set, spec.greedy_tokens,
+                                    stops, quiet)
+            for e in entries:
+                with console.step(f"Accuracy: {e.name} on {e.runtime}") as step:
+                    try:
+                        if e.gguf_type is not None:  # a peer quantized by llama.cpp from the same fp32 weights
+                            e.artifact = GgufExporter().export(loaded.model, loaded.tokenizer,
+                                                               GgufOptions(file_type=e.gguf_type),
+                                                               Path(work) / f"{e.gguf_type.value}.gguf", quiet)
+                        session = runtimes.get(e.runtime).load(e.artifact, req.threads)
+                        e.metrics, _ = measure_accuracy(session, ref, eval_set, spec.greedy_tokens, stops, decode,
+                                                        quiet)
+                        del session
+                        e.metrics["size_mb"] = e.artifact.size_bytes() / 1e6
+                        step["detail"] = f"mean KL {e.metrics['mean_kl']:.4g}, top-1 {e.metrics['top1_agreement']:.3f}"
+                    except Exception as err:  # noqa: BLE001  one entry failing must not lose the others
+                        e.error = _error(err)
+                        if e.artifact is not None and e.artifact.path.exists():
+                            e.metrics["size_mb"] = e.artifact.size_bytes() / 1e6
+                        step["detail"] = f"FAILED: {e.error}"
+        timed = [e for e in entries if not e.error and not e.latency_note]
+        for r in range(req.rounds):
+            for e in timed:
+                if e.error:
+                    continue
+                with console.step(f"Latency round {r + 1}/{req.rounds}: {e.name}") as step:
+                    try:
+                        lat = measure_latency(e.runtime, e.artifact, req.threads, prompt, spec.decode_tokens,
+                                              spec.warmup, req.repeats)
+                        e.rounds.append({k: lat[k] for k in LATENCY_KEYS})
+                        step["detail"] = f"prefill {lat['prefill_tok_s']:.0f} tok/s, decode {lat['decode_tok_s']:.1f}"
+                    except Exception as err:  # noqa: BLE001
+                        e.error = f"latency: {_error(err)}"
+                        step["detail"] = f"FAILED: {e.error}"
+    if req.rounds == 0:
+        for e in entries:
+            e.latency_note = e.latency_note or "latency not measured (--rounds 0)"
+    protocol = {
+        "model": source.spec, "model_sha256": source.sha256, "threads": req.threads, "rounds": req.rounds,
+        "repeats": req.repeats, "warmup": spec.warmup, "prefill_tokens": len(prompt),
+        "decode_tokens": spec.decode_tokens, "eval_set": eval_set.summary(), "baseline": BASELINE,
+        "measured_on": measured_on(req.threads),
+    }
+    return {"protocol": protocol, "entries": entries}

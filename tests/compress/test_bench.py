@@ -1,0 +1,214 @@
+"""`compress bench`: the table files, the Pareto front, ratios to llama.cpp Q4_0, bad input, a failing entry."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.bench import BASELINE, BenchRequest, Entry, parse_peers, run_bench
+from compress.bench_report import pareto_front, plot_points, render_markdown, rows, write_outputs
+from compress.errors import ExitCode, InputError, RuntimeUnavailable
+from compress.models.tiny import GPT2_MERGES
+from compress.progress import Console
+from compress.registry import Registry
+from runtimes.base import Availability
+
+QUIET = Console(quiet=True)
+INT8 = {"weight_bits": 8, "group_size": 32, "symmetric": True, "activations": "int8_dynamic", "embedding": "int8",
+        "lm_head": "int8"}
+
+
+def _entry(name: str, size: float, kl: float, decode: float | None, peer: str = "", note: str = "") -> Entry:
+    e = Entry(name, "peer" if peer else "build", "gguf", "llamacpp", "q", peer=peer, latency_note=note)
+    e.metrics = {"size_mb": size, "mean_kl": kl, "top1_agreement": 0.9, "perplexity_ratio": 1.1}
+    if decode is not None:  # three rounds: the table holds their median
+        e.rounds = [{"load_s": 0.1, "ttft_s": 0.1, "prefill_tok_s": 2 * decode * f, "decode_tok_s": decode * f,
+                     "peak_rss_mb": 100.0} for f in (0.5, 1.0, 3.0)]
+    return e
+
+
+PROTOCOL = {"model": "tiny", "threads": 2, "rounds": 3, "repeats": 5, "warmup": 1, "prefill_tokens": 128,
+            "decode_tokens": 64, "date": "2026-01-01", "eval_set": {"windows": 8, "window_len": 256, "prompts": 4},
+            "measured_on": {"cpu": "cpu", "logical_cores": 2, "os": "linux"}}
+
+
+# ---- pure logic --------------------------------------------------------------------------------
+
+def test_pareto_front_keeps_exactly_the_undominated_points():
+    points = [("a", 1, 5), ("b", 2, 2), ("c", 3, 3), ("d", 5, 1), ("e", 2, 2.5), ("f", 1, 6)]
+    assert pareto_front(points) == {"a", "b", "d"}  # c and e lose to b, f to a
+    assert pareto_front([("x", 1, 1), ("y", 1, 1)]) == {"x", "y"}  # equal points dominate neither
+    assert pareto_front([]) == set()
+
+
+def test_speed_points_are_negated_so_faster_is_better():
+    table = rows([_entry("slow", 10, 0.1, 10), _entry("fast", 10, 0.1, 50), _entry("coreml", 5, 0.2, None)])
+    assert plot_points(table, "decode") == [("slow", -10, 0.1), ("fast", -50, 0.1)]
+    assert pareto_front(plot_points(table, "decode")) == {"fast"}
+    assert pareto_front(plot_points(table, "size")) == {"slow", "fast", "coreml"}
+
+
+def test_ratios_are_to_the_q4_0_peer_of_the_same_run_from_round_medians():
+    table = rows([_entry("ours", 100, 0.3, 60), _entry("q4_0", 90, 0.28, 40, peer=BASELINE)])
+    ours, base = table
+    assert ours["decode_tok_s"] == 60 and ours["prefill_tok_s"] == 120  # medians of the rounds
+    assert ours["decode_vs_q4_0"] == pytest.approx(1.5) and ours["prefill_vs_q4_0"] == pytest.approx(1.5)
+    assert base["decode_vs_q4_0"] == 1.0
+    alone = rows([_entry("ours", 100, 0.3, 60)])  # no Q4_0 peer: no ratio, never a made-up one
+    assert alone[0]["decode_vs_q4_0"] is None
+
+
+def test_unmeasured_latency_reads_not_measured_and_the_files_parse(tmp_path: Path):
+    entries = [_entry("ios", 80, 0.25, None, note="Core ML prediction needs macOS"),
+               _entry("q4_0", 90, 0.28, 40, peer=BASELINE)]
+    broken = _entry("android", 120, 0.4, None)
+    broken.error = "RuntimeError: boom"
+    table = rows(entries + [broken])
+    written = write_outputs(tmp_path, table, PROTOCOL)
+    md = written["bench.md"].read_text()
+    ios_line = next(line for line in md.splitlines() if line.startswith("| ios"))
+    assert ios_line.count("not measured") == 4 and "Core ML prediction needs macOS" in md
+    assert "| android ⚠ |" in md and "FAILED: RuntimeError: boom" in md
+    assert "1 warm-up + 5 repeats" in md and "median of 3 alternating rounds" in md
+    data = json.loads(written["bench.json"].read_text())
+    assert [r["name"] for r in data["rows"]] == ["ios", "q4_0", "android"] and data["protocol"]["threads"] == 2
+    parsed = list(csv.DictReader(io.StringIO(written["bench.csv"].read_text())))
+    assert parsed[1]["decode_tok_s"] == "40.0" and parsed[0]["decode_tok_s"] == "" and parsed[2]["error"]
+    assert render_markdown(table, PROTOCOL) == md
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_plots_are_written_with_matplotlib(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    from compress.bench_report import write_plots
+
+    table = rows([_entry("a", 100, 0.3, 60), _entry("b", 90, 0.0, 40, peer=BASELINE),
+                  _entry("c", 50, 0.5, None, note="needs macOS")])
+    paths = write_plots(tmp_path, table, PROTOCOL)
+    assert [p.name for p in paths] == ["bench_size_vs_kl.png", "bench_decode_vs_kl.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def test_peer_names_and_ranges_are_checked():
+    assert parse_peers("eager, llamacpp-Q4_0,eager") == ("eager", "llamacpp-q4_0")
+    assert parse_peers("none") == ()
+    with pytest.raises(InputError, match=r"unknown peer 'llamacpp-q3'; valid: eager, llamacpp-source, .*q4_k_m"):
+        parse_peers("llamacpp-q3")
+    with pytest.raises(InputError, match=r"--threads 0: must be 1\.\."):
+        BenchRequest((Path("x"),), threads=0)
+    with pytest.raises(InputError, match=r"--threads 100000: must be 1\.\.\d+"):
+        BenchRequest((Path("x"),), threads=100000)
+    with pytest.raises(InputError, match="nothing to measure"):
+        BenchRequest((), peers=())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}"], "no such build directory"),
+    (["{empty}"], "no manifest.json; not a completed compress build"),
+    (["{empty}", "--threads", "999"], "--threads 999: must be 1.."),
+    (["{empty}", "--peers", "eager,llama"], "unknown peer 'llama'; valid:"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, cli, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(missing=tmp_path / "missing", empty=tmp_path / "empty") for a in args]
+    result = cli("bench", *args, "--out", str(tmp_path / "bench"))
+    assert result.code == ExitCode.BAD_INPUT, result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "bench").exists()
+
+
+class _Unavailable:
+    name = "llamacpp"
+
+    def availability(self) -> Availability:
+        return Availability(False, "llama-cpp-python is not installed; pip install 'compress[llamacpp]'")
+
+
+def test_a_missing_runtime_stops_before_measuring_and_says_how_to_install(tiny_built, tmp_path: Path):
+    registry = Registry("runtime")
+    from runtimes import RUNTIMES
+
+    for name in RUNTIMES:
+        registry.register(name, _Unavailable() if name == "llamacpp" else RUNTIMES.get(name))
+    req = BenchRequest((tiny_built["ref"],), peers=("eager", "llamacpp-q4_0"), rounds=0, out_dir=tmp_path / "b")
+    with pytest.raises(RuntimeUnavailable, match=r"peer 'llamacpp-q4_0'.*pip install 'compress\[llamacpp\]'") as err:
+        run_bench(req, QUIET, registry)
+    assert err.value.exit_code == ExitCode.RUNTIME_UNAVAILABLE
+
+
+# ---- end to end on tiny builds -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_built(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model (with merges, so llama.cpp can load its GGUF) built as fp32 safetensors and int8 ONNX."""
+    from compress.models.tiny import save_tiny_llama
+    from tests.conftest import run_cli
+
+    root = tmp_path_factory.mktemp("bench")
+    model = save_tiny_llama(root / "tiny", seed=0, merges=GPT2_MERGES)
+    targets = {"ref": {"export": {"format": "safetensors"}, "runtime": "torch_eager"}}
+    try:
+        import onnxruntime_genai  # noqa: F401
+
+        targets["onnx8"] = {"export": {"format": "onnx", "max_context": 512, "quantize": INT8},
+                            "runtime": "onnxruntime"}
+    except ImportError:
+        pass
+    (root / "t.yaml").write_text(yaml.safe_dump({"version": 1, "targets": targets}))
+    out = {}
+    for name in targets:
+        result = run_cli("build", "--target", name, "--model", str(model), "--targets", str(root / "t.yaml"),
+                         "--out", str(root / name), "--no-verify", env={"COMPRESS_HOME": str(root / "home")})
+        assert result.code == 0, result.stderr
+        out[name] = root / name
+    return out
+
+
+def test_bench_measures_builds_and_peers_and_a_failing_build_keeps_the_others(tiny_built, tmp_path: Path, cli):
+    import shutil
+
+    broken = tmp_path / "broken"  # a valid build whose artifact cannot hold the 256-token eval windows
+    shutil.copytree(tiny_built["ref"], broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["artifact"]["extra"]["max_context"] = 64
+    manifest["target"]["name"] = "short"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "bench"
+    builds = [str(p) for p in tiny_built.values()] + [str(broken)]
+    result = cli("bench", *builds, "--peers", "eager", "--rounds", "1", "--repeats", "1", "--threads", "1",
+                 "--out", str(out))
+    assert result.code == ExitCode.RUNTIME_UNAVAILABLE, result.stderr
+    assert "1 of" in result.stderr and "short: ContextOverflow" in result.stderr
+    data = json.loads((out / "bench.json").read_text())
+    by_name = {r["name"]: r for r in data["rows"]}
+    assert set(by_name) == set(tiny_built) | {"short", "eager fp32 (peer)"}
+    assert by_name["short"]["error"].startswith("ContextOverflow") and by_name["short"]["decode_tok_s"] is None
+    for name in [*tiny_built, "eager fp32 (peer)"]:
+        row = by_name[name]
+        assert not row["error"] and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["size_mb"] > 0
+        assert len(row["latency_rounds"]) == 1 and row["decode_vs_q4_0"] is None  # no Q4_0 peer asked for
+    assert by_name["ref"]["mean_kl"] == 0.0 and by_name["eager fp32 (peer)"]["mean_kl"] == 0.0
+    if "onnx8" in by_name:
+        assert 0 < by_name["onnx8"]["mean_kl"] < 0.05 and by_name["onnx8"]["runtime"] == "onnxruntime"
+    assert data["protocol"]["threads"] == 1 and data["protocol"]["eval_set"]["window_len"] == 256
+    assert result.stdout == (out / "bench.md").read_text()  # the table is printed too
+    assert len(list(csv.DictReader((out / "bench.csv").open()))) == len(by_name)
+
+
+def test_llamacpp_peers_are_quantized_from_the_reference_and_give_the_ratio_baseline(tiny_built, tmp_path: Path):
+    pytest.importorskip("llama_cpp")
+    req = BenchRequest((tiny_built["ref"],), peers=("llamacpp-q8_0", BASELINE), rounds=1, repeats=1,
+                       out_dir=tmp_path / "b")
+    result = run_bench(req, QUIET)
+    table = {r["name"]: r for r in rows(result["entries"])}
+    q8, q4 = table["llama.cpp q8_0 (peer)"], table["llama.cpp q4_0 (peer)"]
+    assert q4["decode_vs_q4_0"] == 1.0 and q4["prefill_vs_q4_0"] == 1.0
+    assert table["ref"]["decode_vs_q4_0"] == pytest.approx(table["ref"]["decode_tok_s"] / q4["decode_tok_s"])
+    assert 0 < q8["mean_kl"] < q4["mean_kl"] and q8["size_mb"] > q4["size_mb"]
