@@ -149,25 +149,28 @@ def write_plots(out_dir: Path, table: list[dict[str, Any]], protocol: dict[str, 
             continue
         front = pareto_front(points)
         sign = 1 if axis == "size" else -1
-        fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
+        fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+        ax.set_yscale("symlog", linthresh=1e-3)
+        if axis == "size":
+            ax.set_xscale("log")
         for name, x, kl in points:
             on = name in front
             kind = next(r["kind"] for r in table if r["name"] == name)
             ax.scatter(sign * x, kl, s=60 if on else 35, marker="o" if kind == "build" else "s",
                        color="tab:red" if on else "tab:gray", zorder=3)
-            ax.annotate(name.replace(" (peer)", ""), (sign * x, kl), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8)
+        _label(ax, [(name.replace(" (peer)", ""), sign * x, kl) for name, x, kl in points])
         line = sorted((sign * x, kl) for name, x, kl in points if name in front)
         ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:red", lw=1, ls="--", zorder=2,
                 label="Pareto front")
-        ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_ylabel("mean KL vs fp32 (nats, symlog)")
         ax.set_xlabel("size (MB)" if axis == "size" else f"decode tok/s ({protocol['threads']} threads)")
         missing = [r["name"] for r in table if (r.get("size_mb" if axis == "size" else "decode_tok_s") is None)]
         title = f"{protocol['model']}: {'size' if axis == 'size' else 'decode speed'} vs KL"
         ax.set_title(title + (f"\n(not shown: {', '.join(missing)})" if missing else ""), fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
+        ax.scatter([], [], marker="o", color="tab:gray", label="build")  # legend entries for the two shapes
+        ax.scatter([], [], marker="s", color="tab:gray", label="peer")
+        ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
@@ -175,3 +178,17 @@ def write_plots(out_dir: Path, table: list[dict[str, Any]], protocol: dict[str, 
         _write_atomic(out_dir / filename, buf.getvalue())
         written.append(out_dir / filename)
     return written
+
+
+def _label(ax: Any, points: list[tuple[str, float, float]]) -> None:
+    """Label each point; a label that would sit on an earlier one moves down a line (equal points happen:
+    the desktop-gguf build and the llama.cpp q8_0 peer are the same file)."""
+    ax.figure.canvas.draw()  # fixes the axis limits, so data -> pixel positions are final
+    placed: list[tuple[float, float]] = []
+    for name, x, y in sorted(points, key=lambda p: (-p[2], p[1])):
+        px, py = ax.transData.transform((x, y))
+        dy = 4.0
+        while any(abs(px - qx) < 70 and abs(py + dy - qy) < 10 for qx, qy in placed):
+            dy -= 10
+        placed.append((px, py + dy))
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, dy * 72 / ax.figure.dpi), fontsize=8)

@@ -35,7 +35,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("torchao", "transformers", "torch._dynamo", "torch.utils._pytree"):
+    for name in ("torchao", "transformers", "torch._dynamo", "torch.utils._pytree", "coremltools"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
