@@ -212,3 +212,18 @@ def test_llamacpp_peers_are_quantized_from_the_reference_and_give_the_ratio_base
     assert q4["decode_vs_q4_0"] == 1.0 and q4["prefill_vs_q4_0"] == 1.0
     assert table["ref"]["decode_vs_q4_0"] == pytest.approx(table["ref"]["decode_tok_s"] / q4["decode_tok_s"])
     assert 0 < q8["mean_kl"] < q4["mean_kl"] and q8["size_mb"] > q4["size_mb"]
+
+
+@pytest.mark.slow
+def test_real_model_peers_eager_and_the_source_gguf(real_home: Path, tmp_path: Path, cli):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "bench"
+    result = cli("bench", "--model", "smollm2-135m", "--peers", "eager,llamacpp-source", "--rounds", "1",
+                 "--repeats", "1", "--out", str(out), env={"COMPRESS_HOME": str(real_home)})
+    assert result.code == 0, result.stderr
+    by_peer = {r["peer"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert by_peer["eager"]["mean_kl"] == 0.0 and by_peer["eager"]["size_mb"] > 500
+    source = by_peer["llamacpp-source"]
+    assert source["detail"] == "q4_1" and 0 < source["mean_kl"] < 0.01  # measured: 0.0034
+    assert source["decode_tok_s"] > 5 and source["decode_vs_q4_0"] is None
+    assert (out / "bench_size_vs_kl.png").is_file() and (out / "bench_decode_vs_kl.png").is_file()
