@@ -10,6 +10,7 @@ Tests run both and compare; the harness and the latency measurement use `shared`
 
 from __future__ import annotations
 
+import enum
 import importlib.util
 from collections.abc import Sequence
 from typing import Any
@@ -20,13 +21,14 @@ from compress.artifact import Artifact
 from compress.errors import RuntimeUnavailable
 from runtimes.base import Availability, ContextOverflow
 
-KV_MODES = ("shared", "concat")
+
+class KvMode(enum.Enum):
+    SHARED = "shared"  # one pre-allocated buffer bound as past and present (onnxruntime-genai's way)
+    CONCAT = "concat"  # past in, a longer present out (optimum's and transformers.js's way)
 
 
 class OnnxRuntimeSession:
-    def __init__(self, session: Any, extra: dict[str, Any], kv_mode: str = "shared"):
-        if kv_mode not in KV_MODES:
-            raise ValueError(f"kv_mode {kv_mode!r}; valid: {', '.join(KV_MODES)}")
+    def __init__(self, session: Any, extra: dict[str, Any], kv_mode: KvMode = KvMode.SHARED):
         self._session = session
         self._mode = kv_mode
         self.vocab_size = int(extra["vocab_size"])
@@ -46,7 +48,7 @@ class OnnxRuntimeSession:
         import onnxruntime as ort
 
         self._pos = 0
-        if self._mode == "shared":
+        if self._mode is KvMode.SHARED:
             # Positions at or past the sequence length are never read (GroupQueryAttention uses
             # attention_mask's sum), so reset only rewinds; buffers are allocated once per session.
             if not self._cache:
@@ -61,7 +63,7 @@ class OnnxRuntimeSession:
             raise ContextOverflow(f"position {self._pos + len(ids)} exceeds max_context {self.max_context}")
         input_ids = np.asarray([list(ids)], dtype=np.int64)  # (1, seq)
         mask = np.ones((1, self._pos + len(ids)), dtype=np.int64)  # (1, past + seq)
-        if self._mode == "shared":
+        if self._mode is KvMode.SHARED:
             binding = self._session.io_binding()
             binding.bind_cpu_input("input_ids", input_ids)
             binding.bind_cpu_input("attention_mask", mask)
@@ -97,7 +99,7 @@ class OnnxRuntimeRuntime:
             return Availability(False, "onnxruntime is not installed; pip install 'compress[onnx]'")
         return Availability(True)
 
-    def load(self, artifact: Artifact, threads: int, kv_mode: str = "shared") -> OnnxRuntimeSession:
+    def load(self, artifact: Artifact, threads: int, kv_mode: KvMode = KvMode.SHARED) -> OnnxRuntimeSession:
         import onnxruntime as ort
 
         options = ort.SessionOptions()

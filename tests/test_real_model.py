@@ -19,6 +19,19 @@ GOLDEN = Path(__file__).parent / "golden" / "smollm2_greedy.json"
 QUIET = Console(quiet=True)
 
 
+def _capital_prompt(tokenizer) -> str:
+    """The chat prompt every real-model runner check asks; SmolLM2 answers it with "Paris"."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def _build(cli, real_home: Path, out: Path, target: str) -> dict:
+    """`compress build --target TARGET` on the real model, as a user runs it; returns the manifest."""
+    result = cli("build", "--target", target, "--out", str(out), env={"COMPRESS_HOME": str(real_home)})
+    assert result.code == 0, result.stderr[-2000:]
+    return json.loads((out / "manifest.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from compress.home import compress_home  # the real cache: the autouse fixture is function-scoped
@@ -117,9 +130,7 @@ def test_the_android_target_builds_passes_its_budgets_and_runs_in_the_stock_runn
                                                                                   tmp_path: Path, cli):
     """The README's first command, end to end: export, lower, verify on ExecuTorch, gate."""
     out = tmp_path / "android"
-    result = cli("build", "--target", "android", "--out", str(out), env={"COMPRESS_HOME": str(real_home)})
-    assert result.code == 0, result.stderr[-2000:]
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = _build(cli, real_home, out, "android")
     coverage = manifest["artifact"]["extra"]["coverage"]
     assert coverage["linears_quantized"] == coverage["linears_total"] == 211  # 30 x 7 + lm_head
     assert not any("linear" in op or "mm" in op for op in coverage["non_delegated_ops"])
@@ -134,8 +145,7 @@ def test_the_android_target_builds_passes_its_budgets_and_runs_in_the_stock_runn
 
     runner = TextLLMRunner(str(out / "executorch" / "model.pte"), str(out / "executorch" / "tokenizer.json"))
     pieces: list[str] = []
-    prompt = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                                   add_generation_prompt=True, tokenize=False)
+    prompt = _capital_prompt(smollm2.tokenizer)
     runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0),
                     token_callback=pieces.append)
     assert "Paris" in "".join(pieces)
@@ -146,21 +156,18 @@ def test_the_web_target_builds_passes_its_budgets_and_answers_in_onnxruntime_gen
                                                                                    tmp_path: Path, cli):
     """ONNX export, ONNX Runtime verification and gate; then onnxruntime-genai generates from the folder alone."""
     out = tmp_path / "web"
-    result = cli("build", "--target", "web", "--out", str(out), env={"COMPRESS_HOME": str(real_home)})
-    assert result.code == 0, result.stderr[-2000:]
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = _build(cli, real_home, out, "web")
     coverage = manifest["artifact"]["extra"]["coverage"]
     assert coverage["matmuls_quantized"] == coverage["matmuls_total"] == 151  # 30 x (qkv, o, gate, up, down) + 1
     assert coverage["matmulnbits_bits"] == {"4": 150, "8": 1}
     assert coverage["embedding_op"] == "GatherBlockQuantized"
     metrics = manifest["verification"]["metrics"]
-    assert 0.05 < metrics["mean_kl"] < 0.6 and metrics["top1_agreement"] > 0.7 and metrics["size_mb"] < 130
+    assert 0.05 < metrics["mean_kl"] < 0.35 and metrics["top1_agreement"] > 0.7 and metrics["size_mb"] < 120
     import onnxruntime_genai as og
 
     model = og.Model(str(out / "onnx"))
     tokenizer = og.Tokenizer(model)
-    prompt = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                                   add_generation_prompt=True, tokenize=False)
+    prompt = _capital_prompt(smollm2.tokenizer)
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=64)
     generator = og.Generator(model, params)
@@ -177,9 +184,7 @@ def test_the_ios_target_builds_and_passes_its_budgets_through_the_mil_interprete
                                                                                   tmp_path: Path, cli):
     """Convert, compress, run the package's ML program op by op through the harness, gate (~2 min cold)."""
     out = tmp_path / "ios"
-    result = cli("build", "--target", "ios", "--out", str(out), env={"COMPRESS_HOME": str(real_home)})
-    assert result.code == 0, result.stderr[-2000:]
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = _build(cli, real_home, out, "ios")
     coverage = manifest["artifact"]["extra"]["coverage"]
     assert coverage["linears_quantized"] == coverage["linears_total"] == 211 and coverage["embedding_compressed"]
     assert coverage["tied_storage"] == "one shared compressed copy"

@@ -20,7 +20,7 @@ from compress.progress import Console
 from compress.stages.configs import Activations, Precision, QuantizeConfig
 from exporters.onnx import OnnxExporter, _check_graph
 from runtimes.metrics import position_kl
-from runtimes.onnxruntime import OnnxRuntimeRuntime
+from runtimes.onnxruntime import KvMode, OnnxRuntimeRuntime
 
 QUIET = Console(quiet=True)
 INT4 = QuantizeConfig(weight_bits=4, group_size=32, symmetric=False, activations=Activations.INT8_DYNAMIC,
@@ -52,9 +52,9 @@ def exported(model, tmp_path_factory):
     return {"fp32": fp32, "int4": int4, "int8": int8}
 
 
-def _logits(artifact, kv_mode="shared", chunks=(25,)):
+def _logits(artifact, kv_mode=None, chunks=(25,)):
     """Prefill in the given chunk boundaries, then decode the rest one token at a time."""
-    session = OnnxRuntimeRuntime().load(artifact, threads=2, kv_mode=kv_mode)
+    session = OnnxRuntimeRuntime().load(artifact, threads=2, kv_mode=kv_mode or KvMode.SHARED)
     parts, start = [], 0
     for end in chunks:
         parts.append(session.prefill(TOKENS[start:end]))
@@ -63,7 +63,7 @@ def _logits(artifact, kv_mode="shared", chunks=(25,)):
     return np.concatenate(parts), session
 
 
-@pytest.mark.parametrize("kv_mode", ["shared", "concat"])
+@pytest.mark.parametrize("kv_mode", list(KvMode))
 @pytest.mark.parametrize("chunks", [(25,), (10, 25)])
 def test_fp32_graph_matches_eager_for_prefill_chunks_and_decode(exported, expected, kv_mode, chunks):
     got, session = _logits(exported["fp32"], kv_mode, chunks)
@@ -186,7 +186,7 @@ def test_the_web_folder_runs_under_onnxruntime_web_wasm_like_in_a_browser(export
                           text=True, cwd=WEB_RUNTIME, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     web = np.asarray(json.loads(proc.stdout)["logits"], dtype=np.float32)
-    ours = OnnxRuntimeRuntime().load(artifact, threads=2, kv_mode="concat").prefill(TOKENS)
+    ours = OnnxRuntimeRuntime().load(artifact, threads=2, kv_mode=KvMode.CONCAT).prefill(TOKENS)
     # WASM's MatMulNBits quantizes activations slightly differently; a wrong op would be off by far more.
     assert float(np.mean(position_kl(ours, web))) < 0.01
     assert float(np.mean(web.argmax(1) == ours.argmax(1))) >= 0.95

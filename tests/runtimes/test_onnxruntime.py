@@ -16,7 +16,7 @@ from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console
 from exporters.onnx import OnnxExporter
 from runtimes.base import ContextOverflow
-from runtimes.onnxruntime import OnnxRuntimeRuntime
+from runtimes.onnxruntime import KvMode, OnnxRuntimeRuntime
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def artifact(tmp_path_factory):
                                  Console(quiet=True))
 
 
-@pytest.mark.parametrize("kv_mode", ["shared", "concat"])
+@pytest.mark.parametrize("kv_mode", list(KvMode))
 def test_the_session_refuses_to_run_past_max_context(artifact, kv_mode):
     session = OnnxRuntimeRuntime().load(artifact, threads=1, kv_mode=kv_mode)
     assert session.max_context == 32 and session.vocab_size == 259
@@ -45,9 +45,15 @@ def test_reset_rewinds_so_a_new_sequence_sees_nothing_of_the_old(artifact):
     np.testing.assert_array_equal(session.prefill([3, 4, 5]), first)
 
 
-def test_an_unknown_kv_mode_lists_the_valid_ones(artifact):
-    with pytest.raises(ValueError, match="kv_mode 'paged'; valid: shared, concat"):
-        OnnxRuntimeRuntime().load(artifact, threads=1, kv_mode="paged")
+def test_weights_can_live_inside_model_onnx_and_give_the_same_logits(artifact, tmp_path):
+    """export.external_data: false writes one self-contained model.onnx (what some loaders want)."""
+    single = OnnxExporter().export(tiny_llama(seed=1), byte_tokenizer(),
+                                   OnnxOptions(max_context=32, external_data=False), tmp_path / "onnx",
+                                   Console(quiet=True))
+    assert "model.onnx.data" not in single.files and (single.path / "model.onnx").stat().st_size > 100_000
+    ids = [7, 8, 9, 10]
+    np.testing.assert_array_equal(OnnxRuntimeRuntime().load(single, threads=1).prefill(ids),
+                                  OnnxRuntimeRuntime().load(artifact, threads=1).prefill(ids))
 
 
 def test_a_damaged_model_file_is_a_one_line_runtime_error(artifact, tmp_path):
