@@ -96,6 +96,11 @@ class ExportSpec:
         return getattr(self.options, "max_context", None)
 
 
+# Formats whose exporter lowers the quantize stage's codes (compress.stages.qtensor) without re-rounding; the
+# safetensors checkpoint holds their exact dequantized values.
+CODES_FORMATS = (Format.ONNX, Format.PTE, Format.MLPACKAGE, Format.SAFETENSORS)
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One pipeline step: `{quantize: {...}}` in YAML."""
@@ -235,7 +240,24 @@ class TargetSpec:
             if stage.kind in seen:
                 extra.append(Problem(f"stages[{i}]", f"stage {stage.kind.value!r} appears twice"))
             seen.add(stage.kind)
+        extra.extend(self._quantize_stage_problems())
         check_fields(self, extra)
+
+    def _quantize_stage_problems(self) -> list[Problem]:
+        kinds = [s.kind for s in self.stages]
+        if StageKind.QUANTIZE not in kinds:
+            return []
+        out = []
+        if kinds[-1] is not StageKind.QUANTIZE:
+            out.append(Problem("stages", "quantize must be the last stage: later stages would train away its grid"))
+        if getattr(self.export.options, "quantize", None) is not None:
+            out.append(Problem("export.quantize", "set together with a quantize stage: the exporter lowers the "
+                                                  "stage's codes as they are; remove export.quantize"))
+        if self.export.format not in CODES_FORMATS:
+            out.append(Problem("export.format", f"{self.export.format.value!r} cannot lower the quantize stage's "
+                                                f"codes; formats that can: "
+                                                f"{', '.join(f.value for f in CODES_FORMATS)}"))
+        return out
 
     @classmethod
     def __config_parse__(cls, raw: Any, where: str, problems: list[Problem]) -> TargetSpec | None:

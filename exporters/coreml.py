@@ -25,7 +25,9 @@ from compress.export_options import ComputeUnits, Dtype, MlpackageOptions
 from compress.hashing import files_under
 from compress.stages.configs import QuantizeConfig, WeightFormat
 from compress.targets import Format
+from compress.stages.qtensor import quantized_weights
 from exporters.base import atomic_dir
+from exporters.coreml_codes import lower_codes
 from exporters.llama import AttentionBackend, ExportLlama
 from exporters.torchao_quant import BITS, LinearPlan, check_plan, coverage, plan_linears
 from runtimes.base import Availability
@@ -50,8 +52,20 @@ class CoreMLExporter:
             raise InputError(f"export.max_context {options.max_context} exceeds the model's "
                              f"max_position_embeddings {limit}")
         module = ExportLlama.from_hf(model, options.max_context, AttentionBackend.COREML, fp16_safe_norm=True)
-        q = options.quantize
+        codes = quantized_weights(model)
+        if codes is not None and options.quantize is not None:
+            raise InputError("export.quantize would quantize the quantize stage's output again; remove it (the "
+                             "stage's codes are lowered as they are)")
+        if codes is not None and codes.scheme.get("activations", "none") != "none":
+            raise InputError(f"the quantize stage set activations: {codes.scheme['activations']}; Core ML programs "
+                             f"compute with fp16 activations (no dynamic int8): set activations: none in the stage")
+        # With the stage's codes, its scheme decides the layout (which constants exist, shared or not).
+        q = options.quantize if codes is None else codes.export_config()
         plans = _plan(module, q) if q is not None else []
+        if codes is not None:
+            plans = [dataclasses.replace(p, bits=codes.tensors[p.name].bits, group_size=codes.tensors[p.name].group,
+                                         skipped="") if p.name in codes.tensors else dataclasses.replace(p, bits=None)
+                     for p in plans]
         check_plan(plans, options.allow_unquantized_linears)  # before the slow conversion
         tied = bool(model.config.tie_word_embeddings)
         # Tied and stored alike (both fp16, or both int8...): one constant serves the gather and the lm_head.
@@ -60,12 +74,22 @@ class CoreMLExporter:
         with atomic_dir(out_dir) as tmp:
             mlmodel = self._convert(module, options, dedup=share or not tied, timings=timings, console=console)
             linear_ops = _linear_ops(mlmodel)
-            if q is not None:
+            lowering = {}
+            if codes is not None:
+                with console.step("Lowering the quantize stage's codes (constexpr_blockwise_shift_scale)") as step:
+                    mlmodel, lowering = lower_codes(mlmodel, _codes_by_const(mlmodel, codes, share))
+                    step["detail"] = f"{lowering['with_integer_offsets']} with integer offsets, " \
+                                     f"{lowering['with_float_offsets']} with float offsets"
+                timings["lower_codes"] = step["seconds"]
+            elif q is not None:
                 with console.step("Compressing weights (coremltools.optimize)") as step:
                     mlmodel = _compress(mlmodel, q, plans)
                     step["detail"] = _scheme_name(q)
                 timings["compress"] = step["seconds"]
-            notes = _coverage(mlmodel, linear_ops, plans, q, tied, share)
+            notes = {**_coverage(mlmodel, linear_ops, plans, q, tied, share), **lowering}
+            if codes is not None:
+                notes["quantization"] = f"quantize stage ({codes.scheme.get('algorithm')}): int{q.weight_bits} " \
+                                        f"per-block {q.group_size}, codes lowered as they are"
             with console.step("Saving the package") as step:
                 mlmodel.save(str(tmp / PACKAGE))
             timings["save"] = step["seconds"]
@@ -121,6 +145,17 @@ class CoreMLExporter:
             step["detail"] = f"query lengths {lengths}, {len(states)} states"
         timings["convert"] = step["seconds"]
         return mlmodel
+
+
+def _codes_by_const(mlmodel: Any, codes: Any, share: bool) -> dict[str, Any]:
+    """Weight const op name -> the stage's codes for it (the tied lm_head's codes go to the shared constant)."""
+    consts = _weight_consts(mlmodel)
+    out = {}
+    for name, t in codes.tensors.items():
+        const = _const_name(EMBEDDING if name == "lm_head" and share else name)
+        if const in consts:
+            out[consts[const]] = t
+    return out
 
 
 def _compute_unit(options: MlpackageOptions) -> Any:

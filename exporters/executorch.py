@@ -22,9 +22,11 @@ from compress.artifact import Artifact
 from compress.errors import ExportError, InputError
 from compress.hashing import files_under
 from compress.export_options import PteAttention, PteOptions
+from compress.stages.qtensor import quantized_weights
 from compress.targets import Format
 from exporters.base import atomic_dir
 from exporters.llama import AttentionBackend, ExportLlama
+from exporters.torchao_codes import apply_codes, check_codes
 from exporters.torchao_quant import apply_plan, check_plan, coverage, plan_linears
 from runtimes.base import Availability
 
@@ -61,7 +63,19 @@ class ExecuTorchExporter:
                    PteAttention.CUSTOM_SDPA: AttentionBackend.CUSTOM}[options.attention]
         module = ExportLlama.from_hf(model, options.max_context, backend)
         notes: dict[str, Any] = {"quantization": "fp32 (none)"}
-        if options.quantize is not None:
+        codes = quantized_weights(model)
+        if codes is not None:  # the quantize stage ran: lower its codes as they are
+            if options.quantize is not None:
+                raise InputError("export.quantize would quantize the quantize stage's output again; remove it (the "
+                                 "stage's codes are lowered as they are)")
+            check_codes(codes)
+            with console.step("Lowering the quantize stage's codes (torchao layout)") as step:
+                notes = {"quantization": f"quantize stage ({codes.scheme.get('algorithm')})",
+                         **apply_codes(module, codes, bool(model.config.tie_word_embeddings)),
+                         "tied_embeddings": model.config.tie_word_embeddings}
+                step["detail"] = f"{notes['linears_quantized']}/{notes['linears_total']} linears, " \
+                                 f"{notes['linears_with_offset_correction']} with an offset correction"
+        elif options.quantize is not None:
             plans = plan_linears(module, options.quantize)
             check_plan(plans, options.allow_unquantized_linears)
             with console.step("Quantizing with torchao") as step:

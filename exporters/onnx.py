@@ -17,6 +17,7 @@ the export unless the target allows it; a `web` target fails when the graph uses
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.util
 import json
 import os
@@ -31,8 +32,10 @@ from compress.errors import ExportError, InputError
 from compress.export_options import OnnxDeploy, OnnxOptions
 from compress.hashing import files_under
 from compress.stages.configs import Activations, Precision, QuantizeConfig
+from compress.stages.qtensor import quantized_weights
 from compress.targets import Format
 from exporters.base import atomic_dir
+from exporters.onnx_codes import CORRECTION_SUFFIX, lower_codes
 from runtimes.base import Availability
 
 MODEL = "model.onnx"
@@ -69,6 +72,12 @@ class OnnxExporter:
 
     def export(self, model: Any, tokenizer: Any, options: OnnxOptions, out_dir: Path, console: Any) -> Artifact:
         config = model.config
+        codes = quantized_weights(model)
+        if codes is not None:  # the quantize stage ran: lower its codes; the builder only lays out the graph
+            if options.quantize is not None:
+                raise InputError("export.quantize would quantize the quantize stage's output again; remove it (the "
+                                 "stage's codes are lowered as they are)")
+            options = dataclasses.replace(options, quantize=codes.export_config())
         _check_model(config, options)
         builder_args = builder_arguments(options.quantize, config)
         with atomic_dir(out_dir) as tmp:
@@ -85,8 +94,14 @@ class OnnxExporter:
                 shutil.rmtree(work, ignore_errors=True)
             if options.quantize is not None and options.quantize.embedding is not Precision.FP32:
                 _share_embedding(tmp)
+            lowering = {}
+            if codes is not None:
+                with console.step("Lowering the quantize stage's codes into MatMulNBits") as step:
+                    lowering = lower_codes(tmp / MODEL, codes, int(builder_args["accuracy_level"]))
+                    step["detail"] = f"{lowering['with_integer_zero_points']} with zero points, " \
+                                     f"{lowering['with_offset_correction']} with an offset correction"
             with console.step("Checking the graph") as step:
-                graph = inspect_graph(tmp / MODEL, config.num_hidden_layers)
+                graph = {**inspect_graph(tmp / MODEL, config.num_hidden_layers), **lowering}
                 _check_graph(graph, options)
                 step["detail"] = f"{graph['matmuls_quantized']}/{graph['matmuls_total']} MatMuls quantized, " \
                                  f"opset {graph['opset']}, {graph['nodes']} nodes"
@@ -178,7 +193,8 @@ def inspect_graph(path: Path, num_layers: int) -> dict[str, Any]:
     m = onnx.load(str(path), load_external_data=False)
     ops = collections.Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in m.graph.node)
     opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    plain = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.domain == ""]
+    plain = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.domain == ""
+             and not n.name.endswith(CORRECTION_SUFFIX)]  # a codes lowering's per-group offset term
     quantized = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
     bits = collections.Counter(next((a.i for a in n.attribute if a.name == "bits"), 4) for n in quantized)
     embedding = next((n for n in m.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")

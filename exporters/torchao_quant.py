@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from compress.errors import ExportError
-from compress.stages.configs import Activations, Precision, QuantAlgorithm, QuantizeConfig
-
-BITS = {Precision.FP32: None, Precision.FP16: None, Precision.INT8: 8, Precision.INT4: 4}  # None: not quantized
+from compress.stages.configs import BITS_OF as BITS
+from compress.stages.configs import Activations, QuantAlgorithm, QuantizeConfig
 
 
 @dataclass(frozen=True)

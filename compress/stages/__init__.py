@@ -36,3 +36,12 @@ class Stage(Protocol):
 
 
 STAGES: Registry[Stage] = Registry("stage")
+
+
+def _register_builtins() -> None:
+    from compress.stages.quantize import QuantizeStage
+
+    STAGES.register("quantize", QuantizeStage())
+
+
+_register_builtins()

@@ -31,6 +31,9 @@ class Precision(enum.Enum):
     INT4 = "int4"
 
 
+BITS_OF = {Precision.FP32: None, Precision.FP16: None, Precision.INT8: 8, Precision.INT4: 4}  # None: not quantized
+
+
 class QuantAlgorithm(enum.Enum):
     RTN = "rtn"
     HQQ = "hqq"
@@ -69,6 +72,13 @@ class QuantizeConfig:
     overrides: tuple[LayerOverride, ...] = ()
     weight_format: WeightFormat = setting(WeightFormat.AFFINE, doc="palettized: group_size counts output channels "
                                                                    "per look-up table (null: one per tensor)")
+    # The quantize stage only (exporters' own quantizers refuse them): sensitivity-driven mixed precision keeps
+    # the linears whose quantization costs the most KL at 8 bits until the stage's measured KL is <= max_kl,
+    # within max_avg_bits average code bits per linear weight (lm_head and embedding excluded).
+    max_kl: float | None = setting(None, gt=0, doc="mixed precision: KL the stage must reach on calibration text")
+    max_avg_bits: float = setting(4.5, ge=2, le=8, doc="mixed precision: average code bits per linear weight")
+    calibration_windows: int = setting(4, ge=1, le=4096, doc="calibration windows the stage measures KL on")
+    calibration_len: int = setting(256, ge=16, le=32768)
 
     def __post_init__(self) -> None:
         extra = []

@@ -52,8 +52,10 @@ def test_every_shipped_target_loads_with_the_expected_format_and_runtime():
         spec = tf.get(name)
         assert (spec.export.format, spec.runtime.name) == (fmt, runtime)
         assert spec.budgets.items(), f"{name} has no budgets"
-    android = tf.get("android").export.options.quantize
+    android = tf.get("android").stages[-1].config  # the quantize stage; its codes are lowered as they are
     assert (android.weight_bits, android.group_size, android.activations.value) == (4, 32, "int8_dynamic")
+    assert tf.get("web").stages == tf.get("android").stages  # quantize once: one cached stage result for both
+    assert tf.get("android").export.options.quantize is None
     assert tf.get("desktop").export.options.quantize.weight_bits == 8
 
 

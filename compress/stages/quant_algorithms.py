@@ -1,0 +1,95 @@
+"""Weight quantizers of the quantize stage: one fp32 matrix in, one QuantTensor out.
+
+- rtn: round to nearest with torchao's affine primitives (symmetric or asymmetric with an integer zero point).
+- hqq: torchao's HQQ solver (half-quadratic optimisation of scale and a float zero point; no calibration data).
+- keep_gguf: recover the source's own grid. A GGUF's Q4_1 tensor, once dequantized, lies exactly on
+  w = d * q + m per group of 32 (q in 0..15, m the group's minimum, d and m fp16); its Q8_0 embedding on
+  w = d * q (q in -127..127). Re-quantizing those values onto another grid adds error the source never had
+  (measured: RTN asymmetric int4 onto the Q4_1 weights of SmolLM2-135M costs mean KL 0.26), so this reads the
+  codes back and checks the reconstruction element by element. A matrix that is not on such a grid is an error.
+GPTQ/AWQ-style calibrated rounding would go here too; see docs/quantization.md for what was measured.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.stages.qtensor import QuantTensor
+
+
+def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> QuantTensor:
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    mapping = MappingType.SYMMETRIC if symmetric else MappingType.ASYMMETRIC
+    block = (1, group)
+    scale, zero = choose_qparams_affine(w, mapping, block, torch.int8, qmin, qmax, eps=1e-12,
+                                        scale_dtype=torch.float32, zero_point_dtype=torch.int32)
+    q = quantize_affine(w, block, scale, zero, torch.int8, qmin, qmax)  # (out, in) int8, w = (q - zero) * scale
+    scale = scale.reshape(w.shape[0], -1).float()
+    zero = zero.reshape(w.shape[0], -1).float()
+    codes = (q.to(torch.int16) - qmin).to(torch.uint8)
+    return QuantTensor(codes, scale, (qmin - zero) * scale, bits, group)
+
+
+def hqq(w: torch.Tensor, bits: int, group: int) -> QuantTensor:
+    # torchao keeps the HQQ solver private (its public configs only use it inside tensor subclasses); it is the
+    # maintained implementation, so call it rather than re-deriving the half-quadratic updates.
+    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
+
+    q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
+        w.float(), nbits=bits, group_size=group, axis=1, compute_dtype=torch.float32, device="cpu", raw_output=True)
+    scale = scale.reshape(w.shape[0], -1).float()  # w = (q - zero) * scale, zero a float
+    zero = zero.reshape(w.shape[0], -1).float()
+    return QuantTensor(q.reshape(w.shape).to(torch.uint8), scale, -zero * scale, bits, group)
+
+
+def recover_grid(w: torch.Tensor, bits: int, group: int) -> tuple[QuantTensor | None, float]:
+    """The codes of a matrix that already lies on a `bits`-bit grid per group of `group`: (tensor, worst error
+    as a fraction of the grid step); the tensor is None when some group is off the grid."""
+    worst = float("inf")
+    for candidate in (_asymmetric_grid, _symmetric_grid):
+        t = candidate(w, bits, group)
+        err = _grid_error(w, t)
+        if err <= 1e-3:
+            return t, err
+        worst = min(worst, err)
+    return None, worst
+
+
+def _asymmetric_grid(w: torch.Tensor, bits: int, group: int) -> QuantTensor:
+    """Q4_1-style: the group's minimum is code 0 and its maximum the last code."""
+    out, width = w.shape
+    g = w.reshape(out, width // group, group)  # (out, groups, group)
+    low, high = g.amin(-1), g.amax(-1)
+    step = _snap_fp16((high - low) / (2 ** bits - 1))
+    safe = torch.where(step == 0, torch.ones_like(step), step)
+    codes = ((g - low.unsqueeze(-1)) / safe.unsqueeze(-1)).round().clamp(0, 2 ** bits - 1)
+    return QuantTensor(codes.reshape(out, width).to(torch.uint8), step, low, bits, group)
+
+
+def _symmetric_grid(w: torch.Tensor, bits: int, group: int) -> QuantTensor:
+    """Q8_0-style: the group's largest magnitude is code +-(2**(bits-1) - 1)."""
+    out, width = w.shape
+    g = w.reshape(out, width // group, group)
+    top = 2 ** (bits - 1) - 1
+    step = _snap_fp16(g.abs().amax(-1) / top)
+    safe = torch.where(step == 0, torch.ones_like(step), step)
+    signed = (g / safe.unsqueeze(-1)).round().clamp(-top, top)
+    codes = (signed + 2 ** (bits - 1)).reshape(out, width).to(torch.uint8)
+    return QuantTensor(codes, step, -(2 ** (bits - 1)) * step, bits, group)
+
+
+def _snap_fp16(step: torch.Tensor) -> torch.Tensor:
+    """GGUF stores the step as fp16: snapping to it makes the reconstruction bit-exact, not just close."""
+    snapped = step.half().float()
+    return torch.where(torch.isfinite(snapped), snapped, step)
+
+
+def _grid_error(w: torch.Tensor, t: QuantTensor) -> float:
+    out, width = w.shape
+    diff = (t.dequantize() - w).abs().reshape(out, width // t.group, t.group).amax(-1)  # (out, groups)
+    step = t.scale.abs()
+    tiny = step <= 1e-30
+    rel = torch.where(tiny, diff, diff / torch.where(tiny, torch.ones_like(step), step))
+    return float(rel.max())

@@ -1,0 +1,161 @@
+"""Lower the quantize stage's codes into a builder graph's MatMulNBits, exactly, without re-rounding.
+
+The onnxruntime-genai builder writes the graph (fused QKV, GroupQueryAttention, GatherBlockQuantized sharing the
+lm_head's matrix); this pass then overwrites every MatMulNBits's weight, scales and zero points with the stage's
+codes. A tensor whose zero points are integers (symmetric, or asymmetric round-to-nearest) maps onto
+MatMulNBits as it is. One whose offsets are arbitrary floats (a GGUF's Q4_1, HQQ) would need float zero points,
+which ONNX Runtime 1.32's CPU kernel accepts but runs 16x slower (measured: 783 us vs 50 us for a 576x1536
+int4 matmul, 2 threads); so those run as signed codes with the default zero point plus an exact correction,
+(x summed over each group) @ residual_offset.T: Reshape -> ReduceSum -> MatMul -> Add, all in the web op set.
+A fused QKV whose parts differ in bits is written at the widest: a 4-bit grid is exactly an 8-bit one.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from compress.errors import ExportError
+from compress.stages.qtensor import QuantizedWeights, QuantTensor
+
+CORRECTION_SUFFIX = "/offset_MatMul"
+_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(qkv_proj|o_proj|gate_proj|up_proj|down_proj)/MatMul")
+_PARTS = {"qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o_proj": ("self_attn.o_proj",),
+          "gate_proj": ("mlp.gate_proj",), "up_proj": ("mlp.up_proj",), "down_proj": ("mlp.down_proj",)}
+
+
+def source_names(node_name: str) -> tuple[str, ...] | None:
+    """The export-module linears a builder MatMulNBits node computes (several when the builder fused them)."""
+    if node_name.startswith("/lm_head/"):
+        return ("lm_head",)
+    m = _NODE.match(node_name)
+    if m is None:
+        return None
+    layer, _, kind = m.groups()
+    return tuple(f"layers.{layer}.{part}" for part in _PARTS[kind])
+
+
+def fuse(parts: list[QuantTensor]) -> QuantTensor:
+    """Stack linears that share an input (rows), widening every part to the widest bit width exactly."""
+    import torch
+
+    bits = max(t.bits for t in parts)
+    groups = {t.group for t in parts}
+    if len(groups) != 1:
+        raise ExportError(f"fused linears have different group sizes {sorted(groups)}; ONNX's fused QKV needs one")
+    cat = [torch.cat([getattr(t, f) for t in parts]) for f in ("codes", "scale", "offset")]
+    return QuantTensor(*cat, bits=bits, group=groups.pop())
+
+
+def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int) -> dict[str, Any]:
+    """Rewrite model.onnx (and its external data) in place; returns what was lowered how."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(model_path))
+    graph = m.graph
+    inits = {t.name: t for t in graph.initializer}
+    used, exact, corrected, extra_nodes = set(), 0, 0, []
+    for node in [n for n in graph.node if n.op_type == "MatMulNBits"]:
+        names = source_names(node.name)
+        if names is None or not all(n in weights.tensors for n in names):
+            continue  # left as the builder quantized it; coverage reports it
+        t = fuse([weights.tensors[n] for n in names])
+        used.update(names)
+        zero = t.integer_zero_points()
+        width = t.codes.shape[1]
+        _set_attrs(node, bits=t.bits, block_size=t.group, accuracy_level=accuracy_level, K=width, N=t.codes.shape[0])
+        _replace(graph, inits, node.input[1], numpy_helper.from_array(_pack_b(t), node.input[1]))
+        _replace(graph, inits, node.input[2], numpy_helper.from_array(t.scale.numpy().astype(np.float32),
+                                                                      node.input[2]))
+        zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else f"{node.input[1]}_zp"
+        shared = [c for c in graph.node if c.op_type == "GatherBlockQuantized" and c.input[2] == node.input[2]]
+        if zero is None and shared:
+            raise ExportError(f"{names[0]}: the tied embedding reads this matrix, so its codes need integer zero "
+                              f"points (GatherBlockQuantized has no offset correction); quantize the lm_head with "
+                              f"'rtn' or keep_gguf")
+        if zero is None:  # signed codes around the default zero point, plus the exact per-group correction
+            zero = np.full(t.scale.shape, t.midpoint, dtype=np.uint8)
+            extra_nodes.append((node, _correction(node, t, helper, numpy_helper, graph)))
+            corrected += 1
+        else:
+            zero = zero.numpy()
+            exact += 1
+        _replace(graph, inits, zp_name, numpy_helper.from_array(_pack_zero(zero, t.bits), zp_name))
+        if len(node.input) < 4:
+            node.input.append(zp_name)
+        for consumer in shared:  # the embedding's GatherBlockQuantized reads the same tied matrix
+            _set_attrs(consumer, bits=t.bits, block_size=t.group)
+            if len(consumer.input) < 4:
+                consumer.input.append(zp_name)
+    for node, new_nodes in extra_nodes:
+        index = list(graph.node).index(node)
+        for offset, new in enumerate(new_nodes):
+            graph.node.insert(index + 1 + offset, new)
+    missing = sorted(set(weights.tensors) - used)
+    data = model_path.with_name(model_path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save(m, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)
+    return {"matmuls_lowered_from_codes": exact + corrected, "with_integer_zero_points": exact,
+            "with_offset_correction": corrected, "stage_tensors_not_in_graph": missing}
+
+
+def _set_attrs(node: Any, **values: int) -> None:
+    from onnx import helper
+
+    keep = [a for a in node.attribute if a.name not in values]
+    del node.attribute[:]
+    node.attribute.extend(keep + [helper.make_attribute(k, v) for k, v in values.items()])
+
+
+def _replace(graph: Any, inits: dict[str, Any], name: str, tensor: Any) -> None:
+    if name in inits:
+        graph.initializer.remove(inits[name])
+    graph.initializer.append(tensor)
+    inits[name] = tensor
+
+
+def _pack_b(t: QuantTensor) -> Any:
+    """(N, K) codes -> MatMulNBits' B: (N, K / block, block * bits / 8) uint8, low nibble first."""
+    codes = t.codes.numpy()
+    out, width = codes.shape
+    if t.bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return codes.reshape(out, width // t.group, -1)
+
+
+def _pack_zero(zero: Any, bits: int) -> Any:
+    """(N, groups) zero points -> uint8, two per byte along each row for 4 bits (odd counts padded)."""
+    import numpy as np
+
+    zero = zero.astype(np.uint8)
+    if bits == 8:
+        return zero
+    if zero.shape[1] % 2:
+        zero = np.concatenate([zero, np.zeros((zero.shape[0], 1), np.uint8)], axis=1)
+    return zero[:, 0::2] | (zero[:, 1::2] << 4)
+
+
+def _correction(node: Any, t: QuantTensor, helper: Any, numpy_helper: Any, graph: Any) -> list[Any]:
+    """out = MatMulNBits(x) + ReduceSum(Reshape(x, (.., groups, block)), -1) @ residual.T, renaming the output."""
+    import numpy as np
+
+    base = node.name
+    x, out = node.input[0], node.output[0]
+    main = f"{out}/main"
+    node.output[0] = main
+    groups = t.codes.shape[1] // t.group
+    shape = numpy_helper.from_array(np.array([0, 0, groups, t.group], np.int64), f"{base}/offset_shape")
+    axes = numpy_helper.from_array(np.array([-1], np.int64), f"{base}/offset_axes")
+    residual = numpy_helper.from_array(t.residual_offset().T.contiguous().numpy().astype(np.float32),
+                                       f"{base}/offset_weight")  # (groups, N)
+    graph.initializer.extend([shape, axes, residual])
+    return [helper.make_node("Reshape", [x, shape.name], [f"{base}/offset_x"], name=f"{base}/offset_Reshape"),
+            helper.make_node("ReduceSum", [f"{base}/offset_x", axes.name], [f"{base}/offset_sum"], keepdims=0,
+                             name=f"{base}/offset_ReduceSum"),
+            helper.make_node("MatMul", [f"{base}/offset_sum", residual.name], [f"{base}/offset_out"],
+                             name=f"{base}{CORRECTION_SUFFIX}"),
+            helper.make_node("Add", [main, f"{base}/offset_out"], [out], name=f"{base}/offset_Add")]

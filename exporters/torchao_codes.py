@@ -1,0 +1,128 @@
+"""Lower the quantize stage's codes into the export module for ExecuTorch/XNNPACK, exactly, without re-rounding.
+
+torchao lays out each linear as its XNNPACK-lowerable tensor (IntxUnpackedToInt8Tensor: int8 qdata, per-group
+scale, zero point), configured with the codes' own bits and group, and then the stage's codes are written into it.
+XNNPACK's dynamically quantized linears take symmetric weights only (zero point 0). Codes with a per-group offset
+(asymmetric round to nearest, a GGUF's Q4_1, HQQ's float zero points) are therefore lowered as signed codes plus an
+exact correction: y = linear(x) + (x @ S.T) @ R.T, where S (groups, in) sums each group of inputs and R (out,
+groups) holds the residual offsets. Both are small fp32 linears that XNNPACK runs. The tied embedding reads the
+lm_head's codes through ExecuTorch's quantized embedding kernel, which takes integer zero points.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compress.errors import ExportError
+from compress.stages.configs import Activations
+from compress.stages.qtensor import QuantizedWeights, QuantTensor
+
+
+class OffsetLinear(nn.Module):
+    """A symmetric quantized linear plus the exact per-group offset term of asymmetric codes."""
+
+    def __init__(self, linear: nn.Module, residual: torch.Tensor, group: int):
+        super().__init__()
+        self.linear = linear
+        width = residual.shape[1] * group
+        # (groups, in): row g has ones over inputs g*group .. (g+1)*group - 1
+        self.group_sum = nn.Parameter(torch.eye(residual.shape[1]).repeat_interleave(group, dim=1)[:, :width],
+                                      requires_grad=False)
+        self.residual = nn.Parameter(residual.float().contiguous(), requires_grad=False)  # (out, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + F.linear(F.linear(x, self.group_sum), self.residual)
+
+
+def check_codes(qw: QuantizedWeights) -> None:
+    """What XNNPACK cannot hold, said before the slow export."""
+    acts = Activations(qw.scheme.get("activations", "none"))
+    four = sorted(n for n, t in qw.tensors.items() if t.bits == 4)
+    if four and acts is not Activations.INT8_DYNAMIC:
+        raise ExportError(f"{len(four)} linears have 4-bit codes ({four[0]}, ...) but the quantize stage set "
+                          f"activations: {acts.value}; XNNPACK runs int4 weights only with int8 dynamic activations "
+                          f"(8da4w): set activations: int8_dynamic in the stage")
+
+
+def apply_codes(module: nn.Module, qw: QuantizedWeights, tied: bool) -> dict[str, Any]:
+    """Quantize `module` in place with the stage's codes; returns coverage notes."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    acts = Activations(qw.scheme.get("activations", "none"))
+    schemes: dict[tuple[int, int], set[str]] = {}
+    linears = {name for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    unknown = sorted(set(qw.tensors) - linears)
+    if unknown:
+        raise ExportError(f"the quantize stage's codes name linears the export module lacks: {unknown[:3]}")
+    tensors, requantized = dict(qw.tensors), {}
+    for name, t in qw.tensors.items():
+        width = t.shape[1]
+        if t.bits == 8 and t.group != width:
+            # XNNPACK's int8 linears take one scale per row ("Only 4b group quantization is supported"), so 8-bit
+            # per-group codes (a GGUF's Q8_0 lm_head) are re-rounded per channel here, and the manifest says so.
+            from compress.stages.quant_algorithms import rtn
+
+            tensors[name] = rtn(t.dequantize(), 8, width, symmetric=True)
+            requantized[name] = f"8-bit group {t.group} -> per channel (XNNPACK's int8 kernels are per channel)"
+    for name, t in tensors.items():
+        schemes.setdefault((t.bits, t.group), set()).add(name)
+    with torch.no_grad():
+        for (bits, group), names in sorted(schemes.items()):
+            width = module.get_submodule(next(iter(names))).in_features
+            granularity = PerAxis(0) if group == width else PerGroup(group)
+            dtype = torch.int4 if bits == 4 else torch.int8
+            if acts is Activations.INT8_DYNAMIC:
+                config = Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity,
+                                                               weight_mapping_type=MappingType.SYMMETRIC)
+            else:
+                config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity,
+                                              mapping_type=MappingType.SYMMETRIC)
+            quantize_(module, config, filter_fn=lambda m, fqn, names=names: isinstance(m, nn.Linear) and fqn in names)
+        corrected = []
+        for name, t in tensors.items():
+            _write(module.get_submodule(name).weight, t, zero=None)
+            if not t.symmetric:
+                parent_name, _, child = name.rpartition(".")
+                parent = module.get_submodule(parent_name) if parent_name else module
+                setattr(parent, child, OffsetLinear(getattr(parent, child), t.residual_offset(), t.group))
+                corrected.append(name)
+        embedding = _embedding_from_lm_head(module, qw, tied)
+    return {"linears_total": len(linears), "linears_quantized": len(tensors),
+            "linears_with_offset_correction": len(corrected), "embedding": embedding, "requantized": requantized,
+            "bits_histogram": {str(b): sum(1 for t in qw.tensors.values() if t.bits == b)
+                               for b in sorted({t.bits for t in qw.tensors.values()})}}
+
+
+def _write(weight: Any, t: QuantTensor, zero: torch.Tensor | None) -> None:
+    """Overwrite torchao's tensor with the codes: qdata = signed codes, zero point 0 unless given (signed)."""
+    if tuple(weight.qdata.shape) != t.shape or tuple(weight.scale.shape) != tuple(t.scale.shape):
+        raise ExportError(f"torchao laid out {tuple(weight.qdata.shape)} / scales {tuple(weight.scale.shape)} for "
+                          f"codes {t.shape} / {tuple(t.scale.shape)}")
+    weight.qdata.copy_(t.signed_codes())
+    weight.scale.copy_(t.scale.to(weight.scale.dtype))
+    weight.zero_point.copy_(torch.zeros_like(weight.zero_point) if zero is None else zero.to(weight.zero_point.dtype))
+
+
+def _embedding_from_lm_head(module: nn.Module, qw: QuantizedWeights, tied: bool) -> str:
+    """The tied embedding gathers rows of the lm_head's codes (integer zero points), or stays fp32."""
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    head = qw.tensors.get("lm_head")
+    if not tied or head is None or qw.scheme.get("embedding") != qw.scheme.get("lm_head"):
+        return "fp32"
+    zero = head.integer_zero_points()
+    if zero is None:
+        raise ExportError("the tied embedding reads the lm_head's codes, whose offsets are not integer zero points "
+                          "(ExecuTorch's quantized embedding needs them); quantize the lm_head with 'rtn' or keep_gguf")
+    dtype = torch.int4 if head.bits == 4 else torch.int8
+    quantize_(module, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(head.group)),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    _write(module.embed_tokens.weight, head, zero=zero.to(torch.int16) - head.midpoint)
+    return f"int{head.bits} group {head.group}, the lm_head's codes"

@@ -1,0 +1,172 @@
+"""The quantize stage on tiny Llamas: algorithms, codes on disk, mixed precision, and errors before work."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+from compress import checkpoint
+from compress.errors import ConfigError, InputError
+from compress.models.tiny import tiny_llama
+from compress.progress import Console
+from compress.stages import STAGES, StageContext
+from compress.stages.configs import Activations, LayerOverride, Precision, QuantAlgorithm, QuantizeConfig
+from compress.stages.qtensor import QuantizedWeights, QuantTensor, quantized_weights
+from compress.stages.quant_algorithms import hqq, recover_grid, rtn
+from compress.stages.quantize import linear_weights
+from compress.targets import parse_target
+
+QUIET = Console(quiet=True)
+
+
+def _q41_like(out: int = 8, width: int = 64, seed: int = 0) -> torch.Tensor:
+    """What a GGUF Q4_1 tensor dequantizes to: w = d * q + m per group of 32, d and m fp16."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out, width), generator=gen)
+    q[:, 0::32], q[:, 1::32] = 0, 15  # ggml's Q4_1 maps each group's min to 0 and max to 15
+    d = (torch.rand(out, width // 32, generator=gen) * 0.01 + 1e-3).half().float()
+    m = (-torch.rand(out, width // 32, generator=gen) * 0.08).half().float()
+    return (d.repeat_interleave(32, 1) * q + m.repeat_interleave(32, 1)).float()
+
+
+def _ctx(reference, tmp_path: Path) -> StageContext:
+    gen = torch.Generator().manual_seed(1)
+    windows = [torch.randint(0, 256, (48,), generator=gen).tolist() for _ in range(8)]
+    return StageContext(seed=0, work_dir=tmp_path, reference=reference, console=QUIET,
+                        calibration=lambda count, length: [w[:length] for w in windows[:count]])
+
+
+def _config(**kw) -> QuantizeConfig:
+    base = dict(weight_bits=4, group_size=32, symmetric=False, activations=Activations.NONE,
+                embedding=Precision.INT8, lm_head=Precision.INT8, calibration_windows=2, calibration_len=48)
+    return QuantizeConfig(**{**base, **kw})
+
+
+def test_keep_gguf_recovers_a_q4_1_grid_bit_exactly_and_refuses_a_random_matrix():
+    w = _q41_like()
+    t, err = recover_grid(w, 4, 32)
+    assert t is not None and err == 0.0
+    assert torch.equal(t.dequantize(), w)
+    assert not t.symmetric and t.integer_zero_points() is None  # Q4_1's offsets are arbitrary floats
+    codes = torch.randint(-127, 128, (4, 64))
+    codes[:, 0::32] = -127  # ggml's Q8_0: d = amax / 127, so each group's largest magnitude is code +-127
+    q8 = codes * torch.tensor(0.01).half().float()
+    t8, _ = recover_grid(q8, 8, 32)
+    assert t8 is not None and t8.symmetric and torch.allclose(t8.dequantize(), q8, atol=1e-7)
+    assert recover_grid(torch.randn(8, 64), 4, 32)[0] is None
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_stays_within_half_a_step_and_has_integer_zero_points(symmetric):
+    w = torch.randn(16, 64)
+    t = rtn(w, 4, 32, symmetric)
+    err = (t.dequantize() - w).abs().reshape(16, 2, 32).amax(-1)
+    assert torch.all(err <= t.scale.abs() * 0.5 + 1e-6)
+    assert t.symmetric is symmetric
+    assert t.integer_zero_points() is not None
+    assert int(t.codes.max()) <= 15
+
+
+def test_hqq_beats_rtn_on_a_q4_1_grid():
+    w = _q41_like(out=32, width=128)
+    mse = lambda t: float((t.dequantize() - w).pow(2).mean())
+    assert mse(hqq(w, 4, 32)) < 0.1 * mse(rtn(w, 4, 32, symmetric=False))
+
+
+def test_residual_offset_is_exact_for_signed_codes():
+    t = hqq(torch.randn(8, 64), 4, 32)
+    signed = t.signed_codes().float().reshape(8, 2, 32) * t.scale.unsqueeze(-1) + t.residual_offset().unsqueeze(-1)
+    torch.testing.assert_close(signed.reshape(8, 64), t.dequantize(), atol=1e-6, rtol=0)
+
+
+def test_stage_output_runs_its_own_codes_and_survives_the_cache(tmp_path):
+    model = tiny_llama(seed=0)
+    result = STAGES.get("quantize").run(model, _config(algorithm=QuantAlgorithm.HQQ), _ctx(model, tmp_path))
+    qw = quantized_weights(result.model)
+    weights = linear_weights(result.model)
+    assert set(qw.tensors) == set(weights)  # 14 body linears + lm_head
+    for name, t in qw.tensors.items():
+        assert torch.equal(weights[name].detach(), t.dequantize()), name
+    assert quantized_weights(model) is None and not torch.equal(linear_weights(model)["lm_head"], weights["lm_head"])
+    notes = result.notes
+    assert notes["avg_code_bits"] == 4.0 and notes["linears_quantized"] == 15
+    assert 0 < notes["kl_vs_unquantized"] < 1
+    assert notes["calibration"]["windows"] == 2 and notes["calibration"]["tokens"] == 96
+    checkpoint.save_model(result.model, tmp_path / "ckpt")
+    back = quantized_weights(checkpoint.load_model(tmp_path / "ckpt"))
+    assert back.scheme == qw.scheme
+    for name, t in qw.tensors.items():
+        u = back.tensors[name]
+        assert (u.bits, u.group) == (t.bits, t.group) and torch.equal(u.codes, t.codes)
+        assert torch.equal(u.scale, t.scale) and torch.equal(u.offset, t.offset)
+
+
+def test_mixed_precision_raises_the_most_sensitive_linears_until_the_kl_is_met(tmp_path):
+    model = tiny_llama(seed=0)
+    ctx = _ctx(model, tmp_path)
+    plain = STAGES.get("quantize").run(model, _config(algorithm=QuantAlgorithm.RTN), ctx)
+    target = plain.notes["kl_vs_unquantized"] / 3
+    mixed = STAGES.get("quantize").run(model, _config(algorithm=QuantAlgorithm.RTN, max_kl=target,
+                                                      max_avg_bits=6.0), ctx)
+    notes = mixed.notes
+    assert notes["kl_vs_unquantized"] <= target
+    assert 0 < len(notes["promoted_to_8bit"]) < 14
+    assert 4.0 < notes["avg_code_bits"] <= 6.0
+    bits = {n: t.bits for n, t in quantized_weights(mixed.model).tensors.items()}
+    assert all(bits[n] == 8 for n in notes["promoted_to_8bit"])
+    ranked = [n for n, _ in notes["sensitivity_top"]]
+    assert set(notes["promoted_to_8bit"]) == set(ranked[:len(notes["promoted_to_8bit"])])  # most sensitive first
+    with pytest.raises(InputError, match="not reachable within max_avg_bits"):
+        STAGES.get("quantize").run(model, _config(algorithm=QuantAlgorithm.RTN, max_kl=1e-9, max_avg_bits=4.2), ctx)
+
+
+@pytest.mark.parametrize("config, message", [
+    (_config(algorithm=QuantAlgorithm.GPTQ), "'gptq' is not available in the quantize stage; choose one of rtn, hqq"),
+    (_config(group_size=128), "group_size 128 does not divide"),
+    (_config(overrides=(LayerOverride("layers.*.mlp.nope"),)), "pattern 'layers.*.mlp.nope' matches no linear"),
+    (_config(embedding=Precision.FP32), "ties them"),
+    (_config(algorithm=QuantAlgorithm.KEEP_GGUF), "is not on a 4-bit grid"),
+])
+def test_bad_configs_fail_with_one_clear_error(config, message, tmp_path):
+    model = tiny_llama(seed=0)
+    with pytest.raises(InputError, match=message):
+        STAGES.get("quantize").run(model, config, _ctx(model, tmp_path))
+
+
+def test_overrides_keep_a_layer_fp32_or_8_bit(tmp_path):
+    model = tiny_llama(seed=0)
+    config = _config(overrides=(LayerOverride("layers.0.*", weight_bits=16), LayerOverride("*down_proj", weight_bits=8,
+                                                                                           group_size=32)))
+    qw = quantized_weights(STAGES.get("quantize").run(model, config, _ctx(model, tmp_path)).model)
+    assert not any(n.startswith("layers.0.") for n in qw.tensors)
+    assert qw.tensors["layers.1.mlp.down_proj"].bits == 8 and qw.tensors["layers.1.mlp.up_proj"].bits == 4
+
+
+def _target(**extra):
+    raw = {"stages": [{"quantize": {"weight_bits": 4}}], "export": {"format": "onnx"},
+           "runtime": {"name": "onnxruntime"}}
+    for key, value in extra.items():
+        raw[key] = value
+    return parse_target(raw, "t")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"export": {"format": "onnx", "quantize": {"weight_bits": 4}}}, "remove export.quantize"),
+    ({"stages": [{"quantize": {}}, {"distill": {}}]}, "quantize must be the last stage"),
+    ({"export": {"format": "gguf"}, "runtime": {"name": "llamacpp"}}, "cannot lower the quantize stage's codes"),
+])
+def test_targets_refuse_a_stage_the_export_would_undo(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        _target(**extra)
+
+
+def test_quantized_tensor_refuses_inconsistent_shapes():
+    with pytest.raises(ValueError, match="inconsistent"):
+        QuantTensor(torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 3), torch.zeros(4, 3), 4, 32)
+    assert QuantizedWeights({}).bits_summary() == {"linear_weights": 0}
+    assert dataclasses.is_dataclass(QuantizedWeights)

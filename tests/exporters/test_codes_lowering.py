@@ -1,0 +1,136 @@
+"""Quantize once, lower everywhere: the quantize stage's codes run the same model on ONNX Runtime and ExecuTorch.
+
+With fp32 activations the lowered graph must compute exactly what eager PyTorch computes on the stage's
+dequantized weights (float tolerance), for codes with integer zero points and for float offsets (the exact
+per-group correction) alike. With int8 dynamic activations the two runtimes must agree on the KL they cost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+from compress.export_options import OnnxOptions, PteOptions
+from compress.models.tiny import byte_tokenizer, tiny_llama
+from compress.progress import Console
+from compress.stages import STAGES, StageContext
+from compress.stages.configs import Activations, Precision, QuantAlgorithm, QuantizeConfig
+from compress.stages.qtensor import quantized_weights
+from runtimes.metrics import position_kl
+
+QUIET = Console(quiet=True)
+TOKENS = list(range(10, 50))
+
+
+def _stage(model, tmp_path, **kw):
+    gen = torch.Generator().manual_seed(1)
+    windows = [torch.randint(0, 256, (48,), generator=gen).tolist() for _ in range(2)]
+    ctx = StageContext(seed=0, work_dir=tmp_path, reference=model, console=QUIET,
+                       calibration=lambda count, length: windows[:count])
+    config = QuantizeConfig(**{**dict(weight_bits=4, group_size=32, symmetric=False, activations=Activations.NONE,
+                                      embedding=Precision.INT8, lm_head=Precision.INT8, calibration_windows=2,
+                                      calibration_len=48), **kw})
+    return STAGES.get("quantize").run(model, config, ctx).model
+
+
+def _eager(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([TOKENS])).logits[0].numpy()  # (40, vocab)
+
+
+def _run(session) -> np.ndarray:
+    return np.concatenate([session.prefill(TOKENS[:25])] + [session.decode(t)[None] for t in TOKENS[25:]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=0)
+
+
+@pytest.mark.parametrize("algorithm, bits, corrected", [(QuantAlgorithm.RTN, 4, 0), (QuantAlgorithm.HQQ, 4, 10),
+                                                        (QuantAlgorithm.RTN, 8, 0)])
+def test_onnx_runs_the_stage_codes_exactly(model, tmp_path, algorithm, bits, corrected):
+    pytest.importorskip("onnxruntime_genai")
+    from exporters.onnx import OnnxExporter
+    from runtimes.onnxruntime import OnnxRuntime
+
+    quantized = _stage(model, tmp_path, algorithm=algorithm, weight_bits=bits)
+    art = OnnxExporter().export(quantized, byte_tokenizer(), OnnxOptions(max_context=96), tmp_path / "onnx", QUIET)
+    coverage = art.extra["coverage"]
+    assert coverage["matmuls_quantized"] == coverage["matmuls_total"] == 11  # 2 x (qkv, o, gate, up, down) + head
+    assert coverage["with_offset_correction"] == corrected  # HQQ's float zero points: every body matmul
+    assert coverage["stage_tensors_not_in_graph"] == []
+    got = _run(OnnxRuntime().load(art, threads=2))
+    np.testing.assert_allclose(got, _eager(quantized), atol=2e-4, rtol=1e-4)
+    assert np.abs(got - _eager(model)).max() > 1e-2  # it really is the quantized model, not the fp32 one
+
+
+def test_onnx_refuses_a_second_quantization(model, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from compress.errors import InputError
+    from exporters.onnx import OnnxExporter
+
+    quantized = _stage(model, tmp_path)
+    options = OnnxOptions(max_context=96, quantize=QuantizeConfig(weight_bits=8))
+    with pytest.raises(InputError, match="quantize the quantize stage's output again"):
+        OnnxExporter().export(quantized, byte_tokenizer(), options, tmp_path / "onnx", QUIET)
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_the_export_module_computes_the_stage_model_with_the_offset_correction(model, tmp_path):
+    """Weight-only int8 per channel, asymmetric: signed codes + the exact per-group correction, in eager."""
+    from exporters.llama import ExportLlama
+    from exporters.torchao_codes import OffsetLinear, apply_codes
+
+    quantized = _stage(model, tmp_path, weight_bits=8, group_size=None, symmetric=False)
+    module = ExportLlama.from_hf(quantized, 96)
+    notes = apply_codes(module, quantized_weights(quantized), tied=True)
+    assert notes["linears_with_offset_correction"] == 15 and isinstance(module.layers[0].mlp.up_proj, OffsetLinear)
+    with torch.no_grad():
+        got = module(torch.tensor([TOKENS]), torch.tensor([0]))[0].numpy()
+    np.testing.assert_allclose(got, _eager(quantized), atol=2e-4, rtol=1e-4)
+
+
+def test_executorch_and_onnx_lower_the_same_8da4w_codes_to_the_same_accuracy(model, tmp_path):
+    pytest.importorskip("executorch")
+    pytest.importorskip("onnxruntime_genai")
+    from exporters.executorch import ExecuTorchExporter
+    from exporters.onnx import OnnxExporter
+    from runtimes.executorch import ExecuTorchRuntime
+    from runtimes.onnxruntime import OnnxRuntime
+
+    quantized = _stage(model, tmp_path, algorithm=QuantAlgorithm.HQQ, activations=Activations.INT8_DYNAMIC)
+    pte = ExecuTorchExporter().export(quantized, byte_tokenizer(), PteOptions(max_context=96), tmp_path / "pte", QUIET)
+    onnx = OnnxExporter().export(quantized, byte_tokenizer(), OnnxOptions(max_context=96), tmp_path / "onnx", QUIET)
+    coverage = pte.extra["coverage"]
+    assert coverage["linears_with_offset_correction"] == 14  # every body linear; the int8 lm_head is symmetric
+    assert set(coverage["requantized"]) == {"lm_head"}  # int8 per group: XNNPACK's int8 kernels are per channel
+    assert coverage["non_delegated_ops"].get("linear", 0) == 0  # the correction's small linears run on XNNPACK
+    reference = _eager(model)
+    stage_kl = position_kl(reference, _eager(quantized)).mean()
+    kl = {name: position_kl(reference, _run(runtime.load(art, threads=2))).mean()
+          for name, runtime, art in (("pte", ExecuTorchRuntime(), pte), ("onnx", OnnxRuntime(), onnx))}
+    # Both add only their own int8 activation rounding to the stage's weights.
+    assert abs(kl["pte"] - stage_kl) < 0.25 * stage_kl and abs(kl["onnx"] - stage_kl) < 0.25 * stage_kl
+
+
+@pytest.mark.parametrize("algorithm", [QuantAlgorithm.RTN, QuantAlgorithm.HQQ])
+def test_core_ml_runs_the_stage_codes_exactly_in_an_fp32_program(model, tmp_path, algorithm):
+    pytest.importorskip("coremltools")
+    from compress.export_options import ComputeUnits, Dtype, MlpackageOptions
+    from exporters.coreml import CoreMLExporter
+    from runtimes.coreml import CoreMLRuntime
+
+    quantized = _stage(model, tmp_path, algorithm=algorithm)
+    options = MlpackageOptions(max_context=64, query_lengths=(1, 8), compute_units=ComputeUnits.CPU_AND_GPU,
+                               compute_precision=Dtype.FLOAT32)
+    art = CoreMLExporter().export(quantized, byte_tokenizer(), options, tmp_path / "coreml", QUIET)
+    coverage = art.extra["coverage"]
+    assert coverage["codes_lowered"] == 15 and coverage["linears_not_compressed"] == []
+    assert coverage["with_float_offsets"] == (14 if algorithm is QuantAlgorithm.HQQ else 0)
+    session = CoreMLRuntime().load(art, threads=2)
+    got = np.concatenate([session.prefill(TOKENS[:17])] + [session.decode(t)[None] for t in TOKENS[17:]])
+    np.testing.assert_allclose(got, _eager(quantized), atol=2e-4, rtol=2e-4)
