@@ -36,3 +36,13 @@ class Stage(Protocol):
 
 
 STAGES: Registry[Stage] = Registry("stage")
+
+
+def _register_builtins() -> None:
+    # Imported here, after StageResult exists: the stage modules import it from this package.
+    from compress.stages.prune import PruneStage
+
+    STAGES.register("prune", PruneStage())
+
+
+_register_builtins()
