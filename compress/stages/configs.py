@@ -135,6 +135,7 @@ class DistillConfig:
     generated_windows: int = setting(32, ge=0, le=100000, doc="teacher-generated windows when the corpus is "
                                                                "too small for one batch (0: refuse instead)")
     threads: int | None = setting(None, ge=1, le=256, doc="torch threads (default: all cores)")
+    autocast: bool = setting(False, doc="bf16 autocast for both forward passes (AMX / AVX512-BF16 CPUs, GPUs)")
     fake_quant: FakeQuant | None = setting(None, doc="quantization-aware training (straight-through)")
 
     def __post_init__(self) -> None:
