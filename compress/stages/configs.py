@@ -85,7 +85,7 @@ class Importance(enum.Enum):
 class PruneConfig:
     """How much to remove. Widths are uniform across layers (an ordinary Llama config has one width)."""
 
-    mlp_keep: float = setting(1.0, gt=0, le=1, doc="fraction of MLP units kept (rounded to multiple_of)")
+    mlp_keep: float = setting(1.0, gt=0, le=1, doc="fraction of MLP units kept (to the nearest multiple_of)")
     heads_keep: float = setting(1.0, gt=0, le=1, doc="fraction of KV groups kept (GQA-aware: whole groups)")
     query_heads_keep: float = setting(1.0, gt=0, le=1, doc="fraction of query heads kept inside each KV group")
     drop_layers: int = setting(0, ge=0, le=1000)

@@ -59,7 +59,7 @@ def plan_prune(config: Any, cfg: PruneConfig) -> PrunePlan:
     if cfg.drop_layers >= n_layers:
         raise InputError(f"prune.drop_layers: {cfg.drop_layers} removes every layer of a {n_layers}-layer model; "
                          f"allowed: 0..{n_layers - 1}")
-    units = int(cfg.mlp_keep * width) // cfg.multiple_of * cfg.multiple_of
+    units = min(width, round(cfg.mlp_keep * width / cfg.multiple_of) * cfg.multiple_of)
     if cfg.mlp_keep < 1 and units < 1:
         raise InputError(f"prune.mlp_keep: {cfg.mlp_keep!r} of {width} MLP units rounds to 0 (multiple_of "
                          f"{cfg.multiple_of}); allowed: >= {cfg.multiple_of / width:.4g}")
@@ -222,8 +222,18 @@ def apply_plan(model: Any, plan: PrunePlan, keep_layers: list[int], units: list[
     return new
 
 
-def prune(model: Any, cfg: PruneConfig, windows: list[list[int]], depth_windows: int = 4) -> tuple[Any, dict]:
-    """The pruned model and what was removed; `windows` are calibration token windows."""
+@dataclass
+class Pruned:
+    model: Any
+    notes: dict
+    keep_layers: list[int]  # original indices of the kept blocks
+    units: list[torch.Tensor]  # per kept block: original indices of the kept MLP units
+    q_heads: list[torch.Tensor]  # per kept block: original indices of the kept query heads
+    groups: list[torch.Tensor]  # per kept block: original indices of the kept KV groups
+
+
+def prune(model: Any, cfg: PruneConfig, windows: list[list[int]], depth_windows: int = 4) -> Pruned:
+    """The pruned model, what was kept and what was removed; `windows` are calibration token windows."""
     plan = plan_prune(model.config, cfg)
     old = model.config
     blocks = None
@@ -251,7 +261,7 @@ def prune(model: Any, cfg: PruneConfig, windows: list[list[int]], depth_windows:
         "params_after": param_count(pruned),
     }
     notes["params_removed_fraction"] = round(1 - notes["params_after"] / notes["params_before"], 4)
-    return pruned, notes
+    return Pruned(pruned, notes, keep_layers, units, q_heads, groups)
 
 
 class PruneStage:
@@ -264,7 +274,8 @@ class PruneStage:
         # Held-out: the first n_kl windows only measure KL; importance never sees them.
         held_out, calib = windows[:n_kl], windows[n_kl:]
         with ctx.console.step(f"Importance on {len(calib)} x {config.calibration_len} calibration tokens") as step:
-            pruned, notes = prune(model.eval(), config, calib)
+            result = prune(model.eval(), config, calib)
+            pruned, notes = result.model, result.notes
             step["detail"] = f"{notes['params_before'] / 1e6:.1f}M -> {notes['params_after'] / 1e6:.1f}M params"
         if held_out:
             with torch.inference_mode():
