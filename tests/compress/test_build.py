@@ -103,13 +103,13 @@ def test_a_damaged_artifact_breaks_the_budget_gate_with_exit_4(tiny_dir: Path, t
 
 
 def test_targets_without_their_components_fail_before_any_work(tmp_path: Path, cli):
-    out = tmp_path / "pruned"
-    path = tmp_path / "targets-pruned.yaml"
-    path.write_text(yaml.safe_dump({"version": 1, "targets": {"pruned": {
-        "stages": [{"prune": {"mlp_keep": 0.5}}], "export": {"format": "safetensors"}, "runtime": "torch_eager"}}}))
-    result = cli("build", "--target", "pruned", "--targets", str(path), "--out", str(out))
+    out = tmp_path / "quantized"
+    path = tmp_path / "targets-quantized.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "targets": {"quantized": {
+        "stages": [{"quantize": {"weight_bits": 4}}], "export": {"format": "safetensors"}, "runtime": "torch_eager"}}}))
+    result = cli("build", "--target", "quantized", "--targets", str(path), "--out", str(out))
     assert result.code == 3
-    assert result.stderr.count("\n") == 1 and "needs stage 'prune'" in result.stderr
+    assert result.stderr.count("\n") == 1 and "needs stage 'quantize'" in result.stderr
     assert "not available yet" in result.stderr
     assert not out.exists()
 
