@@ -49,3 +49,22 @@ def test_a_prune_that_removes_every_layer_is_one_line_and_exit_2(tiny_dir, tmp_p
     assert result.code == 2
     assert "error: prune.drop_layers: 2 removes every layer of a 2-layer model; allowed: 0..1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_same_build_runs_data_parallel_under_torchrun(tiny_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "compress.cli", "build", "--target", "small", "--model", str(tiny_dir),
+                           "--targets", str(_targets(tmp_path, STAGES)), "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("Built ") == 1  # rank 0 alone exports, verifies and writes the manifest
+    distill = json.loads((out / "manifest.json").read_text())["stages"][1]["notes"]
+    assert distill["ranks"] == 2 and distill["steps"] == 4
