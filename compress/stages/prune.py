@@ -216,7 +216,9 @@ def apply_plan(model: Any, plan: PrunePlan, keep_layers: list[int], units: list[
                 dst[b + f"mlp.{name}.bias"] = src[a + f"mlp.{name}.bias"][u]
         if a + "mlp.down_proj.bias" in src:
             dst[b + "mlp.down_proj.bias"] = src[a + "mlp.down_proj.bias"]
-    new.load_state_dict({k: v.clone() for k, v in dst.items()}, strict=not config.tie_word_embeddings)
+    missing, unexpected = new.load_state_dict({k: v.clone() for k, v in dst.items()}, strict=False)
+    if set(missing) - {"lm_head.weight"} or unexpected or ("lm_head.weight" in missing and not config.tie_word_embeddings):
+        raise ValueError(f"pruned weights do not fit the pruned config: missing {missing[:4]}, unexpected {unexpected[:4]}")
     if config.tie_word_embeddings:
         new.tie_weights()
     return new
