@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress import __version__, checkpoint, models
+from compress import __version__, checkpoint, distributed, models
 from compress.artifact import Artifact
 from compress.cache import StageCache, code_version
 from compress.config import to_data
@@ -97,8 +97,13 @@ def _data_identity(source: str) -> str:
 
 
 def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache, console: Any,
-               stages: Registry[Stage] = STAGES) -> tuple[Any, str, list[dict]]:
-    """Run (or load from the cache) every stage; returns (model, its cache key, stage records)."""
+               stages: Registry[Stage] = STAGES,
+               world: distributed.World = distributed.World()) -> tuple[Any, str, list[dict]]:
+    """Run (or load from the cache) every stage; returns (model, its cache key, stage records).
+
+    Under torchrun every rank runs every stage (a training stage needs all of them); only rank 0 writes
+    the cache, and all ranks decide what is cached before any of them writes.
+    """
     calib = req.eval_data or req.target.eval.data
     keys, prev = [], loaded.source.sha256
     for spec in req.target.stages:
@@ -106,6 +111,10 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
         prev = cache.key("stage", prev, spec.kind.value, to_data(spec.config), stage.version, code_version(stage),
                          _data_identity(calib), req.seed)
         keys.append(prev)
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
     last_hit = max((i for i, k in enumerate(keys) if cache.lookup(k)), default=-1)
     model, records = loaded.model, []
     for i, (spec, key) in enumerate(zip(req.target.stages, keys)):
@@ -124,8 +133,9 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
             start = time.perf_counter()
             result = stages.get(spec.kind.value).run(model, spec.config, ctx)
             seconds = time.perf_counter() - start
-            with cache.write(key, {"kind": spec.kind.value, "seconds": seconds, "notes": result.notes}) as entry:
-                checkpoint.save_model(result.model, entry)
+            if world.main:
+                with cache.write(key, {"kind": spec.kind.value, "seconds": seconds, "notes": result.notes}) as entry:
+                    checkpoint.save_model(result.model, entry)
         model = result.model
         records.append({"kind": spec.kind.value, "config": to_data(spec.config), "cache_key": key, "cached": False,
                         "seconds": step.get("seconds", seconds), "notes": result.notes})
@@ -183,18 +193,27 @@ def _finish(out_dir: Path, manifest: Manifest, verification: Any, target: Target
     return manifest
 
 
-def build(req: BuildRequest, console: Any) -> Manifest:
+def build(req: BuildRequest, console: Any) -> Manifest | None:
+    """The whole pipeline. Under torchrun, ranks other than 0 run the stages only and return None."""
     check_available(req.target, req.verify)
-    prepare_out_dir(req.out_dir)
+    world = distributed.init_from_env()
+    if not world.main:
+        from compress.progress import Console
+
+        console = Console(quiet=True)
+    else:
+        prepare_out_dir(req.out_dir)
     cache = StageCache(compress_home() / "cache")
-    if swept := cache.sweep():
+    if world.main and (swept := cache.sweep()):
         console.print(f"  removed {swept} incomplete cache entr{'y' if swept == 1 else 'ies'} from an interrupted run")
     with console.step(f"Resolving model {req.model!r}") as step:
         source = models.resolve(req.model, console)
         step["detail"] = f"{source.kind.value}, sha256 {source.sha256[:12]}"
     with console.step("Loading the fp32 reference"):
         loaded = models.load(source)
-    model, model_key, stage_records = run_stages(req, loaded, cache, console)
+    model, model_key, stage_records = run_stages(req, loaded, cache, console, world=world)
+    if not world.main:
+        return None
     artifact, export_record = run_export(req, model, loaded.tokenizer, model_key, cache, console)
     manifest = Manifest(
         model=source.to_data(),

@@ -6,7 +6,7 @@ Everything goes to stderr so stdout stays clean for machine-readable output.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -51,3 +51,26 @@ class Console:
             for item in items:
                 yield item
                 bar.advance(task)
+
+    @contextmanager
+    def meter(self, description: str, total: int, start: int = 0) -> Iterator[Callable[[int, str], None]]:
+        """A bar for a long loop with a live status (loss, tok/s): yields `update(completed, status)`.
+
+        Off a terminal (CI logs) it prints a line at every tenth of the way instead.
+        """
+        if self.quiet:
+            yield lambda completed, status: None
+            return
+        if not self._rich.is_terminal:
+            every = max(1, total // 10)
+
+            def log(completed: int, status: str) -> None:
+                if completed % every == 0 or completed == total:
+                    self.print(f"  {description} {completed}/{total}: {status}")
+            yield log
+            return
+        columns = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[status]}"))
+        with Progress(*columns, console=self._rich, transient=True) as bar:
+            task = bar.add_task(description, total=total, completed=start, status="")
+            yield lambda completed, status: bar.update(task, completed=completed, status=status)

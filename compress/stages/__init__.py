@@ -39,8 +39,13 @@ STAGES: Registry[Stage] = Registry("stage")
 
 
 def _register_builtins() -> None:
+    # Imported here, after StageResult exists: the stage modules import it from this package.
+    from compress.stages.distill import DistillStage
+    from compress.stages.prune import PruneStage
     from compress.stages.quantize import QuantizeStage
 
+    STAGES.register("prune", PruneStage())
+    STAGES.register("distill", DistillStage())
     STAGES.register("quantize", QuantizeStage())
 
 

@@ -102,16 +102,19 @@ def test_a_damaged_artifact_breaks_the_budget_gate_with_exit_4(tiny_dir: Path, t
     assert "compress ref: FAIL" in summary.read_text()
 
 
-def test_targets_without_their_components_fail_before_any_work(tmp_path: Path, cli):
-    out = tmp_path / "pruned"
-    path = tmp_path / "targets-pruned.yaml"
-    path.write_text(yaml.safe_dump({"version": 1, "targets": {"pruned": {
-        "stages": [{"prune": {"mlp_keep": 0.5}}], "export": {"format": "safetensors"}, "runtime": "torch_eager"}}}))
-    result = cli("build", "--target", "pruned", "--targets", str(path), "--out", str(out))
-    assert result.code == 3
-    assert result.stderr.count("\n") == 1 and "needs stage 'prune'" in result.stderr
-    assert "not available yet" in result.stderr
-    assert not out.exists()
+def test_targets_without_their_components_fail_before_any_work(monkeypatch: pytest.MonkeyPatch):
+    """A stage, exporter or runtime missing from the registries stops the build before any work (exit 3)."""
+    from compress.build import check_available
+    from compress.errors import NotAvailableYet
+    from compress.stages import STAGES
+    from compress.targets import parse_target
+
+    target = parse_target({"stages": [{"quantize": {"weight_bits": 4}}], "export": {"format": "safetensors"},
+                           "runtime": "torch_eager"}, "quantized")
+    monkeypatch.delitem(STAGES._items, "quantize")
+    with pytest.raises(NotAvailableYet, match="needs stage 'quantize': not available yet") as err:
+        check_available(target, verify=False)
+    assert err.value.exit_code == 3 and "stages distill, prune" in str(err.value)
 
 
 @pytest.mark.parametrize("args,code,fragment", [

@@ -142,7 +142,7 @@ def test_unreadable_files_give_one_clear_error(tmp_path: Path):
 
 
 def test_unknown_target_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="unknown target 'andriod'; valid: android, ios, web, desktop"):
+    with pytest.raises(ConfigError, match="unknown target 'andriod'; valid: android, android-small, ios, web, desktop"):
         load_targets().get("andriod")
 
 

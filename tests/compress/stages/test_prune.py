@@ -1,0 +1,180 @@
+"""The prune stage on tiny Llamas: refusals before work, a valid smaller Llama, exact surgery, protection."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import checkpoint
+from compress.errors import ConfigError, InputError
+from compress.models.tiny import tiny_llama
+from compress.progress import Console
+from compress.stages import STAGES, StageContext
+from compress.stages.configs import PruneConfig
+from compress.stages.kl import mean_kl, param_count
+from compress.stages.prune import plan_prune, prune
+
+QUIET = Console(quiet=True)
+
+
+def _windows(count: int, length: int, seed: int = 0, vocab: int = 256) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(count)]
+
+
+def _ctx(reference, tmp_path: Path, calibration=None) -> StageContext:
+    return StageContext(0, tmp_path / "work", calibration or (lambda n, length: _windows(n, length)), reference, QUIET)
+
+
+def _refuse_calibration(count: int, length: int):
+    raise AssertionError("calibration was requested: the stage did work before refusing")
+
+
+@pytest.fixture(scope="module")
+def gqa_model():
+    return tiny_llama(1, hidden_size=48, num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=3,
+                      intermediate_size=128)
+
+
+def test_a_config_that_removes_nothing_is_refused_when_parsed():
+    with pytest.raises(ConfigError, match="removes nothing"):
+        PruneConfig()
+    with pytest.raises(ConfigError, match=r"mlp_keep: 0 is out of range; allowed: > 0 and <= 1"):
+        PruneConfig(mlp_keep=0)
+
+
+@pytest.mark.parametrize("config, message", [
+    (PruneConfig(drop_layers=3), r"prune.drop_layers: 3 removes every layer of a 3-layer model; allowed: 0..2"),
+    (PruneConfig(mlp_keep=0.1), r"prune.mlp_keep: 0.1 of 128 MLP units rounds to 0 \(multiple_of 32\)"),
+    (PruneConfig(heads_keep=0.5), r"prune.heads_keep: 0.5 keeps 1.5 of 3 KV groups; .* use one of 0.3333, 0.6667, 1"),
+    (PruneConfig(query_heads_keep=0.7), r"prune.query_heads_keep: 0.7 keeps 1.4 of 2 query heads per KV group"),
+    (PruneConfig(mlp_keep=0.95), r"remove nothing from this model \(intermediate_size 128, multiple_of 32"),
+])
+def test_bad_ratios_are_refused_before_any_calibration(gqa_model, tmp_path, config, message):
+    with pytest.raises(InputError, match=message):
+        STAGES.get("prune").run(gqa_model, config, _ctx(gqa_model, tmp_path, _refuse_calibration))
+
+
+def test_plan_counts_respect_grouped_query_attention(gqa_model):
+    plan = plan_prune(gqa_model.config, PruneConfig(mlp_keep=0.5, heads_keep=2 / 3, query_heads_keep=0.5,
+                                                    drop_layers=1))
+    assert (plan.layers, plan.mlp_units, plan.kv_groups, plan.q_per_group) == (2, 64, 2, 1)
+
+
+def _masked_logits(model, result, ids: torch.Tensor) -> torch.Tensor:
+    """A reference for the same pruning done by masking the original: zeroed units and heads, skipped blocks."""
+    masked = tiny_llama(1, hidden_size=48, num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=3,
+                        intermediate_size=128)
+    masked.load_state_dict(model.state_dict())
+    head_dim = model.config.head_dim
+    handles = []
+    with torch.no_grad():
+        for i, layer in enumerate(masked.model.layers):
+            if i not in result.keep_layers:
+                handles.append(layer.register_forward_hook(
+                    lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True))
+                continue
+            j = result.keep_layers.index(i)
+            unit_mask = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.bool)
+            unit_mask[result.units[j]] = True
+            layer.mlp.down_proj.weight[:, ~unit_mask] = 0  # a removed unit adds nothing to the residual stream
+            head_mask = torch.zeros(model.config.num_attention_heads, dtype=torch.bool)
+            head_mask[result.q_heads[j]] = True
+            cols = head_mask.repeat_interleave(head_dim)
+            layer.self_attn.o_proj.weight[:, ~cols] = 0  # a removed query head adds nothing either
+        logits = masked(input_ids=ids, use_cache=False).logits
+    for h in handles:
+        h.remove()
+    return logits
+
+
+def test_pruned_model_equals_masking_the_original(gqa_model):
+    config = PruneConfig(mlp_keep=0.5, heads_keep=2 / 3, query_heads_keep=0.5, drop_layers=1)
+    result = prune(gqa_model, config, _windows(8, 32))
+    cfg = result.model.config
+    assert (cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_key_value_heads, cfg.num_attention_heads,
+            cfg.head_dim) == (2, 64, 2, 2, 8)
+    # Whole KV groups survive: every kept query head belongs to a kept group.
+    for groups, heads in zip(result.groups, result.q_heads):
+        assert set((heads // 2).tolist()) <= set(groups.tolist())
+    ids = torch.tensor(_windows(2, 24, seed=5))
+    with torch.no_grad():
+        ours = result.model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(ours, _masked_logits(gqa_model, result, ids), atol=1e-4, rtol=1e-4)
+    assert result.notes["params_after"] == param_count(result.model) < result.notes["params_before"]
+
+
+def test_pruned_model_is_an_ordinary_checkpoint_the_export_module_accepts(tmp_path):
+    from exporters.llama import ExportLlama
+
+    model = tiny_llama(2, num_hidden_layers=4, intermediate_size=256)
+    result = prune(model, PruneConfig(mlp_keep=0.5, drop_layers=1), _windows(8, 32))
+    checkpoint.save_model(result.model, tmp_path / "ckpt")
+    reloaded = checkpoint.load_model(tmp_path / "ckpt")
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.intermediate_size == 128
+    ids = torch.tensor(_windows(1, 16, seed=3))
+    with torch.no_grad():
+        hf = reloaded(input_ids=ids, use_cache=False).logits[0]  # (seq, vocab)
+        export = ExportLlama.from_hf(reloaded, max_context=64)
+        ours = export(ids, torch.tensor([0]))[0]  # (seq, vocab)
+    torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.xfail(strict=True, reason="exporters/llama.py derives head_dim as hidden_size // num_heads; a "
+                                       "head-pruned Llama keeps head_dim in its config (fix: read config.head_dim)")
+def test_head_pruned_model_and_the_export_module(gqa_model):
+    from exporters.llama import ExportLlama
+
+    result = prune(gqa_model, PruneConfig(heads_keep=2 / 3), _windows(8, 32))
+    ExportLlama.from_hf(result.model, max_context=64)
+
+
+def _plant_massive_unit(model, unit: int, trigger: int) -> None:
+    """Layer 0 MLP unit `unit` fires (|a| ~ 2000) only at token `trigger` and writes a large vector."""
+    hidden = model.config.hidden_size
+    gen = torch.Generator().manual_seed(7)
+    d = torch.randn(hidden, generator=gen)
+    d /= d.norm()
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb -= torch.outer(emb @ d, d)  # no token but the trigger points along d ...
+        emb[trigger] = 20 * d
+        layer = model.model.layers[0]
+        o = layer.self_attn.o_proj.weight
+        o -= torch.outer(d, d @ o)  # ... and attention never writes along d
+        mlp = layer.mlp
+        for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+            w[unit] = 6 * d / layer.post_attention_layernorm.weight
+        mlp.down_proj.weight[:, unit] = 0.008 * torch.randn(hidden, generator=gen)
+
+
+def test_importance_protects_a_planted_massive_activation_unit():
+    model = tiny_llama(3, num_hidden_layers=2, intermediate_size=128)
+    unit, trigger = 77, 7
+    _plant_massive_unit(model, unit, trigger)
+    windows = _windows(16, 256, seed=1)
+    for w in windows[::4]:
+        w[0] = trigger  # like a BOS: one position in 1024 carries the massive activation
+    protected = prune(model, PruneConfig(mlp_keep=0.5), windows)
+    unprotected = prune(model, PruneConfig(mlp_keep=0.5, protect_ratio=1e12), windows)
+    assert unit in protected.units[0].tolist() and protected.notes["protected_mlp_units"].get("0", 0) >= 1
+    assert unit not in unprotected.units[0].tolist()  # by mean contribution alone it would be removed
+    ids = torch.tensor(windows[::4])  # the windows that carry the trigger, at position 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits[:, :1]  # (windows, 1, vocab)
+        kl_protected = mean_kl(ref, protected.model(input_ids=ids, use_cache=False).logits[:, :1])
+        kl_unprotected = mean_kl(ref, unprotected.model(input_ids=ids, use_cache=False).logits[:, :1])
+    assert kl_protected < 0.5 * kl_unprotected
+
+
+def test_stage_records_what_was_removed_and_the_kl_after_pruning(gqa_model, tmp_path):
+    result = STAGES.get("prune").run(gqa_model, PruneConfig(mlp_keep=0.5, drop_layers=1, calibration_samples=6,
+                                                            calibration_len=32, kl_windows=2), _ctx(gqa_model, tmp_path))
+    notes = result.notes
+    assert notes["layers"] == "3 -> 2" and len(notes["dropped_layers"]) == 1
+    assert notes["mlp_units_per_layer"] == "128 -> 64" and len(notes["block_kl_when_skipped"]) == 3
+    assert notes["kl_after_prune"] > 0 and "2 held-out calibration windows" in notes["kl_measured_on"]
+    assert 0 < notes["params_removed_fraction"] < 1
