@@ -54,10 +54,11 @@ class LlamaDims:
     tie_word_embeddings: bool
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    head_dim_override: int | None = None  # config.head_dim when it is not hidden_size // num_heads (head-pruned)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_dim_override or self.hidden_size // self.num_heads
 
     @classmethod
     def from_hf(cls, config: Any) -> LlamaDims:
@@ -69,7 +70,7 @@ class LlamaDims:
         eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
         return cls(config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
                    config.num_key_value_heads, config.intermediate_size, float(config.rms_norm_eps), float(theta),
-                   bool(config.tie_word_embeddings), config.bos_token_id, eos)
+                   bool(config.tie_word_embeddings), config.bos_token_id, eos, getattr(config, "head_dim", None))
 
 
 class RMSNorm(nn.Module):

@@ -123,13 +123,18 @@ def test_pruned_model_is_an_ordinary_checkpoint_the_export_module_accepts(tmp_pa
     torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="exporters/llama.py derives head_dim as hidden_size // num_heads; a "
-                                       "head-pruned Llama keeps head_dim in its config (fix: read config.head_dim)")
 def test_head_pruned_model_and_the_export_module(gqa_model):
+    """A head-pruned Llama keeps head_dim in its config (hidden_size // num_heads no longer holds)."""
     from exporters.llama import ExportLlama
 
     result = prune(gqa_model, PruneConfig(heads_keep=2 / 3), _windows(8, 32))
-    ExportLlama.from_hf(result.model, max_context=64)
+    model = result.model
+    assert model.config.head_dim * model.config.num_attention_heads != model.config.hidden_size
+    ids = torch.arange(3, 23).view(1, -1)
+    with torch.no_grad():
+        hf = model(input_ids=ids, use_cache=False).logits[0]  # (seq, vocab)
+        ours = ExportLlama.from_hf(model, max_context=64)(ids, torch.tensor([0]))[0]
+    torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
 
 
 def _plant_massive_unit(model, unit: int, trigger: int) -> None:
