@@ -111,9 +111,14 @@ def quant_detail(spec: dict[str, Any]) -> str:
     if export.get("format") == "gguf":
         return str(export.get("file_type", ""))
     q = export.get("quantize")
-    if not q:
+    stage = next((s["quantize"] for s in spec.get("stages", []) if "quantize" in s), None)
+    if stage:  # the quantize stage's codes, lowered as they are
+        q = stage
+        text = f"int{q['weight_bits']} g{q['group_size']} {q.get('algorithm', 'rtn')} (stage)"
+    elif not q:
         return str(export.get("dtype", "fp32"))
-    text = f"int{q['weight_bits']} g{q['group_size']} {'sym' if q.get('symmetric', True) else 'asym'}"
+    else:
+        text = f"int{q['weight_bits']} g{q['group_size']} {'sym' if q.get('symmetric', True) else 'asym'}"
     if q.get("activations") == "int8_dynamic":
         text += ", int8 act"
     return text
