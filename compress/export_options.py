@@ -43,11 +43,23 @@ class GgufType(enum.Enum):
 
 # ---- export options, one dataclass per format -------------------------------------------------
 
+_STAGE_ONLY = ("max_kl", "max_avg_bits", "calibration_windows", "calibration_len")
+
+
+def stage_only_problems(q: QuantizeConfig) -> list[Problem]:
+    """Settings only the quantize stage honours; in export.quantize they would be silently ignored."""
+    defaults = QuantizeConfig()
+    return [Problem(f"quantize.{name}", "only the quantize stage measures KL on calibration text; move this "
+                                        "quantize block to `stages: [{quantize: ...}]`")
+            for name in _STAGE_ONLY if getattr(q, name) != getattr(defaults, name)]
+
+
+
 def pte_quantize_problems(q: QuantizeConfig | None) -> list[Problem]:
     """What XNNPACK can run: 8da4w / 8da8w (int8 dynamic activations) or int8 weight-only, symmetric."""
     if q is None:
         return []
-    out = []
+    out = stage_only_problems(q)
     if q.weight_bits == 4 and q.activations is not Activations.INT8_DYNAMIC:
         out.append(Problem("quantize.activations", "int4 weights on XNNPACK need activations: int8_dynamic (8da4w)"))
     if not q.symmetric:
@@ -88,7 +100,7 @@ def onnx_quantize_problems(q: QuantizeConfig | None) -> list[Problem]:
     """What ONNX Runtime's weight-only MatMulNBits (int4/int8, block-wise) and GatherBlockQuantized can hold."""
     if q is None:
         return []
-    out = []
+    out = stage_only_problems(q)
     if q.group_size is None:
         out.append(Problem("quantize.group_size", "null (per-channel) is not available for onnx: MatMulNBits is "
                                                   f"block-wise; choose one of {list(ONNX_BLOCK_SIZES)}"))
@@ -130,7 +142,7 @@ def mlpackage_quantize_problems(q: QuantizeConfig | None, compute_units: Compute
     """What coremltools.optimize can express, and what the Neural Engine runs: checked before any conversion."""
     if q is None:
         return []
-    out = []
+    out = stage_only_problems(q)
     if q.activations is not Activations.NONE:
         out.append(Problem("quantize.activations", f"{q.activations.value!r} is not supported for mlpackage "
                                                    f"(weight-only compression); use 'none'"))

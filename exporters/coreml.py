@@ -23,7 +23,7 @@ from compress.artifact import Artifact
 from compress.errors import ExportError, InputError
 from compress.export_options import ComputeUnits, Dtype, MlpackageOptions
 from compress.hashing import files_under
-from compress.stages.configs import QuantizeConfig, WeightFormat
+from compress.stages.configs import Activations, QuantizeConfig, WeightFormat
 from compress.targets import Format
 from compress.stages.qtensor import quantized_weights
 from exporters.base import atomic_dir
@@ -56,9 +56,10 @@ class CoreMLExporter:
         if codes is not None and options.quantize is not None:
             raise InputError("export.quantize would quantize the quantize stage's output again; remove it (the "
                              "stage's codes are lowered as they are)")
-        if codes is not None and codes.scheme.get("activations", "none") != "none":
-            raise InputError(f"the quantize stage set activations: {codes.scheme['activations']}; Core ML programs "
-                             f"compute with fp16 activations (no dynamic int8): set activations: none in the stage")
+        if codes is not None and codes.export_config().activations is not Activations.NONE:
+            raise InputError(f"the quantize stage set activations: {codes.export_config().activations.value}; Core ML "
+                             f"programs compute with fp16 activations (no dynamic int8): set activations: none in the "
+                             f"stage")
         # With the stage's codes, its scheme decides the layout (which constants exist, shared or not).
         q = options.quantize if codes is None else codes.export_config()
         plans = _plan(module, q) if q is not None else []

@@ -40,7 +40,7 @@ class OffsetLinear(nn.Module):
 
 def check_codes(qw: QuantizedWeights) -> None:
     """What XNNPACK cannot hold, said before the slow export."""
-    acts = Activations(qw.scheme.get("activations", "none"))
+    acts = qw.export_config().activations
     four = sorted(n for n, t in qw.tensors.items() if t.bits == 4)
     if four and acts is not Activations.INT8_DYNAMIC:
         raise ExportError(f"{len(four)} linears have 4-bit codes ({four[0]}, ...) but the quantize stage set "
@@ -54,7 +54,7 @@ def apply_codes(module: nn.Module, qw: QuantizedWeights, tied: bool) -> dict[str
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_primitives import MappingType
 
-    acts = Activations(qw.scheme.get("activations", "none"))
+    acts = qw.export_config().activations
     schemes: dict[tuple[int, int], set[str]] = {}
     linears = {name for name, m in module.named_modules() if isinstance(m, nn.Linear)}
     unknown = sorted(set(qw.tensors) - linears)
@@ -115,7 +115,8 @@ def _embedding_from_lm_head(module: nn.Module, qw: QuantizedWeights, tied: bool)
     from torchao.quantization.granularity import PerGroup
 
     head = qw.tensors.get("lm_head")
-    if not tied or head is None or qw.scheme.get("embedding") != qw.scheme.get("lm_head"):
+    scheme = qw.export_config()
+    if not tied or head is None or scheme.embedding is not scheme.lm_head:
         return "fp32"
     zero = head.integer_zero_points()
     if zero is None:

@@ -33,6 +33,26 @@ def real_home() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """The real default model loaded once per session from the persistent cache (fetched there on first use).
+    Tests must not modify it (copy it first): every slow test shares this one instance."""
+    from compress import models
+    from compress.home import compress_home
+    from compress.progress import Console
+
+    old = os.environ.get("COMPRESS_HOME")
+    os.environ["COMPRESS_HOME"] = str(REAL_HOME)  # the autouse isolated_home fixture is function-scoped
+    try:
+        assert compress_home() == REAL_HOME
+        yield models.load_spec("smollm2-135m", Console(quiet=True))
+    finally:
+        if old is None:
+            os.environ.pop("COMPRESS_HOME", None)
+        else:
+            os.environ["COMPRESS_HOME"] = old
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from compress.models.tiny import save_tiny_llama
 

@@ -32,26 +32,6 @@ def _build(cli, real_home: Path, out: Path, target: str) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from compress.home import compress_home  # the real cache: the autouse fixture is function-scoped
-
-    import os
-
-    from tests.conftest import REAL_HOME
-
-    old = os.environ.get("COMPRESS_HOME")
-    os.environ["COMPRESS_HOME"] = str(REAL_HOME)
-    try:
-        assert compress_home() == REAL_HOME
-        yield models.load_spec("smollm2-135m", QUIET)
-    finally:
-        if old is None:
-            os.environ.pop("COMPRESS_HOME", None)
-        else:
-            os.environ["COMPRESS_HOME"] = old
-
-
 def test_the_default_model_is_the_expected_llama(smollm2):
     config = smollm2.model.config
     assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576,

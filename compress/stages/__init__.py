@@ -38,15 +38,29 @@ class Stage(Protocol):
 STAGES: Registry[Stage] = Registry("stage")
 
 
-def _register_builtins() -> None:
-    # Imported here, after StageResult exists: the stage modules import it from this package.
-    from compress.stages.distill import DistillStage
-    from compress.stages.prune import PruneStage
-    from compress.stages.quantize import QuantizeStage
+class _BuiltinStage:
+    """A built-in stage whose module is imported on first use: the stage modules import torch, and reading
+    targets.yaml (which imports this package for the configs) must stay instant."""
 
-    STAGES.register("prune", PruneStage())
-    STAGES.register("distill", DistillStage())
-    STAGES.register("quantize", QuantizeStage())
+    def __init__(self, module: str, cls: str):
+        self._where, self._stage = (module, cls), None
+
+    def _load(self) -> Stage:
+        if self._stage is None:
+            import importlib
+
+            module, cls = self._where
+            self._stage = getattr(importlib.import_module(module), cls)()
+        return self._stage
+
+    @property
+    def version(self) -> str:
+        return self._load().version
+
+    def run(self, model: Any, config: Any, ctx: StageContext) -> StageResult:
+        return self._load().run(model, config, ctx)
 
 
-_register_builtins()
+STAGES.register("prune", _BuiltinStage("compress.stages.prune", "PruneStage"))
+STAGES.register("distill", _BuiltinStage("compress.stages.distill", "DistillStage"))
+STAGES.register("quantize", _BuiltinStage("compress.stages.quantize", "QuantizeStage"))

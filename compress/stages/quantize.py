@@ -20,7 +20,7 @@ from typing import Any
 
 from compress.errors import InputError
 from compress.stages import StageContext, StageResult
-from compress.stages.configs import BITS_OF, QuantAlgorithm, QuantizeConfig
+from compress.stages.configs import BITS_OF, QuantAlgorithm, QuantizeConfig, WeightFormat
 from compress.stages.qtensor import ATTRIBUTE, QuantizedWeights, QuantTensor
 
 AVAILABLE = (QuantAlgorithm.RTN, QuantAlgorithm.HQQ, QuantAlgorithm.KEEP_GGUF)
@@ -47,6 +47,9 @@ def plan(model: Any, q: QuantizeConfig) -> list[Plan]:
     if q.algorithm not in AVAILABLE:
         raise InputError(f"quantize.algorithm {q.algorithm.value!r} is not available in the quantize stage; "
                          f"choose one of {', '.join(a.value for a in AVAILABLE)}")
+    if q.weight_format is not WeightFormat.AFFINE:
+        raise InputError(f"quantize.weight_format {q.weight_format.value!r} is not available in the quantize stage; "
+                         f"choose 'affine' (palettization: export.quantize on an mlpackage target)")
     tied = bool(model.config.tie_word_embeddings)
     if tied and q.embedding is not q.lm_head:
         raise InputError(f"quantize.embedding {q.embedding.value!r} != lm_head {q.lm_head.value!r}: this model ties "

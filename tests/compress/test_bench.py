@@ -227,3 +227,15 @@ def test_real_model_peers_eager_and_the_source_gguf(real_home: Path, tmp_path: P
     assert source["detail"] == "q4_1" and 0 < source["mean_kl"] < 0.01  # measured: 0.0034
     assert source["decode_tok_s"] > 5 and source["decode_vs_q4_0"] is None
     assert (out / "bench_size_vs_kl.png").is_file() and (out / "bench_decode_vs_kl.png").is_file()
+
+
+def test_the_table_names_stage_quantized_weights_and_export_time_ones():
+    from compress.bench import quant_detail
+
+    stage = {"stages": [{"quantize": {"weight_bits": 4, "group_size": 32, "algorithm": "hqq",
+                                      "activations": "int8_dynamic"}}], "export": {"format": "onnx", "quantize": None}}
+    export = {"export": {"format": "onnx", "quantize": {"weight_bits": 8, "group_size": 32, "symmetric": True,
+                                                        "activations": "none"}}}
+    assert quant_detail(stage) == "int4 g32 hqq (stage), int8 act"
+    assert quant_detail(export) == "int8 g32 sym"
+    assert quant_detail({"export": {"format": "safetensors", "dtype": "float32"}}) == "float32"

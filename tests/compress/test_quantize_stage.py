@@ -170,3 +170,44 @@ def test_quantized_tensor_refuses_inconsistent_shapes():
         QuantTensor(torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 3), torch.zeros(4, 3), 4, 32)
     assert QuantizedWeights({}).bits_summary() == {"linear_weights": 0}
     assert dataclasses.is_dataclass(QuantizedWeights)
+
+
+def test_the_stage_refuses_palettized_weights(tmp_path):
+    from compress.stages.configs import WeightFormat
+
+    model = tiny_llama(seed=0)
+    with pytest.raises(InputError, match="weight_format 'palettized' is not available in the quantize stage"):
+        STAGES.get("quantize").run(model, _config(weight_format=WeightFormat.PALETTIZED), _ctx(model, tmp_path))
+
+
+@pytest.mark.parametrize("fmt, runtime", [("onnx", "onnxruntime"), ("pte", "executorch"), ("mlpackage", "coreml")])
+def test_stage_only_settings_in_export_quantize_are_refused_not_ignored(fmt, runtime):
+    raw = {"export": {"format": fmt, "quantize": {"weight_bits": 8, "max_kl": 0.1, "calibration_windows": 9}},
+           "runtime": {"name": runtime}}
+    with pytest.raises(ConfigError, match=r"quantize\.max_kl.*only the quantize stage") as err:
+        parse_target(raw, "t")
+    assert "quantize.calibration_windows" in str(err.value)
+
+
+def test_reading_targets_does_not_import_torch():
+    """The stage registry names the built-ins without importing them (they import torch)."""
+    import subprocess
+    import sys
+
+    code = "import sys, compress.targets, compress.stages; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    assert STAGES.get("quantize").version == "1"
+
+
+@pytest.mark.slow
+def test_keep_gguf_recovers_every_tensor_of_the_real_model_bit_exactly(smollm2, tmp_path):
+    """SmolLM2-135M ships as a Q4_1 GGUF with a Q8_0 embedding: its codes come back exactly, so the KL is 0."""
+    config = _config(algorithm=QuantAlgorithm.KEEP_GGUF, calibration_windows=1, calibration_len=64)
+    result = STAGES.get("quantize").run(smollm2.model, config, _ctx(smollm2.model, tmp_path))
+    qw = quantized_weights(result.model)
+    assert len(qw.tensors) == 211 and qw.tensors["lm_head"].bits == 8 and qw.tensors["lm_head"].symmetric
+    source = linear_weights(smollm2.model)
+    for name, t in qw.tensors.items():
+        assert torch.equal(t.dequantize(), source[name].detach()), name
+    assert result.notes["kl_vs_unquantized"] == 0.0

@@ -139,3 +139,22 @@ def test_core_ml_runs_the_stage_codes_exactly_in_an_fp32_program(model, tmp_path
     with torch.no_grad():
         expected = module(torch.tensor([TOKENS], dtype=torch.int32), torch.tensor([0], dtype=torch.int32))[0]
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-3, rtol=1e-3)  # quantization errors are ~1e-1
+
+
+def test_formats_refuse_activations_their_kernels_cannot_run_before_converting(model, tmp_path):
+    from compress.errors import ExportError, InputError
+
+    int8_acts = _stage(model, tmp_path, activations=Activations.INT8_DYNAMIC)
+    pytest.importorskip("coremltools")
+    from compress.export_options import MlpackageOptions
+    from exporters.coreml import CoreMLExporter
+
+    with pytest.raises(InputError, match="Core ML programs compute with fp16 activations"):
+        CoreMLExporter().export(int8_acts, byte_tokenizer(), MlpackageOptions(max_context=64), tmp_path / "c", QUIET)
+    pytest.importorskip("executorch")
+    from exporters.executorch import ExecuTorchExporter
+
+    fp_acts = _stage(model, tmp_path)  # int4 codes, activations: none
+    with pytest.raises(ExportError, match="XNNPACK runs int4 weights only with int8 dynamic activations"):
+        ExecuTorchExporter().export(fp_acts, byte_tokenizer(), PteOptions(max_context=96), tmp_path / "p", QUIET)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "p").exists()

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
 
-from compress import models
 from compress.data.corpus import calibration_windows
 from compress.progress import Console
 from compress.stages import STAGES, StageContext
@@ -16,21 +14,6 @@ from compress.stages.configs import DistillConfig, PruneConfig
 
 pytestmark = pytest.mark.slow
 QUIET = Console(quiet=True)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from tests.conftest import REAL_HOME
-
-    old = os.environ.get("COMPRESS_HOME")
-    os.environ["COMPRESS_HOME"] = str(REAL_HOME)
-    try:
-        yield models.load_spec("smollm2-135m", QUIET)
-    finally:
-        if old is None:
-            os.environ.pop("COMPRESS_HOME", None)
-        else:
-            os.environ["COMPRESS_HOME"] = old
 
 
 def test_pruning_keeps_the_massive_units_and_distillation_starts_recovering(smollm2, tmp_path):
