@@ -4,9 +4,10 @@ torchao lays out each linear as its XNNPACK-lowerable tensor (IntxUnpackedToInt8
 scale, zero point), configured with the codes' own bits and group, and then the stage's codes are written into it.
 XNNPACK's dynamically quantized linears take symmetric weights only (zero point 0). Codes with a per-group offset
 (asymmetric round to nearest, a GGUF's Q4_1, HQQ's float zero points) are therefore lowered as signed codes plus an
-exact correction: y = linear(x) + (x @ S.T) @ R.T, where S (groups, in) sums each group of inputs and R (out,
-groups) holds the residual offsets. Both are small fp32 linears that XNNPACK runs. The tied embedding reads the
-lm_head's codes through ExecuTorch's quantized embedding kernel, which takes integer zero points.
+exact correction: y = linear(x) + sums(x) @ R.T, where sums(x) adds up each group of inputs and R (out, groups)
+holds the residual offsets. Both are small fp32 linears that XNNPACK runs (the sums as a row of ones over the
+input viewed in groups). The tied embedding reads the lm_head's codes through ExecuTorch's quantized embedding
+kernel, which takes integer zero points.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ class OffsetLinear(nn.Module):
 
     def __init__(self, linear: nn.Module, residual: torch.Tensor, group: int):
         super().__init__()
-        self.linear = linear
-        width = residual.shape[1] * group
-        # (groups, in): row g has ones over inputs g*group .. (g+1)*group - 1
-        self.group_sum = nn.Parameter(torch.eye(residual.shape[1]).repeat_interleave(group, dim=1)[:, :width],
-                                      requires_grad=False)
+        self.linear, self.group = linear, group
         self.residual = nn.Parameter(residual.float().contiguous(), requires_grad=False)  # (out, groups)
+        # Group sums as a (1, group) row of ones applied to the input viewed as (-1, group): 128 bytes of weight.
+        # A (groups, in) 0/1 matrix computed the same sums but read 295 KB per down_proj per token (measured:
+        # 13 us of the layer's ~300 us on SmolLM2).
+        self.ones = nn.Parameter(torch.ones(1, group), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + F.linear(F.linear(x, self.group_sum), self.residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (batch, seq, in)
+        sums = F.linear(x.reshape(-1, self.group), self.ones).view(x.shape[0], -1, self.residual.shape[1])
+        return self.linear(x) + F.linear(sums, self.residual)
 
 
 def check_codes(qw: QuantizedWeights) -> None:

@@ -53,6 +53,21 @@ def test_fp32_program_matches_eager_for_prefill_and_decode(exported):
     np.testing.assert_allclose(session.prefill(tokens[:5]), expected[:5], atol=1e-4, rtol=1e-4)
 
 
+def test_attention_reads_the_cache_prefix_in_xnnpack_up_to_the_last_slot(exported):
+    """Attention runs inside XNNPACK over the written prefix of the cache (a size known only at run time), one
+    partition before and one after each layer's cache update, and stays exact when the cache is full."""
+    model, fp32, _ = exported
+    cov = fp32.extra["coverage"]
+    assert not {"bmm", "_softmax", "linear"} & set(cov["non_delegated_ops"]), cov["non_delegated_ops"]
+    assert cov["delegate_calls"] <= 2 * model.config.num_hidden_layers + 1
+    tokens = [(7 * i) % 250 + 3 for i in range(96)]  # fills all 96 slots
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0].numpy()
+    session = ExecuTorchRuntime().load(fp32, threads=2)
+    got = np.concatenate([session.prefill(tokens[:70])] + [session.decode(t)[None] for t in tokens[70:]])
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_the_program_carries_what_the_stock_runner_reads(exported):
     from executorch.runtime import Runtime
 
