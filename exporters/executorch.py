@@ -114,6 +114,7 @@ class ExecuTorchExporter:
         seq = Dim("seq", min=1, max=options.max_context)
         with console.step("torch.export") as step, torch.no_grad():
             exported = torch.export.export(module, example, dynamic_shapes=({1: seq}, None), strict=False)
+            _merge_common_subexpressions(exported)
         timings["torch_export"] = step["seconds"]
         with console.step("Lowering to XNNPACK") as step, _prefix_shapes_delegable():
             edge = to_edge_transform_and_lower(
@@ -168,6 +169,17 @@ def _partitioner() -> Any:
 
     return XnnpackPartitioner(configs=[CacheAliasViewConfig if c is ViewCopyConfig else c
                                        for c in ALL_PARTITIONER_CONFIGS])
+
+
+def _merge_common_subexpressions(exported: Any) -> None:
+    """One node for identical pure computations (the offset term's group sums of q/k/v and of gate/up read the
+    same input through the same row of ones): fewer XNNPACK ops to run, and fewer nodes to lower."""
+    from torch.fx.passes.dialect.common.cse_pass import CSEPass
+
+    result = CSEPass()(exported.graph_module)
+    if result.modified:
+        exported.graph_module.graph = result.graph_module.graph
+        exported.graph_module.recompile()
 
 
 @contextlib.contextmanager

@@ -94,6 +94,32 @@ def test_the_export_module_computes_the_stage_model_with_the_offset_correction(m
     np.testing.assert_allclose(got, _eager(quantized), atol=2e-4, rtol=1e-4)
 
 
+def test_linears_reading_one_input_share_one_group_sum_after_export(model, tmp_path):
+    """q/k/v (and gate/up) read the same input: after the exporter's CSE, one group sum serves them all, and the
+    program still computes the same thing."""
+    pytest.importorskip("executorch")
+    from exporters.executorch import _merge_common_subexpressions
+    from exporters.llama import ExportLlama
+    from exporters.torchao_codes import apply_codes
+
+    quantized = _stage(model, tmp_path, weight_bits=8, group_size=None, symmetric=False)
+    module = ExportLlama.from_hf(quantized, 96)
+    apply_codes(module, quantized_weights(quantized), tied=True)
+    exported = torch.export.export(module, (torch.tensor([TOKENS]), torch.tensor([0])), strict=False)
+
+    def group_sums() -> int:  # linears whose weight is a row of ones
+        sig = exported.graph_signature.inputs_to_parameters
+        return sum(1 for n in exported.graph_module.graph.nodes if n.op == "call_function"
+                   and "linear" in str(n.target) and sig.get(n.args[1].name, "").endswith("ones"))
+
+    assert group_sums() == 2 * 7 + 1  # one per corrected linear: 7 per layer and the lm_head
+    _merge_common_subexpressions(exported)
+    assert group_sums() == 2 * 4 + 1  # per layer: q/k/v, o, gate/up, down
+    with torch.no_grad():
+        got = exported.module()(torch.tensor([TOKENS]), torch.tensor([0]))[0].numpy()
+    np.testing.assert_allclose(got, _eager(quantized), atol=2e-4, rtol=1e-4)
+
+
 def test_executorch_and_onnx_lower_the_same_8da4w_codes_to_the_same_accuracy(model, tmp_path):
     pytest.importorskip("executorch")
     pytest.importorskip("onnxruntime_genai")
