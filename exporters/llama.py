@@ -263,8 +263,9 @@ class ExportLlama(nn.Module):
 
     def _grouped_mask(self, start: int | torch.Tensor, seq: int, finite: bool = False,
                       keys: int | None = None) -> torch.Tensor:
-        """Additive causal mask over the whole cache, one row per (position, query head in a KV group):
-        (seq * groups, ctx). It also hides slots not written yet, so stale entries are never read.
+        """Additive causal mask over `keys` cache slots (default: the whole cache), one row per (position, query
+        head in a KV group): (seq * groups, keys). It also hides slots not written yet, so stale entries are never
+        read; XNNPACK attention passes keys = start + seq, the prefix it reads.
         `finite`: -3e4 instead of -inf, built arithmetically (fp16 programs; Core ML's select with scalar
         branches mis-infers its output shape)."""
         groups = self.dims.num_heads // self.dims.num_kv_heads
