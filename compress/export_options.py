@@ -28,8 +28,8 @@ class ComputeUnits(enum.Enum):
 
 
 class PteAttention(enum.Enum):
-    XNNPACK = "xnnpack"  # bmm/softmax over the static cache on XNNPACK: flat cost in the position
-    CUSTOM_SDPA = "custom_sdpa"  # ExecuTorch's custom SDPA kernel: faster below ~128 cached tokens, slower after
+    XNNPACK = "xnnpack"  # bmm/softmax over the written cache prefix on XNNPACK: faster prefill
+    CUSTOM_SDPA = "custom_sdpa"  # ExecuTorch's custom SDPA kernel (what its own LLM export uses): faster decode
 
 
 class GgufType(enum.Enum):
@@ -82,6 +82,7 @@ class PteOptions:
     attention: PteAttention = PteAttention.XNNPACK
     quantize: QuantizeConfig | None = None  # torchao quantization applied before lowering; null: fp32
     allow_unquantized_linears: bool = setting(False, doc="let the export succeed when a linear is skipped")
+    external_data: bool = setting(True, doc="weights in model.ptd beside model.pte (tied weights stored once)")
 
     def __post_init__(self) -> None:
         check_fields(self, pte_quantize_problems(self.quantize))

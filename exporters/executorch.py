@@ -32,6 +32,8 @@ from exporters.torchao_quant import apply_plan, check_plan, coverage, plan_linea
 from runtimes.base import Availability
 
 PROGRAM = "model.pte"
+DATA_TAG = "model"  # external data (export.external_data) goes to DATA_TAG + ".ptd"
+DATA = DATA_TAG + ".ptd"
 SIDECAR = "compress-pte.json"
 # Weight matmuls (names as _count_delegation normalizes them): none may run on portable kernels. Attention's
 # bmm, the custom cache/SDPA ops, the quantized embedding and shape bookkeeping may stay outside.
@@ -91,21 +93,27 @@ class ExecuTorchExporter:
         timings: dict[str, float] = {}
         with atomic_dir(out_dir) as tmp:
             program, delegation = self._lower(module, options, tokenizer, timings, console)
-            (tmp / PROGRAM).write_bytes(program)
+            (tmp / PROGRAM).write_bytes(program.buffer)
+            if options.external_data:
+                program.write_tensor_data_to_file(str(tmp))  # DATA: the weights, each distinct buffer once
+                if not (tmp / DATA).is_file():
+                    raise ExportError(f"ExecuTorch wrote no {DATA} although export.external_data is set")
             tokenizer.save_pretrained(tmp)  # tokenizer.json: what the stock llama runner's --tokenizer_path reads
+            data = {"data": DATA} if options.external_data else {}
             sidecar = {"max_context": options.max_context, "vocab_size": module.dims.vocab_size,
-                       "bos_id": module.dims.bos_token_id, "eos_ids": _eos_ids(tokenizer, module),
+                       "bos_id": module.dims.bos_token_id, "eos_ids": _eos_ids(tokenizer, module), **data,
                        "coverage": {**notes, **delegation}, "export_seconds": timings}
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         self._check_delegation(delegation, options)
         files = tuple(str(p) for p in files_under(out_dir))
-        return Artifact(out_dir, Format.PTE, files, {"max_context": options.max_context, "program": PROGRAM,
+        return Artifact(out_dir, Format.PTE, files, {"max_context": options.max_context, "program": PROGRAM, **data,
                                                      "coverage": {**notes, **delegation}, "export_seconds": timings})
 
     def _lower(self, module: Any, options: PteOptions, tokenizer: Any, timings: dict[str, float],
-               console: Any) -> tuple[bytes, dict[str, Any]]:
+               console: Any) -> tuple[Any, dict[str, Any]]:
         import torch
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+        from torch._functorch._aot_autograd.subclass_parametrization import unwrap_tensor_subclass_parameters
         from executorch.exir.passes import MemoryPlanningPass
         from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
         from torch.export import Dim
@@ -113,8 +121,13 @@ class ExecuTorchExporter:
         example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
         seq = Dim("seq", min=1, max=options.max_context)
         with console.step("torch.export") as step, torch.no_grad():
+            # torchao's quantized weights are tensor subclasses; as plain parameters (qdata, scale, zero point)
+            # they are placeholders of their own that the external-data tags below can name.
+            unwrap_tensor_subclass_parameters(module)
             exported = torch.export.export(module, example, dynamic_shapes=({1: seq}, None), strict=False)
             _merge_common_subexpressions(exported)
+            if options.external_data:
+                _tag_external_constants(exported)
         timings["torch_export"] = step["seconds"]
         with console.step("Lowering to XNNPACK") as step, _prefix_shapes_delegable():
             edge = to_edge_transform_and_lower(
@@ -132,10 +145,11 @@ class ExecuTorchExporter:
             program = edge.to_executorch(ExecutorchBackendConfig(
                 extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
                 memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
-            buffer = program.buffer
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+                external_constants=(lambda node: DATA_TAG) if options.external_data else False))
+            program.buffer  # serializes the program and its external data now, inside the timed step
             timings["emit"] = time.perf_counter() - start
-        return buffer, delegation
+        return program, delegation
 
     @staticmethod
     def _check_delegation(delegation: dict[str, Any], options: PteOptions) -> None:
@@ -179,6 +193,29 @@ def _partitioner() -> Any:
     partitioner.delegation_spec = DelegationSpec(partitioner.delegation_spec.backend_id,
                                                  [CompileSpec("dqlinear_partitioner", b"")])
     return partitioner
+
+
+def _tag_external_constants(exported: Any) -> None:
+    """Mark every weight and constant (not the KV caches, which are mutable state) for external data, both those
+    XNNPACK will hold and those the program keeps (the quantized embedding). ExecuTorch then writes them all into
+    one named-data store that keeps one copy of identical bytes: the tied embedding gathers the very int8 matrix the
+    lm_head multiplies by (exporters/torchao_codes.py), so SmolLM2's 28 MB tied matrix is stored once, not twice.
+    XNNPACK reads the tag from its weights' dequantize nodes too (its PropagateCustomMetaPass copies it there; the
+    exporter runs only the addmm -> linear pass of XNNPACK's preprocessing, see _partitioner), so it is set on both."""
+    import torch
+
+    sig = exported.graph_signature
+    mutated = set(sig.buffers_to_mutate.values())
+    constants = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    tagged = set()
+    for node in exported.graph.nodes:
+        if node.op == "placeholder" and node.name in constants and constants[node.name] not in mutated:
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+            tagged.add(node)
+    for node in exported.graph.nodes:
+        source = node.args[0] if node.op == "call_function" and node.args else None
+        if isinstance(source, torch.fx.Node) and source in tagged and "dequantize" in str(node.target):
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
 
 
 def _merge_common_subexpressions(exported: Any) -> None:

@@ -11,8 +11,11 @@ partially to ExecuTorch and did not trace for Core ML. This one has:
         additive causal mask, all XNNPACK-delegable (the ExecuTorch exporter lets XNNPACK take these run-time
         sized tensors). Measured (6 layers, 2 threads, positions 128..192): 4.14 ms per token over the whole
         512-slot cache (which XNNPACK also copied on every read), 3.28 ms over the prefix.
-      "custom": `llama::update_cache` + `llama::custom_sdpa` on (1, ctx, n_kv, d) caches. Faster at short
-        context (1.7 ms at position 10) but ~5x slower past ~128 cached tokens on 2 threads (8.2 ms at 400).
+      "custom": `llama::update_cache` + `llama::custom_sdpa` on (1, ctx, n_kv, d) caches (what ExecuTorch's own
+        LLM export does): one XNNPACK partition per layer, and the faster decode (SmolLM2, positions 128..192: 45 us
+        per layer, against ~80 us for "xnnpack" with its cache-prefix copies); its prefill is slower (1 ms per layer
+        at 128 tokens against ~0.4). On Linux x86 the pip runtime's kernel calls MKL, which must run single-threaded
+        inside ExecuTorch's thread pool (runtimes/executorch.py); multi-threaded it costs 230-250 us per call.
       "eager": index_copy + SDPA with an explicit mask, plain PyTorch (for exporters without custom ops).
       "coreml": fp16 caches (1, n_kv, ctx, d) updated by slice assignment at a traced (tensor) start
         position, which coremltools turns into Core ML states (read_state/slice_update/update_state); then

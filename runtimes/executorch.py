@@ -46,6 +46,12 @@ class ExecuTorchSession:
 
 class ExecuTorchRuntime:
     name = "executorch"
+    # The pip runtime's llama::custom_sdpa kernel calls MKL's sgemm (linked from libtorch) from inside ExecuTorch's
+    # own thread pool; MKL then starts OpenMP threads of its own on the same cores. Measured (SmolLM2, 2 threads,
+    # decode at positions 128..192): 230-250 us per custom_sdpa call with MKL threaded, 45 us single-threaded.
+    # A phone build has no MKL (ExecuTorch's own gemm runs on the calling thread), so this is also what a phone
+    # does. MKL reads the variable when it starts: processes that time the runtime set it before launch.
+    process_env = {"MKL_NUM_THREADS": "1"}
 
     def availability(self) -> Availability:
         if importlib.util.find_spec("executorch") is None:
@@ -60,7 +66,9 @@ class ExecuTorchRuntime:
         from executorch.runtime import Runtime
 
         _unsafe_reset_threadpool(threads)
-        program = Runtime.get().load_program(artifact.path / artifact.extra.get("program", "model.pte"))
+        data = artifact.extra.get("data")  # the weights file (model.ptd) when the program keeps them outside
+        program = Runtime.get().load_program(artifact.path / artifact.extra.get("program", "model.pte"),
+                                             data_path=artifact.path / data if data else None)
         method = program.load_method("forward")
         vocab = int(program.load_method("get_vocab_size").execute([])[0])
         return ExecuTorchSession(method, vocab, int(artifact.extra["max_context"]))

@@ -10,6 +10,7 @@ RSS (the whole process: interpreter and imports included; `rss_before_load_mb` i
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -27,9 +28,13 @@ def measure_latency(runtime: str, artifact: Artifact, threads: int, prompt_ids: 
     request = {"runtime": runtime, "artifact": artifact.to_data(), "root": str(artifact.path.parent),
                "threads": threads, "prompt_ids": prompt_ids, "decode_tokens": decode_tokens,
                "warmup": warmup, "repeats": repeats}
+    from runtimes import RUNTIMES
+
+    # Native libraries read some settings only from the environment at start-up (a runtime's `process_env`).
+    env = {**os.environ, **getattr(RUNTIMES.get(runtime), "process_env", {})}
     try:
         proc = subprocess.run([sys.executable, "-m", "runtimes.latency"], input=json.dumps(request),
-                              capture_output=True, text=True, timeout=timeout_s)
+                              capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         raise RuntimeUnavailable(f"latency measurement on {runtime} did not finish in {timeout_s:.0f} s") from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -97,6 +102,8 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
         "decode_all_s": decode_s,
         "rss_before_load_mb": rss_before,
         "peak_rss_mb": _peak_rss_mb(),
+        # What the child ran under, as it saw it (the runtime's `process_env`): part of how the number was made.
+        "process_env": {k: os.environ.get(k) for k in getattr(runtime, "process_env", {})},
     }
 
 

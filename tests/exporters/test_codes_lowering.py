@@ -133,6 +133,7 @@ def test_executorch_and_onnx_lower_the_same_8da4w_codes_to_the_same_accuracy(mod
     onnx = OnnxExporter().export(quantized, byte_tokenizer(), OnnxOptions(max_context=96), tmp_path / "onnx", QUIET)
     coverage = pte.extra["coverage"]
     assert coverage["linears_with_offset_correction"] == 14  # every body linear; the int8 lm_head is symmetric
+    assert coverage["offset_terms"] == "int8 per channel, int8 dynamic activations"  # like every other linear
     assert set(coverage["requantized"]) == {"lm_head"}  # int8 per group: XNNPACK's int8 kernels are per channel
     assert coverage["non_delegated_ops"].get("linear", 0) == 0  # the correction's small linears run on XNNPACK
     reference = _eager(model)
@@ -141,6 +142,29 @@ def test_executorch_and_onnx_lower_the_same_8da4w_codes_to_the_same_accuracy(mod
           for name, runtime, art in (("pte", ExecuTorchRuntime(), pte), ("onnx", OnnxRuntime(), onnx))}
     # Both add only their own int8 activation rounding to the stage's weights.
     assert abs(kl["pte"] - stage_kl) < 0.25 * stage_kl and abs(kl["onnx"] - stage_kl) < 0.25 * stage_kl
+
+
+def test_the_tied_matrix_is_stored_once_when_the_weights_are_external_data(tmp_path):
+    """The embedding gathers the very int8 matrix the lm_head multiplies by, so in model.ptd (one copy of identical
+    bytes) the tied matrix is stored once; in a single-file program it is stored twice. Same numbers either way."""
+    pytest.importorskip("executorch")
+    from exporters.executorch import ExecuTorchExporter
+    from runtimes.executorch import ExecuTorchRuntime
+
+    vocab, hidden = 4096, 64  # the tied matrix (256 KiB in int8) outweighs the rest of this model
+    quantized = _stage(tiny_llama(seed=0, vocab_size=vocab), tmp_path, algorithm=QuantAlgorithm.HQQ,
+                       activations=Activations.INT8_DYNAMIC)
+    shared = ExecuTorchExporter().export(quantized, byte_tokenizer(), PteOptions(max_context=96), tmp_path / "ptd",
+                                         QUIET)
+    single = ExecuTorchExporter().export(quantized, byte_tokenizer(), PteOptions(max_context=96, external_data=False),
+                                         tmp_path / "pte", QUIET)
+    assert shared.extra["data"] == "model.ptd" and (shared.path / "model.ptd").is_file()
+    assert "data" not in single.extra and not (single.path / "model.ptd").exists()
+    assert shared.extra["coverage"]["embedding"] == "int8 per row, the lm_head's codes"
+    assert single.size_bytes() - shared.size_bytes() > 0.95 * vocab * hidden  # one copy of the matrix fewer
+    assert (shared.path / "model.pte").stat().st_size < 0.2 * shared.size_bytes()  # the program; weights apart
+    got = {art.path.name: _run(ExecuTorchRuntime().load(art, threads=2)) for art in (shared, single)}
+    np.testing.assert_array_equal(got["ptd"], got["pte"])
 
 
 @pytest.mark.parametrize("algorithm", [QuantAlgorithm.RTN, QuantAlgorithm.HQQ])
