@@ -85,18 +85,21 @@ class RMSNorm(nn.Module):
         # The mean over the last dim as a matmul with a (1, dim) row of 1/dim: XNNPACK has no last-dim mean
         # for 3-D tensors, so `x.pow(2).mean(-1)` would cut every block into several partitions.
         self.register_buffer("mean_row", torch.full((1, dim), 1.0 / dim), persistent=False)
+        self.register_buffer("eps_bias", torch.full((1,), eps), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # (1, seq, dim)
-        eps: float | torch.Tensor = self.eps
+        # Casts only where they do something: a no-op .float() still costs graph nodes that every export pass retraces.
+        x32 = x if x.dtype == torch.float32 else x.float()  # (1, seq, dim)
         if self.fp16_safe:
             # rms(x / s) * s == rms(x): with s = max |x| per row the squares stay <= 1 in fp16. The floor keeps an
             # all-zero row finite; eps / s^2 is formed as (sqrt(eps) / s)^2 so s^2 never underflows fp16.
             scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-2)  # (1, seq, 1)
             x32 = x32 / scale
-            eps = (math.sqrt(self.eps) / scale) ** 2
-        mean_sq = F.linear(x32 * x32, self.mean_row)  # (1, seq, 1)
-        return (x32 * torch.rsqrt(mean_sq + eps)).to(x.dtype) * self.weight
+            mean_sq = F.linear(x32 * x32, self.mean_row) + (math.sqrt(self.eps) / scale) ** 2  # (1, seq, 1)
+        else:
+            mean_sq = F.linear(x32 * x32, self.mean_row, self.eps_bias)  # eps as the matmul's bias: one op fewer
+        out = x32 * torch.rsqrt(mean_sq)
+        return (out if out.dtype == x.dtype else out.to(x.dtype)) * self.weight
 
 
 def rope_tables(dims: LlamaDims, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,7 +83,7 @@ def test_onnx_refuses_a_second_quantization(model, tmp_path):
 def test_the_export_module_computes_the_stage_model_with_the_offset_correction(model, tmp_path):
     """Weight-only int8 per channel, asymmetric: signed codes + the exact per-group correction, in eager."""
     from exporters.llama import ExportLlama
-    from exporters.torchao_codes import OffsetLinear, apply_codes
+    from exporters.xnnpack_codes import OffsetLinear, apply_codes
 
     quantized = _stage(model, tmp_path, weight_bits=8, group_size=None, symmetric=False)
     module = ExportLlama.from_hf(quantized, 96)
@@ -100,7 +100,7 @@ def test_linears_reading_one_input_share_one_group_sum_after_export(model, tmp_p
     pytest.importorskip("executorch")
     from exporters.executorch import _merge_common_subexpressions
     from exporters.llama import ExportLlama
-    from exporters.torchao_codes import apply_codes
+    from exporters.xnnpack_codes import apply_codes
 
     quantized = _stage(model, tmp_path, weight_bits=8, group_size=None, symmetric=False)
     module = ExportLlama.from_hf(quantized, 96)

@@ -1,7 +1,14 @@
 """Lower the quantize stage's codes into the export module for ExecuTorch/XNNPACK, exactly, without re-rounding.
 
-torchao lays out each linear as its XNNPACK-lowerable tensor (IntxUnpackedToInt8Tensor: int8 qdata, per-group
-scale, zero point), configured with the codes' own bits and group, and then the stage's codes are written into it.
+Each quantized linear becomes a `CodesLinear`: the stage's codes as signed int8 (out, in) with one fp32 scale per
+group (or per output channel), dequantized in the graph by PyTorch's `quantized_decomposed` ops and, with int8
+dynamic activations, its input quantized per token by the same family of ops. XNNPACK's partitioner turns each such
+pattern into one dynamically quantized fully-connected op (QB4W for int4 groups, QC8W for int8 per channel).
+Why not torchao's `quantize_` (what this file used before; the lowered program is the same): torchao's affine ops
+are CompositeImplicitAutograd, so every trace of the export (torch.export, the decompositions, each edge pass, the
+partitioner's sub-graphs) runs their Python bodies op by op under fake tensors; on SmolLM2 that was 32% of the
+export (py-spy). PyTorch's quantized_decomposed ops have meta kernels.
+
 XNNPACK's dynamically quantized linears take symmetric weights only (zero point 0). Codes with a per-group offset
 (asymmetric round to nearest, a GGUF's Q4_1, HQQ's float zero points) are therefore lowered as signed codes plus an
 exact correction: y = linear(x) + sums(x) @ R.T, where sums(x) adds up each group of inputs and R (out, groups)
@@ -16,12 +23,42 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 from torch import nn
 from torch.nn import functional as F
 
 from compress.errors import ExportError
 from compress.stages.configs import Activations
 from compress.stages.qtensor import QuantizedWeights, QuantTensor
+
+_Q = torch.ops.quantized_decomposed
+
+
+class CodesLinear(nn.Module):
+    """A linear over signed integer codes, in the pattern XNNPACK lowers to one fully-connected op."""
+
+    def __init__(self, t: QuantTensor, dynamic: bool):
+        super().__init__()
+        out, self.in_features = t.shape
+        self.out_features, self.group, self.bits, self.dynamic = out, t.group, t.bits, dynamic
+        self.register_buffer("codes", t.signed_codes().contiguous())  # (out, in) int8
+        per_channel = t.group == self.in_features
+        scale = t.scale.float().reshape(out) if per_channel else t.scale.float()  # (out,) or (out, groups)
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("zero", torch.zeros(scale.shape, dtype=torch.int8))  # XNNPACK's kernels: zero only
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (batch, seq, in)
+        if self.dynamic:  # int8 per token, asymmetric: XNNPACK quantizes the input inside the fully-connected op
+            scale, zero = _Q.choose_qparams_per_token_asymmetric(x, torch.int8)
+            q = _Q.quantize_per_token(x, scale, zero, -128, 127, torch.int8)
+            x = _Q.dequantize_per_token(q, scale, zero, -128, 127, torch.int8, x.dtype)
+        low, high = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        if self.scale.dim() == 1:
+            w = _Q.dequantize_per_channel(self.codes, self.scale, self.zero, 0, low, high, torch.int8)
+        else:
+            w = _Q.dequantize_per_channel_group(self.codes, self.scale, self.zero, low, high, torch.int8, self.group,
+                                                torch.float32)
+        return F.linear(x, w)  # (batch, seq, out)
 
 
 class OffsetLinear(nn.Module):
@@ -58,12 +95,7 @@ def check_codes(qw: QuantizedWeights) -> None:
 
 def apply_codes(module: nn.Module, qw: QuantizedWeights, tied: bool) -> dict[str, Any]:
     """Quantize `module` in place with the stage's codes; returns coverage notes."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_primitives import MappingType
-
     acts = qw.export_config().activations
-    schemes: dict[tuple[int, int], set[str]] = {}
     linears = {name for name, m in module.named_modules() if isinstance(m, nn.Linear)}
     unknown = sorted(set(qw.tensors) - linears)
     if unknown:
@@ -78,29 +110,17 @@ def apply_codes(module: nn.Module, qw: QuantizedWeights, tied: bool) -> dict[str
 
             tensors[name] = rtn(t.dequantize(), 8, width, symmetric=True)
             requantized[name] = f"8-bit group {t.group} -> per channel (XNNPACK's int8 kernels are per channel)"
-    for name, t in tensors.items():
-        schemes.setdefault((t.bits, t.group), set()).add(name)
     with torch.no_grad():
-        for (bits, group), names in sorted(schemes.items()):
-            width = module.get_submodule(next(iter(names))).in_features
-            granularity = PerAxis(0) if group == width else PerGroup(group)
-            dtype = torch.int4 if bits == 4 else torch.int8
-            if acts is Activations.INT8_DYNAMIC:
-                config = Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity,
-                                                               weight_mapping_type=MappingType.SYMMETRIC)
-            else:
-                config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity,
-                                              mapping_type=MappingType.SYMMETRIC)
-            quantize_(module, config, filter_fn=lambda m, fqn, names=names: isinstance(m, nn.Linear) and fqn in names)
         corrected, rows = [], {}
         for name, t in tensors.items():
-            _write(module.get_submodule(name).weight, t, zero=None)
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            layer: nn.Module = CodesLinear(t, dynamic=acts is Activations.INT8_DYNAMIC)
             if not t.symmetric:
-                parent_name, _, child = name.rpartition(".")
-                parent = module.get_submodule(parent_name) if parent_name else module
                 ones = rows.setdefault(t.group, nn.Parameter(torch.ones(1, t.group), requires_grad=False))
-                setattr(parent, child, OffsetLinear(getattr(parent, child), t.residual_offset(), ones))
+                layer = OffsetLinear(layer, t.residual_offset(), ones)
                 corrected.append(name)
+            setattr(parent, child, layer)
         offsets = _quantize_offsets(module, acts)
         embedding = _embedding_from_lm_head(module, tensors.get("lm_head"), qw.export_config(), tied)
     return {"linears_total": len(linears), "linears_quantized": len(tensors),
@@ -113,18 +133,16 @@ def apply_codes(module: nn.Module, qw: QuantizedWeights, tied: bool) -> dict[str
 def _quantize_offsets(module: nn.Module, acts: Activations) -> str:
     """With int8 dynamic activations, the offset terms run as int8 linears too (per-channel weights, the group sums
     quantized per token like every other activation): their fp32 weights were 13.3 MB of SmolLM2's 138 MB, read
-    on every token, and int8 holds them in 3.3 MB. Measured on SmolLM2 (harness, eager torchao, 8 x 256 tokens):
-    mean KL 0.0240 with fp32 offset terms, 0.0247 with int8. With fp32 activations they stay fp32 (exact)."""
+    on every token, and int8 holds them in 3.3 MB. Measured on SmolLM2 (harness, eager, 8 x 256 tokens): mean KL
+    0.0240 with fp32 offset terms, 0.0247 with int8. With fp32 activations they stay fp32 (exact)."""
     if acts is not Activations.INT8_DYNAMIC:
         return "fp32"
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerAxis
-    from torchao.quantization.quant_primitives import MappingType
+    from compress.stages.quant_algorithms import rtn
 
-    offsets = {name + ".offset" for name, m in module.named_modules() if isinstance(m, OffsetLinear)}
-    quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0),
-                                                            weight_mapping_type=MappingType.SYMMETRIC),
-              filter_fn=lambda m, fqn: fqn in offsets)
+    for m in module.modules():
+        if isinstance(m, OffsetLinear):
+            weight = m.offset.weight.detach()  # (out, groups)
+            m.offset = CodesLinear(rtn(weight, 8, weight.shape[1], symmetric=True), dynamic=True)
     return "int8 per channel, int8 dynamic activations"
 
 
