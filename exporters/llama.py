@@ -102,6 +102,12 @@ class RMSNorm(nn.Module):
         return (out if out.dtype == x.dtype else out.to(x.dtype)) * self.weight
 
 
+def fused_qkv_names(num_layers: int) -> dict[str, tuple[str, str, str]]:
+    """The fused projection of each layer and the q/k/v projections it stacks, in order."""
+    return {f"layers.{i}.self_attn.qkv_proj": tuple(f"layers.{i}.self_attn.{n}_proj" for n in "qkv")
+            for i in range(num_layers)}
+
+
 def rope_tables(dims: LlamaDims, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
     d = dims.head_dim
     inv_freq = 1.0 / (dims.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))  # (d/2,)
@@ -121,18 +127,21 @@ def rotate_half_matrix(d: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate: torch.Tensor) -> torch.Tensor:
-    # x (1, seq, heads, d); cos/sin (1, seq, 1, d) broadcast over heads
+    # x (1, seq, heads, d); cos/sin (seq, 1 or heads, d) broadcast against it
     return x * cos + F.linear(x, rotate) * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend):
+    def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend, fuse_qkv: bool = False):
         super().__init__()
-        self.dims, self.backend = dims, backend
+        self.dims, self.backend, self.fuse_qkv = dims, backend, fuse_qkv
         h, kv, d = dims.num_heads, dims.num_kv_heads, dims.head_dim
-        self.q_proj = nn.Linear(dims.hidden_size, h * d, bias=False)
-        self.k_proj = nn.Linear(dims.hidden_size, kv * d, bias=False)
-        self.v_proj = nn.Linear(dims.hidden_size, kv * d, bias=False)
+        if fuse_qkv:  # one matmul for q, k and v (rows stacked q, k, v): see ExportLlama
+            self.qkv_proj = nn.Linear(dims.hidden_size, (h + 2 * kv) * d, bias=False)
+        else:
+            self.q_proj = nn.Linear(dims.hidden_size, h * d, bias=False)
+            self.k_proj = nn.Linear(dims.hidden_size, kv * d, bias=False)
+            self.v_proj = nn.Linear(dims.hidden_size, kv * d, bias=False)
         self.o_proj = nn.Linear(h * d, dims.hidden_size, bias=False)
         # ExecuTorch keeps the caches as mutable buffers updated in place. update_cache writes along dim 1,
         # so the xnnpack backend uses n_kv as the op's batch dim: (n_kv, ctx, 1, d) is (n_kv, ctx, d) in memory.
@@ -147,9 +156,14 @@ class Attention(nn.Module):
                 rotate: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         _, seq, _ = x.shape  # (1, seq, hidden)
         dims = self.dims
-        q = apply_rope(self.q_proj(x).view(1, -1, dims.num_heads, dims.head_dim), cos, sin, rotate)
-        k = apply_rope(self.k_proj(x).view(1, -1, dims.num_kv_heads, dims.head_dim), cos, sin, rotate)
-        v = self.v_proj(x).view(1, -1, dims.num_kv_heads, dims.head_dim)
+        h, kv, d = dims.num_heads, dims.num_kv_heads, dims.head_dim
+        if self.fuse_qkv:  # cos/sin are (seq, h + 2kv, d) with 1 and 0 on v's heads: v passes unrotated, exactly
+            qkv = apply_rope(self.qkv_proj(x).view(1, -1, h + 2 * kv, d), cos, sin, rotate)  # (1, seq, h+2kv, d)
+            q, k, v = qkv.split([h, kv, kv], dim=2)
+        else:
+            q = apply_rope(self.q_proj(x).view(1, -1, h, d), cos, sin, rotate)  # (1, seq, h, d)
+            k = apply_rope(self.k_proj(x).view(1, -1, kv, d), cos, sin, rotate)
+            v = self.v_proj(x).view(1, -1, kv, d)
         if self.backend is AttentionBackend.XNNPACK:
             out = self._xnnpack(q, k, v, start, seq, mask)
         elif self.backend is AttentionBackend.CUSTOM:
@@ -217,10 +231,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend, fp16_safe_norm: bool):
+    def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend, fp16_safe_norm: bool,
+                 fuse_qkv: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, fp16_safe_norm)
-        self.self_attn = Attention(dims, max_context, backend)
+        self.self_attn = Attention(dims, max_context, backend, fuse_qkv)
         self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, fp16_safe_norm)
         self.mlp = MLP(dims)
 
@@ -232,19 +247,19 @@ class Block(nn.Module):
 
 class ExportLlama(nn.Module):
     def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend = AttentionBackend.EAGER,
-                 fp16_safe_norm: bool = False):
+                 fp16_safe_norm: bool = False, fuse_qkv: bool = False):
         super().__init__()
-        self.dims, self.max_context, self.backend = dims, max_context, backend
+        self.dims, self.max_context, self.backend, self.fuse_qkv = dims, max_context, backend, fuse_qkv
         self.embed_tokens = nn.Embedding(dims.vocab_size, dims.hidden_size)
-        self.layers = nn.ModuleList(Block(dims, max_context, backend, fp16_safe_norm)
+        self.layers = nn.ModuleList(Block(dims, max_context, backend, fp16_safe_norm, fuse_qkv)
                                     for _ in range(dims.num_layers))
         self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, fp16_safe_norm)
         # Always its own Linear, even when the source ties it to the embedding: the gather (embedding) and
         # the matmul (lm_head) are quantized into different formats, deliberately, never one copy twice.
         self.lm_head = nn.Linear(dims.hidden_size, dims.vocab_size, bias=False)
-        cos, sin = rope_tables(dims, max_context)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        cos, sin = rope_tables(dims, max_context)  # (ctx, d), kept as (ctx, 1, d): a slice broadcasts over heads
+        self.register_buffer("rope_cos", cos.unsqueeze(1), persistent=False)
+        self.register_buffer("rope_sin", sin.unsqueeze(1), persistent=False)
         self.register_buffer("rope_rotate", rotate_half_matrix(dims.head_dim), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -258,10 +273,18 @@ class ExportLlama(nn.Module):
             start = input_pos[0].item()
             torch._check_is_size(start)
             torch._check(start + seq <= self.max_context)
-            cos = self.rope_cos.narrow(0, start, seq).view(1, -1, 1, self.dims.head_dim)  # (1, seq, 1, head_dim)
-            sin = self.rope_sin.narrow(0, start, seq).view(1, -1, 1, self.dims.head_dim)
+            # (seq, 1, head_dim), broadcast over (1, seq, heads, head_dim): no view in the graph, which XNNPACK would
+            # otherwise take into a partition of its own
+            cos = self.rope_cos.narrow(0, start, seq)
+            sin = self.rope_sin.narrow(0, start, seq)
             mask = self._grouped_mask(start, seq, keys=start + seq) if self.backend is AttentionBackend.XNNPACK \
                 else None
+        if self.fuse_qkv:
+            # One RoPE over the fused q/k/v heads instead of one for q and one for k (fewer ops per layer): v's
+            # heads get cos 1 and sin 0. Built once per call and shared by every layer.
+            h, kv, d = self.dims.num_heads, self.dims.num_kv_heads, self.dims.head_dim
+            cos = torch.cat([cos.expand(-1, h + kv, d), torch.ones(seq, kv, d)], dim=1)  # (seq, h + 2kv, d)
+            sin = torch.cat([sin.expand(-1, h + kv, d), torch.zeros(seq, kv, d)], dim=1)
         x = self.embed_tokens(tokens)  # (1, seq, hidden)
         for layer in self.layers:
             x = layer(x, start, cos, sin, self.rope_rotate, mask)
@@ -291,13 +314,16 @@ class ExportLlama(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model: Any, max_context: int, backend: AttentionBackend = AttentionBackend.EAGER,
-                fp16_safe_norm: bool = False) -> ExportLlama:
+                fp16_safe_norm: bool = False, fuse_qkv: bool = False) -> ExportLlama:
         """Copy an HF LlamaForCausalLM's weights (fp32) into a fresh export module."""
         dims = LlamaDims.from_hf(hf_model.config)
-        module = cls(dims, max_context, backend, fp16_safe_norm)
+        module = cls(dims, max_context, backend, fp16_safe_norm, fuse_qkv)
         state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
         if "lm_head.weight" not in state:  # tied: HF omits it
             state["lm_head.weight"] = state["embed_tokens.weight"]
+        if fuse_qkv:
+            for name, parts in fused_qkv_names(dims.num_layers).items():
+                state[name + ".weight"] = torch.cat([state.pop(p + ".weight") for p in parts])
         state = {k: v.detach().clone().float() for k, v in state.items()}
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:

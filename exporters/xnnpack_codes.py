@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from compress.errors import ExportError
 from compress.stages.configs import Activations
 from compress.stages.qtensor import QuantizedWeights, QuantTensor
+from exporters.llama import fused_qkv_names
 
 _Q = torch.ops.quantized_decomposed
 
@@ -93,10 +94,31 @@ def check_codes(qw: QuantizedWeights) -> None:
                           f"(8da4w): set activations: int8_dynamic in the stage")
 
 
+def fuse_qkv_codes(qw: QuantizedWeights, num_layers: int) -> QuantizedWeights | None:
+    """The stage's q/k/v codes stacked into each layer's fused projection (rows q, k, v, as exporters/llama.py
+    stacks the weights; per-row groups, scales and offsets unchanged, so stacking is exact). None when a layer's
+    three differ in bits or group (mixed precision): the exporter then keeps them apart."""
+    tensors = dict(qw.tensors)
+    for fused, parts in fused_qkv_names(num_layers).items():
+        found = [tensors.get(p) for p in parts]
+        if any(t is None for t in found) or len({(t.bits, t.group) for t in found}) != 1:
+            return None
+        for p in parts:
+            del tensors[p]
+        tensors[fused] = QuantTensor(torch.cat([t.codes for t in found]), torch.cat([t.scale for t in found]),
+                                     torch.cat([t.offset for t in found]), found[0].bits, found[0].group)
+    return QuantizedWeights(tensors, qw.scheme)
+
+
 def apply_codes(module: nn.Module, qw: QuantizedWeights, tied: bool) -> dict[str, Any]:
-    """Quantize `module` in place with the stage's codes; returns coverage notes."""
+    """Quantize `module` in place with the stage's codes; returns coverage notes, counted in the source model's
+    linears (a fused q/k/v projection counts as the three it stacks)."""
     acts = qw.export_config().activations
     linears = {name for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+    def sources(name: str) -> int:
+        return 3 if name.endswith(".qkv_proj") else 1
+
     unknown = sorted(set(qw.tensors) - linears)
     if unknown:
         raise ExportError(f"the quantize stage's codes name linears the export module lacks: {unknown[:3]}")
@@ -123,10 +145,11 @@ def apply_codes(module: nn.Module, qw: QuantizedWeights, tied: bool) -> dict[str
             setattr(parent, child, layer)
         offsets = _quantize_offsets(module, acts)
         embedding = _embedding_from_lm_head(module, tensors.get("lm_head"), qw.export_config(), tied)
-    return {"linears_total": len(linears), "linears_quantized": len(tensors),
-            "linears_with_offset_correction": len(corrected), "offset_terms": offsets if corrected else "none",
+    return {"linears_total": sum(map(sources, linears)), "linears_quantized": sum(map(sources, tensors)),
+            "linears_with_offset_correction": sum(map(sources, corrected)),
+            "offset_terms": offsets if corrected else "none",
             "embedding": embedding, "requantized": requantized,
-            "bits_histogram": {str(b): sum(1 for t in qw.tensors.values() if t.bits == b)
+            "bits_histogram": {str(b): sum(sources(n) for n, t in qw.tensors.items() if t.bits == b)
                                for b in sorted({t.bits for t in qw.tensors.values()})}}
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from compress.artifact import Artifact
+from compress.errors import InputError
 from runtimes.base import Availability, ContextOverflow
 
 
@@ -65,8 +66,11 @@ class ExecuTorchRuntime:
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime
 
-        _unsafe_reset_threadpool(threads)
         data = artifact.extra.get("data")  # the weights file (model.ptd) when the program keeps them outside
+        if data and not (artifact.path / data).is_file():
+            raise InputError(f"{artifact.path / data} is missing: the program keeps its weights there; copy it "
+                             f"beside {artifact.extra.get('program', 'model.pte')}")
+        _unsafe_reset_threadpool(threads)
         program = Runtime.get().load_program(artifact.path / artifact.extra.get("program", "model.pte"),
                                              data_path=artifact.path / data if data else None)
         method = program.load_method("forward")

@@ -41,7 +41,9 @@ def main() -> None:
     _unsafe_reset_threadpool(args.threads)
     if args.mkl_threads:
         torch.set_num_threads(args.mkl_threads)
-    program = Runtime.get().load_program(args.pte, enable_etdump=True, debug_buffer_size=0)
+    data = args.pte.with_name("model.ptd")  # the weights, when the program keeps them outside
+    program = Runtime.get().load_program(args.pte, enable_etdump=True, debug_buffer_size=0,
+                                         data_path=data if data.is_file() else None)
     method = program.load_method("forward")
     tokens = torch.randint(0, 1000, (1, args.prompt))
     method.execute([tokens, torch.tensor([0])])

@@ -144,6 +144,36 @@ def test_executorch_and_onnx_lower_the_same_8da4w_codes_to_the_same_accuracy(mod
     assert abs(kl["pte"] - stage_kl) < 0.25 * stage_kl and abs(kl["onnx"] - stage_kl) < 0.25 * stage_kl
 
 
+def test_fused_qkv_codes_run_what_separate_projections_run(model, tmp_path):
+    """custom_sdpa programs stack each layer's q/k/v codes into one matmul (rows, scales and offsets stacked: exact);
+    mixed precision that gives q, k and v different bits keeps them apart."""
+    pytest.importorskip("executorch")
+    from compress.export_options import PteAttention
+    from exporters.executorch import ExecuTorchExporter
+    from exporters.xnnpack_codes import fuse_qkv_codes
+    from runtimes.executorch import ExecuTorchRuntime
+
+    quantized = _stage(model, tmp_path, algorithm=QuantAlgorithm.HQQ, activations=Activations.INT8_DYNAMIC)
+    arts = {attention: ExecuTorchExporter().export(quantized, byte_tokenizer(), PteOptions(max_context=96,
+                                                   attention=attention), tmp_path / attention.value, QUIET)
+            for attention in (PteAttention.CUSTOM_SDPA, PteAttention.XNNPACK)}
+    fused, apart = arts[PteAttention.CUSTOM_SDPA].extra["coverage"], arts[PteAttention.XNNPACK].extra["coverage"]
+    assert fused["qkv_fused"] and not apart["qkv_fused"]
+    for key in ("linears_total", "linears_quantized", "linears_with_offset_correction", "bits_histogram"):
+        assert fused[key] == apart[key], key  # counted in the source model's linears either way
+    got = {a: _run(ExecuTorchRuntime().load(art, threads=2)) for a, art in arts.items()}
+    # Two attention kernels and one vs three matmuls: the same model to well within the int8 activations' noise.
+    reference = _eager(quantized)
+    assert position_kl(got[PteAttention.CUSTOM_SDPA], got[PteAttention.XNNPACK]).mean() < \
+        0.1 * position_kl(reference, got[PteAttention.XNNPACK]).mean()
+    codes = quantized_weights(quantized)
+    stacked = fuse_qkv_codes(codes, 2).tensors["layers.0.self_attn.qkv_proj"]
+    torch.testing.assert_close(stacked.dequantize(), torch.cat([codes.tensors[f"layers.0.self_attn.{n}_proj"]
+                                                                .dequantize() for n in "qkv"]))
+    codes.tensors["layers.1.self_attn.k_proj"].bits = 8  # as mixed precision would leave it
+    assert fuse_qkv_codes(codes, 2) is None
+
+
 def test_the_tied_matrix_is_stored_once_when_the_weights_are_external_data(tmp_path):
     """The embedding gathers the very int8 matrix the lm_head multiplies by, so in model.ptd (one copy of identical
     bytes) the tied matrix is stored once; in a single-file program it is stored twice. Same numbers either way."""

@@ -102,6 +102,21 @@ def test_8da4w_quantizes_every_linear_delegates_them_and_stays_close(exported):
     assert metrics["top1_agreement"] > 0.7
 
 
+def test_a_program_without_its_weights_file_is_refused_in_one_line(exported, tmp_path: Path):
+    import shutil
+
+    from compress.artifact import Artifact
+
+    _, fp32, _ = exported
+    assert fp32.extra["data"] == "model.ptd"  # external data is the default
+    shutil.copytree(fp32.path, tmp_path / "copy")
+    (tmp_path / "copy" / "model.ptd").unlink()
+    moved = Artifact(tmp_path / "copy", fp32.format, fp32.files, fp32.extra)
+    with pytest.raises(InputError, match=r"copy/model.ptd is missing: the program keeps its weights there; copy it "
+                                         r"beside model.pte"):
+        ExecuTorchRuntime().load(moved, threads=2)
+
+
 def test_the_latency_child_runs_mkl_single_threaded(exported):
     """The pip runtime's custom SDPA calls MKL from inside ExecuTorch's thread pool; nested, MKL's own threads fight
     the pool for the cores (measured on SmolLM2: 230-250 us per call instead of 45). The child that times the program

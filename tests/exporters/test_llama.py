@@ -7,8 +7,9 @@ from compress.models.tiny import tiny_llama
 from exporters.llama import AttentionBackend, ExportLlama
 
 
-@pytest.mark.parametrize("backend", list(AttentionBackend))
-def test_export_module_matches_hf_in_one_pass_and_incrementally(backend):
+@pytest.mark.parametrize("backend, fuse_qkv", [(b, False) for b in AttentionBackend]
+                         + [(AttentionBackend.CUSTOM, True), (AttentionBackend.EAGER, True)])
+def test_export_module_matches_hf_in_one_pass_and_incrementally(backend, fuse_qkv):
     if backend in (AttentionBackend.XNNPACK, AttentionBackend.CUSTOM):
         pytest.importorskip("executorch")
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
@@ -19,7 +20,8 @@ def test_export_module_matches_hf_in_one_pass_and_incrementally(backend):
     with torch.no_grad():
         expected = hf(tokens).logits  # (1, 48, vocab)
         module = ExportLlama.from_hf(hf, max_context=64, backend=backend,
-                                     fp16_safe_norm=backend is AttentionBackend.COREML)
+                                     fp16_safe_norm=backend is AttentionBackend.COREML, fuse_qkv=fuse_qkv)
+        assert hasattr(module.layers[0].self_attn, "qkv_proj") is fuse_qkv
         torch.testing.assert_close(module(tokens, torch.tensor([0])), expected, atol=tol, rtol=tol)
         module.reset_cache()
         parts = [module(tokens[:, :20], torch.tensor([0]))]
