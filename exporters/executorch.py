@@ -120,7 +120,7 @@ class ExecuTorchExporter:
     def _lower(self, module: Any, options: PteOptions, tokenizer: Any, timings: dict[str, float],
                console: Any) -> tuple[Any, dict[str, Any]]:
         import torch
-        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
         from torch._functorch._aot_autograd.subclass_parametrization import unwrap_tensor_subclass_parameters
         from executorch.exir.passes import MemoryPlanningPass
         from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -138,12 +138,19 @@ class ExecuTorchExporter:
                 _tag_external_constants(exported)
         timings["torch_export"] = step["seconds"]
         with console.step("Lowering to XNNPACK") as step, _prefix_shapes_delegable():
-            edge = to_edge_transform_and_lower(
-                # One greedy partitioner: the dynamic-quant-only one makes a partition per linear, and ExecuTorch
-                # re-legalizes the whole graph for every partition (quadratic: >6 min on 2 cores for 30 layers).
-                exported, partitioner=[_partitioner()],
-                compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-                constant_methods=_runner_metadata(module, tokenizer, options))
+            # One greedy partitioner: the dynamic-quant-only one makes a partition per linear, and ExecuTorch
+            # re-legalizes the whole graph for every partition (quadratic: >6 min on 2 cores for 30 layers).
+            partitioner = _partitioner()
+            # to_edge + to_backend rather than to_edge_transform_and_lower: the latter re-traces the whole program
+            # three times (functionalize, decompose keeping the partitioner's ops, decompose the ops it refused),
+            # each under fake tensors, ~10% of the export each (py-spy, 6 layers). Here one run_decompositions
+            # keeps the partitioner's ops (aten.linear, torchao's quant ops) unconditionally; a linear XNNPACK then
+            # refuses stays outside and _check_delegation fails the export, so nothing is silently slower.
+            keep, _ = partitioner.ops_to_not_decompose(exported)
+            edge = to_edge(exported, constant_methods=_runner_metadata(module, tokenizer, options),
+                           compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True,
+                                                            preserve_ops=list(keep)))
+            edge = edge.to_backend(partitioner)
             delegation = _count_delegation(edge.exported_program().graph_module)
             step["detail"] = f"{delegation['delegated_nodes']} nodes in {delegation['delegate_calls']} XNNPACK " \
                              f"partitions, {delegation['non_delegated_nodes']} outside"
