@@ -46,5 +46,11 @@ class Runtime(Protocol):
     def load(self, artifact: Artifact, threads: int) -> Session: ...
 
 
+def process_env(runtime: object) -> dict[str, str]:
+    """Environment a runtime's native libraries read only at process start (a runtime class may declare
+    `process_env`; none by default). Processes that time a runtime start with it (runtimes/latency.py)."""
+    return dict(getattr(runtime, "process_env", {}))
+
+
 class ContextOverflow(ValueError):
     """A prefill/decode would write past the session's max_context."""

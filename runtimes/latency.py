@@ -21,6 +21,7 @@ from typing import Any
 
 from compress.artifact import Artifact
 from compress.errors import RuntimeUnavailable
+from runtimes.base import process_env
 
 
 def measure_latency(runtime: str, artifact: Artifact, threads: int, prompt_ids: list[int], decode_tokens: int,
@@ -30,8 +31,7 @@ def measure_latency(runtime: str, artifact: Artifact, threads: int, prompt_ids: 
                "warmup": warmup, "repeats": repeats}
     from runtimes import RUNTIMES
 
-    # Native libraries read some settings only from the environment at start-up (a runtime's `process_env`).
-    env = {**os.environ, **getattr(RUNTIMES.get(runtime), "process_env", {})}
+    env = {**os.environ, **process_env(RUNTIMES.get(runtime))}
     try:
         proc = subprocess.run([sys.executable, "-m", "runtimes.latency"], input=json.dumps(request),
                               capture_output=True, text=True, timeout=timeout_s, env=env)
@@ -103,7 +103,7 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
         "rss_before_load_mb": rss_before,
         "peak_rss_mb": _peak_rss_mb(),
         # What the child ran under, as it saw it (the runtime's `process_env`): part of how the number was made.
-        "process_env": {k: os.environ.get(k) for k in getattr(runtime, "process_env", {})},
+        "process_env": {k: os.environ.get(k) for k in process_env(runtime)},
     }
 
 

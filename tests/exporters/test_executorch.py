@@ -102,6 +102,30 @@ def test_8da4w_quantizes_every_linear_delegates_them_and_stays_close(exported):
     assert metrics["top1_agreement"] > 0.7
 
 
+def test_partitions_merge_in_graph_order_unless_a_node_outside_would_sit_between_them():
+    """XNNPACK proposes partitions out of graph order and unmerged (91 for SmolLM2); merging them in graph order
+    must join neighbours and must never join two partitions that a node outside both feeds from and into."""
+    from torch.fx import Graph
+    from torch.fx.passes.infra.partitioner import Partition
+
+    from exporters.executorch import _merge_in_graph_order
+
+    graph = Graph()
+    a = graph.call_function(torch.neg, (graph.placeholder("x"),))
+    b = graph.call_function(torch.relu, (a,))  # stays outside: reads a, feeds c
+    c = graph.call_function(torch.neg, (b,))
+    d = graph.call_function(torch.sin, (c,))
+    graph.output(d)
+
+    def names(parts):
+        return [sorted(n.name for n in p.nodes) for p in parts]
+
+    proposed = [Partition(id=0, nodes=[d]), Partition(id=1, nodes=[c]), Partition(id=2, nodes=[a])]
+    assert names(_merge_in_graph_order(proposed, graph)) == [[a.name], sorted([c.name, d.name])]
+    chain = [Partition(id=i, nodes=[n]) for i, n in enumerate((c, a, b))]
+    assert names(_merge_in_graph_order(chain, graph)) == [sorted([a.name, b.name, c.name])]
+
+
 def test_a_program_without_its_weights_file_is_refused_in_one_line(exported, tmp_path: Path):
     import shutil
 
