@@ -23,15 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from compress import models
-from compress.artifact import Artifact
+from compress.artifact import Artifact, Format
 from compress.errors import InputError, RuntimeUnavailable
 from compress.export_options import GgufOptions, GgufType
 from compress.manifest import Manifest
+from compress.quantized import Activations
 from compress.registry import Registry
-from compress.targets import EvalSpec, Format, parse_target
-from compress.verification import stop_ids, torch_threads
-from runtimes import RUNTIMES
-from runtimes.base import Runtime
+from compress.runtimes import RUNTIMES
+from compress.runtimes.base import Runtime
+from compress.stages.configs import StageKind
+from compress.targets import EvalSpec, TargetSpec, parse_target
+from compress.threads import torch_threads
+from compress.verification import stop_ids
 
 EAGER = "eager"
 SOURCE = "llamacpp-source"
@@ -105,21 +108,17 @@ class Entry:
         return {k: statistics.median(r[k] for r in self.rounds) for k in LATENCY_KEYS}
 
 
-def quant_detail(spec: dict[str, Any]) -> str:
-    """A short description of a build's export: `int4 g32 asym, int8 act` / `q8_0` / `fp32`."""
-    export = spec.get("export", {})
-    if export.get("format") == "gguf":
-        return str(export.get("file_type", ""))
-    q = export.get("quantize")
-    stage = next((s["quantize"] for s in spec.get("stages", []) if "quantize" in s), None)
-    if stage:  # the quantize stage's codes, lowered as they are
-        q = stage
-        text = f"int{q['weight_bits']} g{q['group_size']} {q.get('algorithm', 'rtn')} (stage)"
-    elif not q:
-        return str(export.get("dtype", "fp32"))
-    else:
-        text = f"int{q['weight_bits']} g{q['group_size']} {'sym' if q.get('symmetric', True) else 'asym'}"
-    if q.get("activations") == "int8_dynamic":
+def quant_detail(target: TargetSpec) -> str:
+    """A short description of a build's weights: `int4 g32 hqq (stage), int8 act` / `q8_0` / `float32` / `fp32`."""
+    options = target.export.options
+    if target.export.format is Format.GGUF:
+        return options.file_type.value
+    q = next((s.config for s in target.stages if s.kind is StageKind.QUANTIZE), None)
+    if q is None:
+        return str(getattr(options, "dtype", "fp32"))
+    group = f"g{q.group_size}" if q.group_size else "per-channel"
+    text = f"int{q.weight_bits} {group} {q.algorithm.value} (stage)"  # the stage's codes, lowered as they are
+    if q.activations is Activations.INT8_DYNAMIC:
         text += ", int8 act"
     return text
 
@@ -152,7 +151,7 @@ def collect_builds(req: BenchRequest, runtimes: Registry[Runtime]) -> tuple[list
         available = _check_runtime(runtime, f"build {out_dir}")
         name = target.name if target.name not in names else f"{target.name} ({out_dir.name})"
         names.add(name)
-        entries.append(Entry(name, "build", artifact.format.value, runtime.name, quant_detail(manifest.target["spec"]),
+        entries.append(Entry(name, "build", artifact.format.value, runtime.name, quant_detail(target),
                              artifact, latency_note=available.latency_unmeasured))
     return entries, model
 
@@ -169,14 +168,14 @@ def source_gguf(source: models.ModelSource) -> Path | None:
 
 
 def collect_peers(req: BenchRequest, source: models.ModelSource, runtimes: Registry[Runtime]) -> list[Entry]:
-    from exporters.gguf import describe_gguf
+    from compress.exporters.gguf import describe_gguf
 
     entries = []
     for peer in req.peers:
         if peer == EAGER:
             ckpt = source.checkpoint
             files = tuple(str(p.relative_to(ckpt)) for p in sorted(ckpt.rglob("*")) if p.is_file())
-            art = Artifact(ckpt, Format.SAFETENSORS, files, {"max_context": 2048})
+            art = Artifact(ckpt, Format.SAFETENSORS, files, max_context=2048)
             entries.append(Entry("eager fp32 (peer)", "peer", art.format.value, "torch_eager", "fp32", art, peer=peer))
             continue
         runtime = runtimes.get("llamacpp")
@@ -187,7 +186,7 @@ def collect_peers(req: BenchRequest, source: models.ModelSource, runtimes: Regis
                 raise InputError(f"peer {SOURCE!r}: model {source.spec!r} has no source GGUF (only a catalog model "
                                  f"or a .gguf file has one); leave it out of --peers")
             info = describe_gguf(path)
-            art = Artifact(path, Format.GGUF, (path.name,), {"max_context": 2048, **info})
+            art = Artifact(path, Format.GGUF, (path.name,), max_context=2048, record=info)
             counts = {k: n for k, n in info["tensor_type_counts"].items() if k not in ("F32", "F16")}
             ftype = max(counts, key=counts.get).lower() if counts else "f32"  # the type most tensors have
             entries.append(Entry(f"llama.cpp source {ftype} (peer)", "peer", "gguf", "llamacpp", ftype, art, peer=peer))
@@ -205,11 +204,11 @@ def _error(err: BaseException) -> str:
 def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUNTIMES) -> dict[str, Any]:
     """Measure every entry; return the results (see compress/bench_report.py for the files)."""
     from compress.data.corpus import build_eval_set
+    from compress.exporters.gguf import GgufExporter
     from compress.progress import Console
-    from exporters.gguf import GgufExporter
-    from runtimes.harness import measure_accuracy, measured_on, run_reference
-    from runtimes.latency import measure_latency
-    from runtimes.torch_eager import TorchEagerRuntime
+    from compress.runtimes.harness import measure_accuracy, measured_on, run_reference
+    from compress.runtimes.latency import measure_latency
+    from compress.runtimes.torch_eager import TorchEagerRuntime
 
     entries, model_record = collect_builds(req, runtimes)
     for peer in req.peers:  # before the model is resolved (a first fetch takes ~30 s)

@@ -16,22 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress import __version__, checkpoint, distributed, models
-from compress.artifact import Artifact
+from compress import __version__, checkpoint, distributed, gate, models
+from compress.artifact import Artifact, Format
 from compress.cache import StageCache, code_version
 from compress.config import to_data
 from compress.data.corpus import calibration_windows
 from compress.errors import BudgetBroken, InputError, NotAvailableYet, RuntimeUnavailable
+from compress.exporters import EXPORTERS
+from compress.gate import Verdict
 from compress.hashing import sha256_file
 from compress.home import compress_home
 from compress.manifest import MANIFEST, Manifest, describe_files
-from compress.report import REPORT_JSON, REPORT_MD, JUNIT, write_reports
+from compress.quantized import QuantizedWeights
 from compress.registry import Registry
+from compress.report import JUNIT, REPORT_JSON, REPORT_MD, write_reports
+from compress.runtimes import RUNTIMES
 from compress.stages import STAGES, Stage, StageContext
-from compress.targets import Format, TargetSpec, load_targets, parse_target
+from compress.targets import TargetSpec, load_targets, parse_target
 from compress.verification import verify_artifact
-from exporters import EXPORTERS
-from runtimes import RUNTIMES
 
 ARTIFACT_NAMES = {
     Format.PTE: "executorch",
@@ -96,10 +98,17 @@ def _data_identity(source: str) -> str:
     return sha256_file(path) if path.is_file() else source
 
 
+@dataclass
+class StagesOutput:
+    model: Any
+    quantized: QuantizedWeights | None  # the quantize stage's codes, when the target has that stage
+    key: str  # the cache key of the last stage's output (the model's content hash without stages)
+    records: list[dict[str, Any]]  # one per stage, for the manifest
+
+
 def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache, console: Any,
-               stages: Registry[Stage] = STAGES,
-               world: distributed.World = distributed.World()) -> tuple[Any, str, list[dict]]:
-    """Run (or load from the cache) every stage; returns (model, its cache key, stage records).
+               stages: Registry[Stage] = STAGES, world: distributed.World = distributed.World()) -> StagesOutput:
+    """Run (or load from the cache) every stage.
 
     Under torchrun every rank runs every stage (a training stage needs all of them); only rank 0 writes
     the cache, and all ranks decide what is cached before any of them writes.
@@ -116,7 +125,7 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
 
         dist.barrier()
     last_hit = max((i for i, k in enumerate(keys) if cache.lookup(k)), default=-1)
-    model, records = loaded.model, []
+    model, quantized, records = loaded.model, None, []
     for i, (spec, key) in enumerate(zip(req.target.stages, keys)):
         title = f"Stage {i + 1}/{len(keys)}: {spec.kind.value}"
         if i <= last_hit:
@@ -125,7 +134,7 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
                             "cached": True, "seconds": info["seconds"], "notes": info["notes"]})
             if i == last_hit:
                 with console.step(f"{title} (cached; resuming after it)"):
-                    model = checkpoint.load_model(cache.path(key))
+                    model, quantized = checkpoint.load_stage(cache.path(key))
             continue
         ctx = StageContext(seed=req.seed, work_dir=cache.root / "work", console=console, reference=loaded.model,
                            calibration=functools.partial(calibration_windows, loaded.tokenizer, calib))
@@ -135,26 +144,26 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
             seconds = time.perf_counter() - start
             if world.main:
                 with cache.write(key, {"kind": spec.kind.value, "seconds": seconds, "notes": result.notes}) as entry:
-                    checkpoint.save_model(result.model, entry)
-        model = result.model
+                    checkpoint.save_stage(result.model, result.quantized, entry)
+        model, quantized = result.model, result.quantized
         records.append({"kind": spec.kind.value, "config": to_data(spec.config), "cache_key": key, "cached": False,
                         "seconds": step.get("seconds", seconds), "notes": result.notes})
-    return model, (keys[-1] if keys else loaded.source.sha256), records
+    return StagesOutput(model, quantized, keys[-1] if keys else loaded.source.sha256, records)
 
 
-def run_export(req: BuildRequest, model: Any, tokenizer: Any, model_key: str, cache: StageCache,
+def run_export(req: BuildRequest, staged: StagesOutput, tokenizer: Any, cache: StageCache,
                console: Any) -> tuple[Artifact, dict]:
     """Export (or reuse the cached export) and install the artifact atomically in the output directory."""
     fmt = req.target.export.format
     exporter = EXPORTERS.get(fmt.value)
     options = req.target.export.options
-    key = cache.key("export", model_key, fmt.value, to_data(options), exporter.version, code_version(exporter))
+    key = cache.key("export", staged.key, fmt.value, to_data(options), exporter.version, code_version(exporter))
     name = ARTIFACT_NAMES[fmt]
     cached = cache.lookup(key) is not None
     with console.step(f"Export to {fmt.value}" + (" (cached)" if cached else "")) as step:
         if not cached:
             with cache.write(key, {"kind": "export"}) as entry:
-                art = exporter.export(model, tokenizer, options, entry / name, console)
+                art = exporter.export(staged.model, tokenizer, options, entry / name, console, staged.quantized)
                 (entry / "artifact.json").write_text(json.dumps(art.to_data()))
         entry = cache.path(key)
         art = Artifact.from_data(json.loads((entry / "artifact.json").read_text()), entry)
@@ -175,7 +184,7 @@ def install_artifact(art: Artifact, final: Path) -> Artifact:
     if final.is_dir():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    return Artifact(final, art.format, art.files, art.extra)
+    return art.at(final)
 
 
 def _finish(out_dir: Path, manifest: Manifest, verification: Any, target: TargetSpec, console: Any) -> Manifest:
@@ -183,13 +192,13 @@ def _finish(out_dir: Path, manifest: Manifest, verification: Any, target: Target
         data = verification.to_data()
         write_reports(out_dir, data, f"compress {target.name}")
         manifest.verification = data
-        manifest.verdict = "pass" if verification.passed else "fail"
+        manifest.verdict = gate.verdict(verification.budgets)
     manifest.write(out_dir)
-    if verification is not None and not verification.passed:
-        broken = "; ".join(f"{b.name}: {b.metric} = {b.value:.4g}, limit {b.limit:.4g}" for b in verification.broken())
-        raise BudgetBroken(f"target {target.name!r}: budget broken ({broken}); see {out_dir / REPORT_MD}")
-    verdict = {"pass": "all budgets met", "unverified": "not verified"}.get(manifest.verdict, manifest.verdict)
-    console.print(f"[bold green]Built[/bold green] {out_dir} ({verdict}; manifest written last)")
+    if manifest.verdict is Verdict.FAIL:
+        raise BudgetBroken(f"target {target.name!r}: budget broken ({gate.broken_summary(verification.budgets)}); "
+                           f"see {out_dir / REPORT_MD}")
+    said = {Verdict.PASS: "all budgets met", Verdict.UNVERIFIED: "not verified"}[manifest.verdict]
+    console.print(f"[bold green]Built[/bold green] {out_dir} ({said}; manifest written last)")
     return manifest
 
 
@@ -211,15 +220,15 @@ def build(req: BuildRequest, console: Any) -> Manifest | None:
         step["detail"] = f"{source.kind.value}, sha256 {source.sha256[:12]}"
     with console.step("Loading the fp32 reference"):
         loaded = models.load(source)
-    model, model_key, stage_records = run_stages(req, loaded, cache, console, world=world)
+    staged = run_stages(req, loaded, cache, console, world=world)
     if not world.main:
         return None
-    artifact, export_record = run_export(req, model, loaded.tokenizer, model_key, cache, console)
+    artifact, export_record = run_export(req, staged, loaded.tokenizer, cache, console)
     manifest = Manifest(
         model=source.to_data(),
         target={"name": req.target.name, "targets_file": str(req.targets_file),
                 "targets_sha256": sha256_file(req.targets_file), "spec": req.target.to_data()},
-        stages=stage_records, export=export_record,
+        stages=staged.records, export=export_record,
         artifact={**artifact.to_data(), "file_hashes": describe_files(artifact),
                   "total_bytes": artifact.size_bytes()},
     )

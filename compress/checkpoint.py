@@ -1,25 +1,23 @@
-"""How a model between stages is stored in the cache: an ordinary HF safetensors checkpoint, plus the quantize
-stage's codes (compress.stages.qtensor) when the model carries them."""
+"""How a stage's output is stored in the cache: an ordinary HF safetensors checkpoint, plus the quantize stage's
+codes (compress.quantized) when it produced them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from compress.stages.qtensor import ATTRIBUTE, QuantizedWeights, quantized_weights
+from compress.quantized import QuantizedWeights
 
 
-def save_model(model: Any, path: Path) -> None:
+def save_stage(model: Any, quantized: QuantizedWeights | None, path: Path) -> None:
     model.save_pretrained(path, safe_serialization=True)
-    if (qw := quantized_weights(model)) is not None:
-        qw.save(path)
+    if quantized is not None:
+        quantized.save(path)
 
 
-def load_model(path: Path) -> Any:
+def load_stage(path: Path) -> tuple[Any, QuantizedWeights | None]:
     import torch
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
-    if (qw := QuantizedWeights.load(path)) is not None:
-        setattr(model, ATTRIBUTE, qw)
-    return model
+    return model, QuantizedWeights.load(path)

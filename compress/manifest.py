@@ -17,6 +17,7 @@ from typing import Any
 from compress import __version__
 from compress.artifact import Artifact
 from compress.errors import InputError
+from compress.gate import Verdict
 from compress.hashing import sha256_file
 
 MANIFEST = "manifest.json"
@@ -48,7 +49,7 @@ class Manifest:
     export: dict[str, Any] = field(default_factory=dict)
     artifact: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] | None = None
-    verdict: str = "unverified"  # "pass", "fail" or "unverified"
+    verdict: Verdict = Verdict.UNVERIFIED
     tools: dict[str, str] = field(default_factory=tool_versions)
     created_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
@@ -77,7 +78,9 @@ class Manifest:
             raise InputError(f"{path}: manifest schema {data.get('schema_version')!r} is not supported "
                              f"(this compress reads {SCHEMA_VERSION})")
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        manifest.verdict = Verdict(manifest.verdict)
+        return manifest
 
     def artifact_obj(self, out_dir: Path) -> Artifact:
         return Artifact.from_data(self.artifact, out_dir)

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,29 +21,15 @@ from typing import Any
 
 import yaml
 
+from compress.artifact import Format, RuntimeName
 from compress.config import check_fields, join, parse_dataclass, parse_value, setting, to_data, type_name
 from compress.errors import ConfigError, Problem
 from compress.export_options import GgufOptions, MlpackageOptions, OnnxOptions, PteOptions, SafetensorsOptions
+from compress.gate import Budgets
 from compress.stages.configs import STAGE_CONFIGS, StageKind
 
 SCHEMA_VERSION = 1
-SHIPPED_TARGETS = Path(__file__).resolve().parent.parent / "targets.yaml"
-
-
-class Format(enum.Enum):
-    PTE = "pte"  # ExecuTorch program
-    ONNX = "onnx"  # ONNX model directory
-    MLPACKAGE = "mlpackage"  # Core ML package
-    GGUF = "gguf"  # llama.cpp
-    SAFETENSORS = "safetensors"  # plain HF checkpoint, run by eager PyTorch (the reference format)
-
-
-class RuntimeName(enum.Enum):
-    TORCH_EAGER = "torch_eager"
-    EXECUTORCH = "executorch"
-    ONNXRUNTIME = "onnxruntime"
-    COREML = "coreml"
-    LLAMACPP = "llamacpp"
+SHIPPED_TARGETS = Path(__file__).resolve().parent / "targets.yaml"  # package data; ./targets.yaml links here
 
 
 # Which runtimes can execute which format.
@@ -94,11 +79,6 @@ class ExportSpec:
     @property
     def max_context(self) -> int | None:
         return getattr(self.options, "max_context", None)
-
-
-# Formats whose exporter lowers the quantize stage's codes (compress.stages.qtensor) without re-rounding; the
-# safetensors checkpoint holds their exact dequantized values.
-CODES_FORMATS = (Format.ONNX, Format.PTE, Format.MLPACKAGE, Format.SAFETENSORS)
 
 
 @dataclass(frozen=True)
@@ -170,48 +150,6 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
-class Budget:
-    """How a budget name maps onto a measured metric."""
-
-    metric: str
-    kind: str  # "max" or "min"
-    unit: str = ""
-
-
-BUDGETS: dict[str, Budget] = {
-    "max_mean_kl": Budget("mean_kl", "max", "nats"),
-    "max_p99_kl": Budget("p99_kl", "max", "nats"),
-    "min_top1_agreement": Budget("top1_agreement", "min"),
-    "max_perplexity_ratio": Budget("perplexity_ratio", "max"),
-    "min_greedy_match": Budget("greedy_match_mean", "min", "tokens"),
-    "max_size_mb": Budget("size_mb", "max", "MB"),
-    "min_decode_tok_s": Budget("decode_tok_s", "min", "tok/s"),
-    "min_prefill_tok_s": Budget("prefill_tok_s", "min", "tok/s"),
-    "max_peak_rss_mb": Budget("peak_rss_mb", "max", "MB"),
-}
-
-
-@dataclass(frozen=True)
-class Budgets:
-    max_mean_kl: float | None = setting(None, ge=0)
-    max_p99_kl: float | None = setting(None, ge=0)
-    min_top1_agreement: float | None = setting(None, ge=0, le=1)
-    max_perplexity_ratio: float | None = setting(None, gt=0)
-    min_greedy_match: float | None = setting(None, ge=0)
-    max_size_mb: float | None = setting(None, gt=0)
-    min_decode_tok_s: float | None = setting(None, gt=0)
-    min_prefill_tok_s: float | None = setting(None, gt=0)
-    max_peak_rss_mb: float | None = setting(None, gt=0)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-    def items(self) -> list[tuple[str, float]]:
-        """The budgets that are set, in a fixed order."""
-        return [(name, getattr(self, name)) for name in BUDGETS if getattr(self, name) is not None]
-
-
-@dataclass(frozen=True)
 class TargetSpec:
     name: str
     export: ExportSpec
@@ -250,13 +188,11 @@ class TargetSpec:
         out = []
         if kinds[-1] is not StageKind.QUANTIZE:
             out.append(Problem("stages", "quantize must be the last stage: later stages would train away its grid"))
-        if getattr(self.export.options, "quantize", None) is not None:
-            out.append(Problem("export.quantize", "set together with a quantize stage: the exporter lowers the "
-                                                  "stage's codes as they are; remove export.quantize"))
-        if self.export.format not in CODES_FORMATS:
-            out.append(Problem("export.format", f"{self.export.format.value!r} cannot lower the quantize stage's "
-                                                f"codes; formats that can: "
-                                                f"{', '.join(f.value for f in CODES_FORMATS)}"))
+        # What the format's kernels can hold of the stage's codes, declared with its export options.
+        index = kinds.index(StageKind.QUANTIZE)
+        for problem in self.export.options.codes_problems(self.stages[index].config):
+            where = f"stages[{index}].{problem.where}" if problem.where.startswith("quantize") else problem.where
+            out.append(Problem(where, f"{problem.message} (export.format {self.export.format.value})"))
         return out
 
     @classmethod

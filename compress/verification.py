@@ -5,32 +5,20 @@ Used by `compress build` (after export) and `compress verify OUT_DIR` (re-verifi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from compress.artifact import Artifact
 from compress.data.corpus import build_eval_set
 from compress.errors import InputError, RuntimeUnavailable
+from compress.gate import check_budgets
 from compress.models import LoadedModel
+from compress.runtimes import RUNTIMES
+from compress.runtimes.base import ContextOverflow
+from compress.runtimes.harness import Verification, measure_accuracy, measured_on, run_reference
+from compress.runtimes.latency import measure_latency
+from compress.runtimes.torch_eager import TorchEagerRuntime
 from compress.targets import TargetSpec
-from runtimes import RUNTIMES
-from runtimes.base import ContextOverflow
-from runtimes.harness import Verification, check_budgets, measure_accuracy, measured_on, run_reference
-from runtimes.latency import measure_latency
-from runtimes.torch_eager import TorchEagerRuntime
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from compress.threads import torch_threads
 
 
 def stop_ids(tokenizer: Any) -> set[int]:
@@ -52,7 +40,7 @@ def verify_artifact(target: TargetSpec, artifact: Artifact, reference: LoadedMod
         step["detail"] = f"{len(eval_set.windows)} windows x {len(eval_set.windows[0])} tokens, " \
                          f"{len(eval_set.prompts)} prompts"
     stops = stop_ids(reference.tokenizer)
-    max_context = artifact.extra.get("max_context") or target.export.max_context
+    max_context = artifact.max_context or target.export.max_context
     longest_prompt = max(len(p) for p in eval_set.prompt_ids) + spec.greedy_tokens
     if max_context is not None and longest_prompt > max_context:
         raise InputError(f"a prompt plus {spec.greedy_tokens} greedy tokens needs {longest_prompt} positions; "

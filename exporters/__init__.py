@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from compress.exporters.base import Exporter
+from compress.exporters.coreml import CoreMLExporter
+from compress.exporters.executorch import ExecuTorchExporter
+from compress.exporters.gguf import GgufExporter
+from compress.exporters.onnx import OnnxExporter
+from compress.exporters.safetensors import SafetensorsExporter
+
+from compress.artifact import Format
 from compress.registry import Registry
-from compress.targets import Format
-from exporters.base import Exporter
-from exporters.coreml import CoreMLExporter
-from exporters.executorch import ExecuTorchExporter
-from exporters.gguf import GgufExporter
-from exporters.onnx import OnnxExporter
-from exporters.safetensors import SafetensorsExporter
 
 EXPORTERS: Registry[Exporter] = Registry("exporter")
 EXPORTERS.register(Format.SAFETENSORS.value, SafetensorsExporter())

@@ -3,7 +3,7 @@
 `export(model, tokenizer, options, out_dir, console) -> Artifact`. An exporter writes into a temporary
 sibling of `out_dir` and renames it into place only when complete, so a crash never leaves a
 half-written artifact where the final one belongs. It reports coverage (linears quantized, nodes
-delegated) in `Artifact.extra`; a silent partial lowering is a failure, not a log line.
+delegated) in `Artifact.record`; a silent partial lowering is a failure, not a log line.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from compress.artifact import Artifact
-from runtimes.base import Availability
+from compress.artifact import Artifact, Availability
+from compress.quantized import QuantizedWeights
 
 
 class Exporter(Protocol):
@@ -24,7 +24,8 @@ class Exporter(Protocol):
 
     def availability(self) -> Availability: ...
 
-    def export(self, model: Any, tokenizer: Any, options: Any, out_dir: Path, console: Any) -> Artifact: ...
+    def export(self, model: Any, tokenizer: Any, options: Any, out_dir: Path, console: Any,
+               quantized: QuantizedWeights | None = None) -> Artifact: ...
 
 
 @contextmanager

@@ -4,33 +4,30 @@ The package's one function is `main(tokens (1, q) int32, input_pos (1,) int32) -
 with q one of `query_lengths` (enumerated shapes: prefill chunks and decode, q = 1), and one fp16 state
 per layer and cache (`layers_{i}_self_attn_{k,v}_cache`, (1, n_kv, max_context, head_dim)), updated in
 place. It computes in fp16 (or fp32 on request) for iOS 18 / macOS 15, the first releases with states.
-Weights are compressed afterwards by coremltools.optimize: int8/int4 linear quantization (per channel
-or per block) or k-means palettization (per grouped channel). The tied embedding / lm_head pair is one
-shared compressed constant when both ask for the same precision, and two deliberate copies otherwise.
-Coverage is a post-condition: a linear left uncompressed fails the export unless the target allows it.
+The quantize stage's codes, when a target has that stage, are lowered afterwards as they are
+(exporters/coreml_codes.py: constexpr_blockwise_shift_scale); without it the weights stay fp16. The tied
+embedding / lm_head pair is one shared compressed constant when both have the same precision, and two
+deliberate copies otherwise. Coverage is a post-condition: a linear with codes left uncompressed fails the
+export unless the target allows it.
 The artifact is a directory: `model.mlpackage`, the tokenizer files and `compress-mlpackage.json`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
-from compress.artifact import Artifact
+from compress.exporters.base import atomic_dir
+from compress.exporters.coreml_codes import lower_codes
+from compress.exporters.llama import AttentionBackend, ExportLlama
+
+from compress.artifact import Artifact, Availability, Format
 from compress.errors import ExportError, InputError
 from compress.export_options import ComputeUnits, Dtype, MlpackageOptions
 from compress.hashing import files_under
-from compress.stages.configs import Activations, QuantizeConfig, WeightFormat
-from compress.targets import Format
-from compress.stages.qtensor import quantized_weights
-from exporters.base import atomic_dir
-from exporters.coreml_codes import lower_codes
-from exporters.llama import AttentionBackend, ExportLlama
-from exporters.torchao_quant import BITS, LinearPlan, check_plan, coverage, plan_linears
-from runtimes.base import Availability
+from compress.quantized import BITS_OF, Activations, QuantizedWeights
 
 PACKAGE = "model.mlpackage"
 SIDECAR = "compress-mlpackage.json"
@@ -46,31 +43,21 @@ class CoreMLExporter:
         return Availability(True)
 
     def export(self, model: Any, tokenizer: Any, options: MlpackageOptions, out_dir: Path,
-               console: Any) -> Artifact:
+               console: Any,
+               quantized: QuantizedWeights | None = None) -> Artifact:
         limit = model.config.max_position_embeddings
         if options.max_context > limit:
             raise InputError(f"export.max_context {options.max_context} exceeds the model's "
                              f"max_position_embeddings {limit}")
         module = ExportLlama.from_hf(model, options.max_context, AttentionBackend.COREML, fp16_safe_norm=True)
-        codes = quantized_weights(model)
-        if codes is not None and options.quantize is not None:
-            raise InputError("export.quantize would quantize the quantize stage's output again; remove it (the "
-                             "stage's codes are lowered as they are)")
-        if codes is not None and codes.export_config().activations is not Activations.NONE:
-            raise InputError(f"the quantize stage set activations: {codes.export_config().activations.value}; Core ML "
-                             f"programs compute with fp16 activations (no dynamic int8): set activations: none in the "
-                             f"stage")
-        # With the stage's codes, its scheme decides the layout (which constants exist, shared or not).
-        q = options.quantize if codes is None else codes.export_config()
-        plans = _plan(module, q) if q is not None else []
-        if codes is not None:
-            plans = [dataclasses.replace(p, bits=codes.tensors[p.name].bits, group_size=codes.tensors[p.name].group,
-                                         skipped="") if p.name in codes.tensors else dataclasses.replace(p, bits=None)
-                     for p in plans]
-        check_plan(plans, options.allow_unquantized_linears)  # before the slow conversion
+        codes = quantized
+        q = codes.export_config() if codes is not None else None
+        if q is not None and q.activations is not Activations.NONE:
+            raise InputError(f"the quantize stage set activations: {q.activations.value}; Core ML programs compute "
+                             f"with fp16 activations (no dynamic int8): set activations: none in the stage")
         tied = bool(model.config.tie_word_embeddings)
         # Tied and stored alike (both fp16, or both int8...): one constant serves the gather and the lm_head.
-        share = tied and (q is None or BITS[q.embedding] == BITS[q.lm_head])
+        share = tied and (q is None or BITS_OF[q.embedding] == BITS_OF[q.lm_head])
         timings: dict[str, float] = {}
         with atomic_dir(out_dir) as tmp:
             mlmodel = self._convert(module, options, dedup=share or not tied, timings=timings, console=console)
@@ -82,14 +69,9 @@ class CoreMLExporter:
                     step["detail"] = f"{lowering['with_integer_offsets']} with integer offsets, " \
                                      f"{lowering['with_float_offsets']} with float offsets"
                 timings["lower_codes"] = step["seconds"]
-            elif q is not None:
-                with console.step("Compressing weights (coremltools.optimize)") as step:
-                    mlmodel = _compress(mlmodel, q, plans)
-                    step["detail"] = _scheme_name(q)
-                timings["compress"] = step["seconds"]
-            notes = {**_coverage(mlmodel, linear_ops, plans, q, tied, share), **lowering}
+            notes = {**_coverage(mlmodel, linear_ops, codes, tied, share), **lowering}
             if codes is not None:
-                notes["quantization"] = f"quantize stage ({codes.scheme.get('algorithm')}): int{q.weight_bits} " \
+                notes["quantization"] = f"quantize stage ({codes.config.algorithm}): int{q.weight_bits} " \
                                         f"per-block {q.group_size}, codes lowered as they are"
             with console.step("Saving the package") as step:
                 mlmodel.save(str(tmp / PACKAGE))
@@ -108,11 +90,11 @@ class CoreMLExporter:
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
             _check_coverage(notes, options)
         files = tuple(str(p) for p in files_under(out_dir))
-        return Artifact(out_dir, Format.MLPACKAGE, files, {
-            "max_context": options.max_context, "program": PACKAGE, "query_lengths": sidecar["query_lengths"],
-            "vocab_size": module.dims.vocab_size,
-            "compute_units": options.compute_units.value, "compute_precision": options.compute_precision.value,
-            "coverage": notes, "export_seconds": timings})
+        return Artifact(out_dir, Format.MLPACKAGE, files, main=PACKAGE, max_context=options.max_context,
+                        vocab_size=module.dims.vocab_size, query_lengths=tuple(sidecar["query_lengths"]),
+                        compute_units=options.compute_units.value,
+                        record={"compute_precision": options.compute_precision.value, "coverage": notes,
+                                "export_seconds": timings})
 
     @staticmethod
     def _convert(module: Any, options: MlpackageOptions, dedup: bool, timings: dict[str, float],
@@ -176,45 +158,6 @@ def _const_name(module_name: str) -> str:
     return module_name.replace(".", "_") + "_weight"
 
 
-def _palettized(q: QuantizeConfig, plan: LinearPlan) -> bool:
-    """Palettization applies to the linears at weight_bits; an lm_head at another precision stays affine."""
-    return q.weight_format is WeightFormat.PALETTIZED and plan.bits == q.weight_bits
-
-
-def _plan(module: Any, q: QuantizeConfig) -> list[LinearPlan]:
-    """Per linear: bits and group. Palettization groups output channels (rows) rather than input blocks."""
-    if q.weight_format is WeightFormat.AFFINE:
-        return plan_linears(module, q)
-    rows = {name: mod.out_features for name, mod in module.named_modules() if hasattr(mod, "out_features")}
-    plans = []
-    for p in plan_linears(module, dataclasses.replace(q, group_size=None)):
-        if not _palettized(q, p):
-            plans.append(p)
-            continue
-        group = q.group_size
-        skipped = f"out_features {rows[p.name]} is not a multiple of group_size {group}" \
-            if group is not None and rows[p.name] % group else ""
-        plans.append(dataclasses.replace(p, group_size=group, skipped=skipped))
-    return plans
-
-
-def _op_config(q: QuantizeConfig, bits: int, group: int | None, palettize: bool) -> Any:
-    import coremltools.optimize as cto
-
-    if palettize:
-        granularity = "per_grouped_channel" if group else "per_tensor"
-        # One k-means worker: coremltools' worker pool forks, and forked workers hung here (0 CPU, minutes)
-        # after torch and BLAS had started their threads.
-        return cto.coreml.OpPalettizerConfig(mode="kmeans", nbits=bits, granularity=granularity,
-                                             group_size=group or 32, weight_threshold=0)
-    mode = "linear_symmetric" if q.symmetric else "linear"
-    if group:
-        return cto.coreml.OpLinearQuantizerConfig(mode=mode, dtype=f"int{bits}", granularity="per_block",
-                                                  block_size=group, weight_threshold=0)
-    return cto.coreml.OpLinearQuantizerConfig(mode=mode, dtype=f"int{bits}", granularity="per_channel",
-                                              weight_threshold=0)
-
-
 def _weight_consts(mlmodel: Any) -> dict[str, str]:
     """Module-style weight name -> name of the const op that holds it in the program. (`_mil_program` is the
     only handle coremltools gives on a converted model's program; its own optimize passes read it too.)"""
@@ -223,30 +166,6 @@ def _weight_consts(mlmodel: Any) -> dict[str, str]:
         if op.op_type == "const" and op.name.endswith(("_weight", "_weight_to_fp16")):
             out[op.name.removesuffix("_to_fp16")] = op.name
     return out
-
-
-def _compress(mlmodel: Any, q: QuantizeConfig, plans: list[LinearPlan]) -> Any:
-    """One coremltools.optimize pass per weight format, each configured by weight-constant name only."""
-    import coremltools.optimize as cto
-
-    consts = _weight_consts(mlmodel)
-    palette: dict[str, Any] = {}
-    affine: dict[str, Any] = {}
-    for p in plans:
-        if p.quantized and _const_name(p.name) in consts:
-            target = palette if _palettized(q, p) else affine
-            target[consts[_const_name(p.name)]] = _op_config(q, p.bits, p.group_size, target is palette)
-    # The embedding (a gather) is always linearly quantized: per row (int8) or per block (int4). When the tied
-    # lm_head shares its constant (same precision), this one config compresses both.
-    bits = BITS[q.embedding]
-    embed_const = consts.get(_const_name(EMBEDDING))
-    if bits is not None and embed_const is not None:
-        affine[embed_const] = _op_config(q, bits, (q.group_size or 32) if bits == 4 else None, False)
-    if palette:
-        mlmodel = cto.coreml.palettize_weights(mlmodel, cto.coreml.OptimizationConfig(op_name_configs=palette))
-    if affine:
-        mlmodel = cto.coreml.linear_quantize_weights(mlmodel, cto.coreml.OptimizationConfig(op_name_configs=affine))
-    return mlmodel
 
 
 def _linear_ops(mlmodel: Any) -> dict[str, str]:
@@ -263,28 +182,24 @@ def _linear_ops(mlmodel: Any) -> dict[str, str]:
     return out
 
 
-def _coverage(mlmodel: Any, linear_ops: dict[str, str], plans: list[LinearPlan], q: QuantizeConfig | None,
-              tied: bool, shared: bool) -> dict[str, Any]:
+def _coverage(mlmodel: Any, linear_ops: dict[str, str], codes: Any, tied: bool, shared: bool) -> dict[str, Any]:
     """What the saved program really holds: each model linear's weight is compressed iff a constexpr makes it."""
     ops = {op.name: op for op in mlmodel._mil_program.functions["main"].operations}
     compressed = sorted(name for op_name, name in linear_ops.items()
                         if op_name in ops and ops[op_name].weight.op.op_type.startswith("constexpr_"))
-    wanted = {_const_name(p.name).removesuffix("_weight") for p in plans if p.quantized}
+    coded = set(codes.tensors) if codes is not None else set()
+    wanted = {_const_name(name).removesuffix("_weight") for name in coded}
     gathers = [op for op in ops.values() if op.op_type == "gather" and op.x.op is not None
                and op.x.op.op_type.startswith("constexpr_")]
-    notes: dict[str, Any] = {"quantization": _scheme_name(q) if q else "none (fp16 weights)",
-                             "tied_embeddings": tied,
-                             "tied_storage": ("one shared compressed copy" if shared else "two copies")
-                             if tied else "untied",
-                             "embedding": q.embedding.value if q else "fp16", "lm_head": q.lm_head.value if q else "fp16",
-                             "embedding_compressed": bool(gathers),
-                             "linears_compressed_names": compressed,
-                             "linears_not_compressed": sorted(wanted - set(compressed))}
-    notes.update(coverage(plans) if plans else {"linears_total": len(linear_ops), "linears_quantized": 0,
-                                                "linears_fp32_by_request": len(linear_ops), "linears_skipped": []})
-    notes["linears_quantized"] = len(compressed)
-    notes["linears_total"] = len(linear_ops)
-    return notes
+    q = codes.export_config() if codes is not None else None
+    return {"quantization": "none (fp16 weights)", "tied_embeddings": tied,
+            "tied_storage": ("one shared compressed copy" if shared else "two copies") if tied else "untied",
+            "embedding": q.embedding.value if q else "fp16", "lm_head": q.lm_head.value if q else "fp16",
+            "embedding_compressed": bool(gathers),
+            "linears_compressed_names": compressed,
+            "linears_not_compressed": sorted(wanted - set(compressed)),
+            "linears_total": len(linear_ops), "linears_quantized": len(compressed),
+            "linears_fp32_by_request": len(set(linear_ops.values()) - coded), "linears_skipped": []}
 
 
 def _check_coverage(notes: dict[str, Any], options: MlpackageOptions) -> None:
@@ -292,12 +207,3 @@ def _check_coverage(notes: dict[str, Any], options: MlpackageOptions) -> None:
     if missing and not options.allow_unquantized_linears:
         raise ExportError(f"{len(missing)} linears the config compresses were left uncompressed by coremltools "
                           f"({missing[0]}, ...); set export.allow_unquantized_linears: true to accept")
-
-
-def _scheme_name(q: QuantizeConfig) -> str:
-    if q.weight_format is WeightFormat.PALETTIZED:
-        lut = f"a LUT per {q.group_size} rows" if q.group_size else "one LUT per tensor"
-        return f"{q.weight_bits}-bit palettized (k-means, {lut})"
-    group = f"per-block {q.group_size}" if q.group_size else "per-channel"
-    return f"int{q.weight_bits} {group} ({'symmetric' if q.symmetric else 'asymmetric'})"
-

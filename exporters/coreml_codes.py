@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress.stages.qtensor import QuantTensor
+from compress.quantized import QuantTensor
 
 
 def lower_codes(mlmodel: Any, by_const: dict[str, QuantTensor]) -> tuple[Any, dict[str, Any]]:

@@ -1,5 +1,6 @@
 """ExecuTorch `.pte` for XNNPACK: our export-friendly Llama, ExecuTorch's in-place KV-cache op, attention
-on XNNPACK (or ExecuTorch's custom SDPA kernel, `export.attention`), torchao quantization, XNNPACK lowering.
+on XNNPACK (or ExecuTorch's custom SDPA kernel, `export.attention`), the quantize stage's codes lowered into
+XNNPACK's integer layouts (exporters/xnnpack_codes.py), XNNPACK lowering.
 
 The program has one method, `forward(tokens (1, seq), input_pos (1,)) -> logits (1, seq, vocab)`, with a
 dynamic `seq` (1..max_context), so a whole prompt prefills in one call and decode is seq = 1. It returns
@@ -19,17 +20,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from compress.artifact import Artifact
+from compress.exporters.base import atomic_dir
+from compress.exporters.llama import AttentionBackend, ExportLlama
+from compress.exporters.xnnpack_codes import apply_codes, check_codes, fuse_qkv_codes
+
+from compress.artifact import Artifact, Availability, Format
 from compress.errors import ExportError, InputError
-from compress.hashing import files_under
 from compress.export_options import PteAttention, PteOptions
-from compress.stages.qtensor import quantized_weights
-from compress.targets import Format
-from exporters.base import atomic_dir
-from exporters.llama import AttentionBackend, ExportLlama
-from exporters.xnnpack_codes import apply_codes, check_codes, fuse_qkv_codes
-from exporters.torchao_quant import apply_plan, check_plan, coverage, plan_linears
-from runtimes.base import Availability
+from compress.hashing import files_under
+from compress.quantized import QuantizedWeights
 
 PROGRAM = "model.pte"
 DATA_TAG = "model"  # external data (export.external_data) goes to DATA_TAG + ".ptd"
@@ -53,10 +52,10 @@ class ExecuTorchExporter:
             return Availability(False, f"{', '.join(missing)} not installed; pip install 'compress[executorch]'")
         return Availability(True)
 
-    def export(self, model: Any, tokenizer: Any, options: PteOptions, out_dir: Path, console: Any) -> Artifact:
-        import torch
-
+    def export(self, model: Any, tokenizer: Any, options: PteOptions, out_dir: Path, console: Any,
+               quantized: QuantizedWeights | None = None) -> Artifact:
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers llama::update_cache/custom_sdpa
+        import torch
 
         limit = model.config.max_position_embeddings
         if options.max_context > limit:
@@ -64,14 +63,11 @@ class ExecuTorchExporter:
                              f"max_position_embeddings {limit}")
         backend = {PteAttention.XNNPACK: AttentionBackend.XNNPACK,
                    PteAttention.CUSTOM_SDPA: AttentionBackend.CUSTOM}[options.attention]
-        codes = quantized_weights(model)
-        if codes is not None and options.quantize is not None:
-            raise InputError("export.quantize would quantize the quantize stage's output again; remove it (the "
-                             "stage's codes are lowered as they are)")
+        codes = quantized
         # q/k/v as one matmul (and one RoPE) where attention leaves XNNPACK right after them anyway (custom_sdpa),
         # so splitting the result costs no extra partition: ~12 fewer graph nodes per layer to lower, 2 fewer
-        # matmuls per layer to run. Not with export.quantize, whose per-linear plan and overrides name q/k/v.
-        fuse = options.attention is PteAttention.CUSTOM_SDPA and options.quantize is None
+        # matmuls per layer to run.
+        fuse = options.attention is PteAttention.CUSTOM_SDPA
         if fuse and codes is not None:
             fused = fuse_qkv_codes(codes, model.config.num_hidden_layers)
             fuse, codes = fused is not None, fused or codes
@@ -80,20 +76,11 @@ class ExecuTorchExporter:
         if codes is not None:  # the quantize stage ran: lower its codes as they are
             check_codes(codes)
             with console.step("Lowering the quantize stage's codes (XNNPACK layout)") as step:
-                notes = {"quantization": f"quantize stage ({codes.scheme.get('algorithm')})",
+                notes = {"quantization": f"quantize stage ({codes.config.algorithm})",
                          **apply_codes(module, codes, bool(model.config.tie_word_embeddings)),
                          "tied_embeddings": model.config.tie_word_embeddings}
                 step["detail"] = f"{notes['linears_quantized']}/{notes['linears_total']} linears, " \
                                  f"{notes['linears_with_offset_correction']} with an offset correction"
-        elif options.quantize is not None:
-            plans = plan_linears(module, options.quantize)
-            check_plan(plans, options.allow_unquantized_linears)
-            with console.step("Quantizing with torchao") as step:
-                apply_plan(module, plans, options.quantize)
-                notes = {"quantization": _scheme_name(options.quantize), **coverage(plans),
-                         "embedding": options.quantize.embedding.value, "lm_head": options.quantize.lm_head.value,
-                         "tied_embeddings": model.config.tie_word_embeddings}
-                step["detail"] = f"{notes['linears_quantized']}/{notes['linears_total']} linears"
         else:
             notes.update(linears_total=sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)),
                          linears_quantized=0)
@@ -114,16 +101,17 @@ class ExecuTorchExporter:
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         self._check_delegation(delegation, options)
         files = tuple(str(p) for p in files_under(out_dir))
-        return Artifact(out_dir, Format.PTE, files, {"max_context": options.max_context, "program": PROGRAM, **data,
-                                                     "coverage": {**notes, **delegation}, "export_seconds": timings})
+        return Artifact(out_dir, Format.PTE, files, main=PROGRAM, data=DATA if options.external_data else "",
+                        max_context=options.max_context, vocab_size=module.dims.vocab_size,
+                        record={"coverage": {**notes, **delegation}, "export_seconds": timings})
 
     def _lower(self, module: Any, options: PteOptions, tokenizer: Any, timings: dict[str, float],
                console: Any) -> tuple[Any, dict[str, Any]]:
         import torch
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
-        from torch._functorch._aot_autograd.subclass_parametrization import unwrap_tensor_subclass_parameters
         from executorch.exir.passes import MemoryPlanningPass
         from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+        from torch._functorch._aot_autograd.subclass_parametrization import unwrap_tensor_subclass_parameters
         from torch.export import Dim
 
         example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
@@ -292,12 +280,6 @@ def _prefix_shapes_delegable() -> Iterator[None]:
         yield
     finally:
         xnnpack_config.has_free_unbacked_symbols = refuse
-
-
-def _scheme_name(q: Any) -> str:
-    act = "8da" if q.activations.value == "int8_dynamic" else ""
-    group = f" g{q.group_size}" if q.group_size else " per-channel"
-    return f"{act}{q.weight_bits}w{group} ({q.algorithm.value})" if act else f"int{q.weight_bits} weight-only{group}"
 
 
 def _eos_ids(tokenizer: Any, module: Any) -> list[int]:

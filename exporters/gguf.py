@@ -4,7 +4,7 @@ Written with the `gguf` package (GGUFWriter, the tensor-name map, SpecialVocab f
 chat template). f32, f16 and Q8_0 are written directly; Q4_0, Q4_K_M and Q5_K_M go through llama.cpp's own
 quantizer (`llama_cpp.llama_model_quantize`, the optional `llamacpp` extra) from an f32 GGUF written first, so
 llama.cpp picks each tensor's type exactly as its `llama-quantize` tool would (K-quants need rows that are a
-multiple of 256 and fall back to other types where they are not: `extra["tensor_types"]` records the outcome).
+multiple of 256 and fall back to other types where they are not: `Artifact.record["tensor_types"]` records the outcome).
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from compress.artifact import Artifact
+from compress import llamacpp_lib as llamacpp
+from compress.artifact import Artifact, Availability, Format
 from compress.errors import ExportError, RuntimeUnavailable
 from compress.export_options import GgufOptions, GgufType
-from compress.targets import Format
-from runtimes import llamacpp
-from runtimes.base import Availability
+from compress.quantized import QuantizedWeights
 
 # What each file type is written as: a numpy dtype or GGML type for 2-D weights, or llama.cpp's quantizer.
 _DIRECT = {GgufType.F32: "F32", GgufType.F16: "F16", GgufType.Q8_0: "Q8_0"}
@@ -45,7 +44,8 @@ class GgufExporter:
     def availability(self) -> Availability:
         return Availability(True)  # `gguf` is a core dependency; the quantizer is checked per file type
 
-    def export(self, model: Any, tokenizer: Any, options: GgufOptions, out_dir: Path, console: Any) -> Artifact:
+    def export(self, model: Any, tokenizer: Any, options: GgufOptions, out_dir: Path, console: Any,
+               quantized: QuantizedWeights | None = None) -> Artifact:
         import gguf
 
         if options.file_type in _BY_LLAMACPP and not llamacpp.installed():
@@ -66,18 +66,18 @@ class GgufExporter:
                 step["detail"] = f"{path.stat().st_size / 1e6:.1f} MB"
             if options.file_type in _BY_LLAMACPP:
                 with console.step(f"Quantizing to {options.file_type.value} with llama.cpp") as step:
-                    quantized = Path(tmp) / "quantized.gguf"
-                    fallbacks = llamacpp_quantize(path, quantized,
+                    requantized = Path(tmp) / "quantized.gguf"
+                    fallbacks = llamacpp_quantize(path, requantized,
                                                   getattr(gguf.LlamaFileType, _BY_LLAMACPP[options.file_type]))
-                    path = quantized
+                    path = requantized
                     step["detail"] = f"{path.stat().st_size / 1e6:.1f} MB"
             summary = describe_gguf(path)
             os.replace(path, final)  # the only rename: a crash before it leaves nothing at `final`
-        extra = {"file_type": options.file_type.value, "max_context": options.max_context,
-                 "size_bytes": final.stat().st_size, **summary,
-                 "quantizer": "llama.cpp" if options.file_type in _BY_LLAMACPP else "gguf-py",
-                 "fallbacks": fallbacks}
-        return Artifact(final, Format.GGUF, (final.name,), extra)
+        record = {"file_type": options.file_type.value, "size_bytes": final.stat().st_size, **summary,
+                  "quantizer": "llama.cpp" if options.file_type in _BY_LLAMACPP else "gguf-py",
+                  "fallbacks": fallbacks}
+        return Artifact(final, Format.GGUF, (final.name,), max_context=options.max_context,
+                        vocab_size=int(model.config.vocab_size), record=record)
 
 
 def llamacpp_quantize(src: Path, dst: Path, ftype: int) -> list[str]:

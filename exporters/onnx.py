@@ -17,7 +17,6 @@ the export unless the target allows it; a `web` target fails when the graph uses
 from __future__ import annotations
 
 import collections
-import dataclasses
 import importlib.util
 import json
 import os
@@ -27,16 +26,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compress.artifact import Artifact
+from compress.exporters.base import atomic_dir
+from compress.exporters.onnx_codes import CORRECTION_SUFFIX, lower_codes
+
+from compress.artifact import Artifact, Availability, CacheShape, Format
 from compress.errors import ExportError, InputError
 from compress.export_options import OnnxDeploy, OnnxOptions
 from compress.hashing import files_under
-from compress.stages.configs import Activations, Precision, QuantizeConfig
-from compress.stages.qtensor import quantized_weights
-from compress.targets import Format
-from exporters.base import atomic_dir
-from exporters.onnx_codes import CORRECTION_SUFFIX, lower_codes
-from runtimes.base import Availability
+from compress.quantized import BITS_OF, Activations, Precision, QuantizeConfig, QuantizedWeights
 
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
@@ -70,16 +67,15 @@ class OnnxExporter:
             return Availability(False, f"{', '.join(missing)} not installed; pip install 'compress[onnx]'")
         return Availability(True)
 
-    def export(self, model: Any, tokenizer: Any, options: OnnxOptions, out_dir: Path, console: Any) -> Artifact:
+    def export(self, model: Any, tokenizer: Any, options: OnnxOptions, out_dir: Path, console: Any,
+               quantized: QuantizedWeights | None = None) -> Artifact:
         config = model.config
-        codes = quantized_weights(model)
-        if codes is not None:  # the quantize stage ran: lower its codes; the builder only lays out the graph
-            if options.quantize is not None:
-                raise InputError("export.quantize would quantize the quantize stage's output again; remove it (the "
-                                 "stage's codes are lowered as they are)")
-            options = dataclasses.replace(options, quantize=codes.export_config())
-        _check_model(config, options)
-        builder_args = builder_arguments(options.quantize, config)
+        codes = quantized
+        # With the quantize stage's codes the builder lays out the graph for their scheme (bits, block, lm_head,
+        # shared embedding) and its own weights are then replaced by the codes; without them it writes fp32.
+        q = codes.export_config() if codes is not None else None
+        _check_model(config, options, q)
+        builder_args = builder_arguments(q, config)
         with atomic_dir(out_dir) as tmp:
             work = tmp.with_name(f"{tmp.name}-work")
             shutil.rmtree(work, ignore_errors=True)
@@ -87,12 +83,12 @@ class OnnxExporter:
                 with console.step("Writing the checkpoint the ONNX builder reads") as step:
                     model.save_pretrained(work / "source", safe_serialization=True)
                     tokenizer.save_pretrained(work / "source")
-                with console.step(f"Building the ONNX graph (onnxruntime-genai builder, {_scheme(options)})") as step:
+                with console.step(f"Building the ONNX graph (onnxruntime-genai builder, {_scheme(q)})") as step:
                     _run_builder(work / "source", tmp, work / "cache", builder_args, work / "builder.log")
                 build_seconds = step["seconds"]
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            if options.quantize is not None and options.quantize.embedding is not Precision.FP32:
+            if q is not None and q.embedding is not Precision.FP32:
                 _share_embedding(tmp)
             lowering = {}
             if codes is not None:
@@ -102,7 +98,7 @@ class OnnxExporter:
                                      f"{lowering['with_offset_correction']} with an offset correction"
             with console.step("Checking the graph") as step:
                 graph = {**inspect_graph(tmp / MODEL, config.num_hidden_layers), **lowering}
-                _check_graph(graph, options)
+                _check_graph(graph, options, q)
                 step["detail"] = f"{graph['matmuls_quantized']}/{graph['matmuls_total']} MatMuls quantized, " \
                                  f"opset {graph['opset']}, {graph['nodes']} nodes"
             if not options.external_data:
@@ -110,25 +106,25 @@ class OnnxExporter:
             _finish_folder(tmp, model, tokenizer, options)
             sidecar = {"max_context": options.max_context, "vocab_size": config.vocab_size,
                        "num_layers": config.num_hidden_layers, "kv_heads": config.num_key_value_heads,
-                       "head_dim": _head_dim(config), "deploy": options.deploy.value, "scheme": _scheme(options),
+                       "head_dim": _head_dim(config), "deploy": options.deploy.value, "scheme": _scheme(q),
                        "builder_options": builder_args, "coverage": graph, "export_seconds": {"build": build_seconds}}
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         files = tuple(str(p) for p in files_under(out_dir))
-        extra = {k: sidecar[k] for k in ("max_context", "vocab_size", "num_layers", "kv_heads", "head_dim", "deploy",
-                                         "scheme", "coverage", "export_seconds")}
-        return Artifact(out_dir, Format.ONNX, files, {**extra, "model": MODEL})
+        return Artifact(out_dir, Format.ONNX, files, main=MODEL, max_context=options.max_context,
+                        vocab_size=config.vocab_size,
+                        cache=CacheShape(config.num_hidden_layers, config.num_key_value_heads, _head_dim(config)),
+                        record={k: sidecar[k] for k in ("deploy", "scheme", "coverage", "export_seconds")})
 
 
 def _head_dim(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
-def _check_model(config: Any, options: OnnxOptions) -> None:
+def _check_model(config: Any, options: OnnxOptions, q: QuantizeConfig | None) -> None:
     limit = config.max_position_embeddings
     if options.max_context > limit:
         raise InputError(f"export.max_context {options.max_context} exceeds the model's max_position_embeddings "
                          f"{limit}")
-    q = options.quantize
     if q is None:
         return
     widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size}
@@ -154,13 +150,12 @@ def builder_arguments(q: QuantizeConfig | None, config: Any) -> dict[str, str]:
             "shared_embeddings": str(q.embedding is not Precision.FP32).lower()}
     if q.lm_head is Precision.FP32:
         args["nodes_to_exclude"] = "/lm_head/MatMul"
-    elif q.lm_head.value != f"int{q.weight_bits}":
+    elif BITS_OF[q.lm_head] != q.weight_bits:
         args["matmul_mixed_precision"] = f"last_matmul:{q.lm_head.value}"
     return args
 
 
-def _scheme(options: OnnxOptions) -> str:
-    q = options.quantize
+def _scheme(q: QuantizeConfig | None) -> str:
     if q is None:
         return "fp32"
     act = ", int8 activations" if q.activations is Activations.INT8_DYNAMIC else ""
@@ -208,13 +203,12 @@ def inspect_graph(path: Path, num_layers: int) -> dict[str, Any]:
             "missing_io": sorted(expected - names)}
 
 
-def _check_graph(graph: dict[str, Any], options: OnnxOptions) -> None:
+def _check_graph(graph: dict[str, Any], options: OnnxOptions, q: QuantizeConfig | None) -> None:
     if graph["missing_io"]:
         raise ExportError(f"the graph lacks the inputs/outputs loaders expect: {graph['missing_io'][:4]}")
     if graph["opset"] > options.max_opset:
         raise ExportError(f"the graph needs ai.onnx opset {graph['opset']}; export.max_opset is "
                           f"{options.max_opset} (raise it if the deploying runtime runs opset {graph['opset']})")
-    q = options.quantize
     if q is not None:
         skipped = [n for n in graph["unquantized_matmuls"] if not (q.lm_head is Precision.FP32 and "lm_head" in n)]
         if skipped and not options.allow_unquantized_matmuls:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import ExportError
-from compress.stages.qtensor import QuantizedWeights, QuantTensor
+from compress.quantized import QuantizedWeights, QuantTensor
 
 CORRECTION_SUFFIX = "/offset_MatMul"
 _NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(qkv_proj|o_proj|gate_proj|up_proj|down_proj)/MatMul")

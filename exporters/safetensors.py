@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.artifact import Artifact
-from compress.hashing import files_under
+from compress.exporters.base import atomic_dir
+
+from compress.artifact import Artifact, Availability, Format
 from compress.export_options import SafetensorsOptions
-from compress.targets import Format
-from exporters.base import atomic_dir
-from runtimes.base import Availability
+from compress.hashing import files_under
+from compress.quantized import QuantizedWeights
 
 
 class SafetensorsExporter:
@@ -20,7 +20,8 @@ class SafetensorsExporter:
         return Availability(True)
 
     def export(self, model: Any, tokenizer: Any, options: SafetensorsOptions, out_dir: Path,
-               console: Any) -> Artifact:
+               console: Any,
+               quantized: QuantizedWeights | None = None) -> Artifact:
         import copy
 
         import torch
@@ -30,5 +31,5 @@ class SafetensorsExporter:
             copy.deepcopy(model).to(dtype).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         files = tuple(str(p) for p in files_under(out_dir))
-        return Artifact(out_dir, Format.SAFETENSORS, files,
-                        {"dtype": options.dtype.value, "max_context": options.max_context})
+        return Artifact(out_dir, Format.SAFETENSORS, files, max_context=options.max_context,
+                        vocab_size=int(model.config.vocab_size), record={"dtype": options.dtype.value})

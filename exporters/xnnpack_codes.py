@@ -24,13 +24,12 @@ from typing import Any
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
+from compress.exporters.llama import fused_qkv_names
 from torch import nn
 from torch.nn import functional as F
 
 from compress.errors import ExportError
-from compress.stages.configs import Activations
-from compress.stages.qtensor import QuantizedWeights, QuantTensor
-from exporters.llama import fused_qkv_names
+from compress.quantized import Activations, QuantizedWeights, QuantTensor, rtn
 
 _Q = torch.ops.quantized_decomposed
 
@@ -107,7 +106,7 @@ def fuse_qkv_codes(qw: QuantizedWeights, num_layers: int) -> QuantizedWeights | 
             del tensors[p]
         tensors[fused] = QuantTensor(torch.cat([t.codes for t in found]), torch.cat([t.scale for t in found]),
                                      torch.cat([t.offset for t in found]), found[0].bits, found[0].group)
-    return QuantizedWeights(tensors, qw.scheme)
+    return QuantizedWeights(tensors, qw.config, qw.promoted_to_8bit)
 
 
 def apply_codes(module: nn.Module, qw: QuantizedWeights, tied: bool) -> dict[str, Any]:
@@ -128,8 +127,6 @@ def apply_codes(module: nn.Module, qw: QuantizedWeights, tied: bool) -> dict[str
         if t.bits == 8 and t.group != width:
             # XNNPACK's int8 linears take one scale per row ("Only 4b group quantization is supported"), so 8-bit
             # per-group codes (a GGUF's Q8_0 lm_head) are re-rounded per channel here, and the manifest says so.
-            from compress.stages.quant_algorithms import rtn
-
             tensors[name] = rtn(t.dequantize(), 8, width, symmetric=True)
             requantized[name] = f"8-bit group {t.group} -> per channel (XNNPACK's int8 kernels are per channel)"
     with torch.no_grad():
@@ -160,8 +157,6 @@ def _quantize_offsets(module: nn.Module, acts: Activations) -> str:
     0.0240 with fp32 offset terms, 0.0247 with int8. With fp32 activations they stay fp32 (exact)."""
     if acts is not Activations.INT8_DYNAMIC:
         return "fp32"
-    from compress.stages.quant_algorithms import rtn
-
     for m in module.modules():
         if isinstance(m, OffsetLinear):
             weight = m.offset.weight.detach()  # (out, groups)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from compress.runtimes.base import Runtime
+from compress.runtimes.coreml import CoreMLRuntime
+from compress.runtimes.executorch import ExecuTorchRuntime
+from compress.runtimes.llamacpp import LlamaCppRuntime
+from compress.runtimes.onnxruntime import OnnxRuntimeRuntime
+from compress.runtimes.torch_eager import TorchEagerRuntime
+
+from compress.artifact import RuntimeName
 from compress.registry import Registry
-from compress.targets import RuntimeName
-from runtimes.base import Runtime
-from runtimes.coreml import CoreMLRuntime
-from runtimes.executorch import ExecuTorchRuntime
-from runtimes.llamacpp import LlamaCppRuntime
-from runtimes.onnxruntime import OnnxRuntimeRuntime
-from runtimes.torch_eager import TorchEagerRuntime
 
 RUNTIMES: Registry[Runtime] = Registry("runtime")
 RUNTIMES.register(RuntimeName.TORCH_EAGER.value, TorchEagerRuntime())

@@ -10,21 +10,11 @@ A Session holds one sequence's KV cache:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from compress.artifact import Artifact
-
-
-@dataclass(frozen=True)
-class Availability:
-    ok: bool
-    reason: str = ""  # why not, and what to do about it (e.g. "coremltools is not installed; pip install ...")
-    # Set when the runtime runs here but its latency would not be the real runtime's (Core ML on Linux runs an
-    # interpreter): verification reports latency as not measured, with this reason, instead of measuring it.
-    latency_unmeasured: str = ""
+from compress.artifact import Artifact, Availability
 
 
 class Session(Protocol):

@@ -17,12 +17,11 @@ import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from compress.runtimes.base import ContextOverflow
 
-from compress.artifact import Artifact
-from runtimes.base import Availability, ContextOverflow
+from compress.artifact import Artifact, Availability
 
 LINUX_LATENCY = "not measured: needs macOS (Core ML prediction); accuracy comes from executing the package's " \
                 "ML program op by op"
@@ -73,10 +72,10 @@ class CoreMLSession:
         return self.prefill([token_id])[0]
 
 
-def _macos_session(package: Path, extra: dict[str, Any], vocab: int) -> CoreMLSession:
+def _macos_session(package: Path, artifact: Artifact, vocab: int) -> CoreMLSession:
     import coremltools as ct
 
-    units = getattr(ct.ComputeUnit, extra.get("compute_units", "all").upper())
+    units = getattr(ct.ComputeUnit, (artifact.compute_units or "all").upper())
     model = ct.models.MLModel(str(package), compute_units=units)
     state = [model.make_state()]
 
@@ -86,11 +85,11 @@ def _macos_session(package: Path, extra: dict[str, Any], vocab: int) -> CoreMLSe
     def reset() -> None:
         state[0] = model.make_state()
 
-    return CoreMLSession(predict, reset, vocab, int(extra["max_context"]), extra["query_lengths"])
+    return CoreMLSession(predict, reset, vocab, int(artifact.max_context), list(artifact.query_lengths))
 
 
-def _interpreter_session(package: Path, extra: dict[str, Any], vocab: int) -> CoreMLSession:
-    from runtimes.mil_interpreter import MilInterpreter, load_program
+def _interpreter_session(package: Path, artifact: Artifact, vocab: int) -> CoreMLSession:
+    from compress.runtimes.mil_interpreter import MilInterpreter, load_program
 
     program, _ = load_program(package)
     interpreter = MilInterpreter(program)
@@ -98,7 +97,7 @@ def _interpreter_session(package: Path, extra: dict[str, Any], vocab: int) -> Co
     def predict(tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
         return interpreter.run({"tokens": tokens, "input_pos": pos})["logits"]
 
-    return CoreMLSession(predict, interpreter.reset, vocab, int(extra["max_context"]), extra["query_lengths"])
+    return CoreMLSession(predict, interpreter.reset, vocab, int(artifact.max_context), list(artifact.query_lengths))
 
 
 def can_predict() -> bool:
@@ -115,11 +114,11 @@ class CoreMLRuntime:
         return Availability(True, latency_unmeasured="" if can_predict() else LINUX_LATENCY)
 
     def load(self, artifact: Artifact, threads: int) -> CoreMLSession:
-        package = artifact.path / artifact.extra.get("program", "model.mlpackage")
-        vocab = int(artifact.extra["vocab_size"])
+        package = artifact.path / artifact.main
+        vocab = int(artifact.vocab_size)
         if can_predict():
-            return _macos_session(package, artifact.extra, vocab)
+            return _macos_session(package, artifact, vocab)
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(threads, user_api="blas")  # the interpreter's matmuls are numpy's BLAS
-        return _interpreter_session(package, artifact.extra, vocab)
+        return _interpreter_session(package, artifact, vocab)

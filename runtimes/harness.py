@@ -16,26 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from compress.runtimes.base import Session
 
 from compress.data.corpus import EvalSet
-from compress.targets import BUDGETS, Budgets
-from runtimes.base import Session
-from runtimes.metrics import AccuracyAccumulator, greedy_match
-
-
-@dataclass(frozen=True)
-class BudgetResult:
-    name: str  # e.g. "max_mean_kl"
-    metric: str  # e.g. "mean_kl"
-    limit: float
-    value: float | None  # None: not measured on this machine (see `note`)
-    passed: bool | None  # None: not measured, so neither passed nor failed
-    margin: float | None  # headroom: positive passes, negative fails
-    unit: str = ""
-    note: str = ""
-
-    def status(self) -> str:
-        return "not measured" if self.passed is None else ("pass" if self.passed else "FAIL")
+from compress.gate import BudgetResult
+from compress.metrics import AccuracyAccumulator, greedy_match
 
 
 @dataclass
@@ -141,18 +126,3 @@ def measure_accuracy(candidate: Session, ref: ReferenceRun, eval_set: EvalSet, g
     metrics["greedy_match_min"] = float(min(s.match for s in samples))
     metrics["greedy_tokens"] = float(greedy_tokens)
     return metrics, samples
-
-
-def check_budgets(budgets: Budgets, metrics: dict[str, float], unmeasured: dict[str, str]) -> list[BudgetResult]:
-    """Every budget that is set, with value, limit, margin and verdict."""
-    results = []
-    for name, limit in budgets.items():
-        rule = BUDGETS[name]
-        value = metrics.get(rule.metric)
-        if value is None:
-            note = unmeasured.get(rule.metric, "metric not measured")
-            results.append(BudgetResult(name, rule.metric, limit, None, None, None, rule.unit, note))
-            continue
-        margin = limit - value if rule.kind == "max" else value - limit
-        results.append(BudgetResult(name, rule.metric, limit, value, margin >= 0, margin, rule.unit))
-    return results

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compress.runtimes.base import process_env
+
 from compress.artifact import Artifact
 from compress.errors import RuntimeUnavailable
-from runtimes.base import process_env
 
 
 def measure_latency(runtime: str, artifact: Artifact, threads: int, prompt_ids: list[int], decode_tokens: int,
@@ -29,11 +30,11 @@ def measure_latency(runtime: str, artifact: Artifact, threads: int, prompt_ids: 
     request = {"runtime": runtime, "artifact": artifact.to_data(), "root": str(artifact.path.parent),
                "threads": threads, "prompt_ids": prompt_ids, "decode_tokens": decode_tokens,
                "warmup": warmup, "repeats": repeats}
-    from runtimes import RUNTIMES
+    from compress.runtimes import RUNTIMES
 
     env = {**os.environ, **process_env(RUNTIMES.get(runtime))}
     try:
-        proc = subprocess.run([sys.executable, "-m", "runtimes.latency"], input=json.dumps(request),
+        proc = subprocess.run([sys.executable, "-m", "compress.runtimes.latency"], input=json.dumps(request),
                               capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         raise RuntimeUnavailable(f"latency measurement on {runtime} did not finish in {timeout_s:.0f} s") from None
@@ -62,8 +63,7 @@ def _peak_rss_mb() -> float:
 
 def _run(request: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
-
-    from runtimes import RUNTIMES
+    from compress.runtimes import RUNTIMES
 
     runtime = RUNTIMES.get(request["runtime"])
     available = runtime.availability()

@@ -10,17 +10,16 @@ loaded with `use_extra_bufts = False`, so llama.cpp runs its ordinary AVX-512/AV
 
 from __future__ import annotations
 
-import importlib.util
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from compress.runtimes.base import ContextOverflow
 
-from compress.artifact import Artifact
-from runtimes.base import Availability, ContextOverflow
+from compress.artifact import Artifact, Availability
+from compress.llamacpp_lib import INSTALL_HINT, installed, llama_cpp_quiet
 
-INSTALL_HINT = "pip install 'compress[llamacpp]' (builds llama.cpp from source: ~10 min on 2 cores)"
 DEFAULT_CONTEXT = 2048  # for a GGUF without our exporter's record (a peer): capped by the model's own context
 MAX_BATCH = 512  # tokens per llama_decode call; longer prefills are fed in chunks
 
@@ -74,21 +73,6 @@ class LlamaCppSession:
         return self._run([token_id])[0]
 
 
-def installed() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def llama_cpp_quiet() -> Any:
-    """The `llama_cpp` module, with llama.cpp's log (routed by llama-cpp-python through its Python logger)
-    reduced to errors: below that it is per-tensor load and quantization chatter."""
-    import logging
-
-    import llama_cpp
-
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-    return llama_cpp
-
-
 def _free(lib: Any, model: Any, ctx: Any, batch: Any) -> None:
     lib.llama_batch_free(batch)
     lib.llama_free(ctx)
@@ -121,7 +105,7 @@ class LlamaCppRuntime:
         model = lib.llama_model_load_from_file(str(artifact.path).encode(), mparams)
         if not model:
             raise LlamaCppError(f"llama.cpp could not load {artifact.path}")
-        n_ctx = int(artifact.extra.get("max_context") or min(DEFAULT_CONTEXT, lib.llama_model_n_ctx_train(model)))
+        n_ctx = int(artifact.max_context or min(DEFAULT_CONTEXT, lib.llama_model_n_ctx_train(model)))
         n_batch = min(n_ctx, MAX_BATCH)
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = n_ctx

@@ -16,25 +16,26 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from compress.runtimes.base import ContextOverflow
 
-from compress.artifact import Artifact
+from compress.artifact import Artifact, Availability
 from compress.errors import RuntimeUnavailable
-from runtimes.base import Availability, ContextOverflow
 
 
-class KvMode(enum.Enum):
+class KvMode(enum.StrEnum):
     SHARED = "shared"  # one pre-allocated buffer bound as past and present (onnxruntime-genai's way)
     CONCAT = "concat"  # past in, a longer present out (optimum's and transformers.js's way)
 
 
 class OnnxRuntimeSession:
-    def __init__(self, session: Any, extra: dict[str, Any], kv_mode: KvMode = KvMode.SHARED):
+    def __init__(self, session: Any, artifact: Artifact, kv_mode: KvMode = KvMode.SHARED):
         self._session = session
         self._mode = kv_mode
-        self.vocab_size = int(extra["vocab_size"])
-        self.max_context = int(extra["max_context"])
-        self._layers = int(extra["num_layers"])
-        self._shape = (1, int(extra["kv_heads"]), self.max_context, int(extra["head_dim"]))
+        self.vocab_size = int(artifact.vocab_size)
+        self.max_context = int(artifact.max_context)
+        cache = artifact.cache
+        self._layers = cache.layers
+        self._shape = (1, cache.kv_heads, self.max_context, cache.head_dim)
         self._dtype = np.float32
         self._pos = 0
         self._cache: dict[str, Any] = {}
@@ -106,10 +107,10 @@ class OnnxRuntimeRuntime:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        path = artifact.path / artifact.extra.get("model", "model.onnx")
+        path = artifact.path / artifact.main
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001  ORT raises its own Fail/InvalidGraph/NotImplemented types
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RuntimeUnavailable(f"onnxruntime {ort.__version__} cannot load {path.name}: {first}") from None
-        return OnnxRuntimeSession(session, artifact.extra, kv_mode)
+        return OnnxRuntimeSession(session, artifact, kv_mode)

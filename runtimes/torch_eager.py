@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from compress.runtimes.base import ContextOverflow
 
-from compress.artifact import Artifact
-from runtimes.base import Availability, ContextOverflow
+from compress.artifact import Artifact, Availability
 
 
 class TorchEagerSession:
@@ -59,7 +59,7 @@ class TorchEagerRuntime:
 
         torch.set_num_threads(threads)  # per process: the harness runs latency in a child process
         model = LlamaForCausalLM.from_pretrained(artifact.path, dtype="auto", use_safetensors=True)
-        return TorchEagerSession(model, artifact.extra.get("max_context"))
+        return TorchEagerSession(model, artifact.max_context)
 
     @staticmethod
     def session_for(model: Any, max_context: int | None = None) -> TorchEagerSession:

@@ -13,15 +13,15 @@ import json
 from pathlib import Path
 
 import torch
+from compress.runtimes.harness import measure_accuracy, run_reference
+from compress.runtimes.torch_eager import TorchEagerRuntime
 
 from compress import checkpoint, models
 from compress.data.corpus import build_eval_set
+from compress.metrics import param_count
 from compress.progress import Console
-from compress.stages.kl import param_count
 from compress.targets import EvalSpec
 from compress.verification import stop_ids
-from runtimes.harness import measure_accuracy, run_reference
-from runtimes.torch_eager import TorchEagerRuntime
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     stops = stop_ids(loaded.tokenizer)
     ref = run_reference(TorchEagerRuntime.session_for(loaded.model), eval_set, spec.greedy_tokens, stops, console)
     for path in args.checkpoints:
-        model = checkpoint.load_model(path)
+        model, _ = checkpoint.load_stage(path)
         metrics, _ = measure_accuracy(TorchEagerRuntime.session_for(model), ref, eval_set, spec.greedy_tokens, stops,
                                       loaded.tokenizer.decode, console)
         keep = ("mean_kl", "p99_kl", "top1_agreement", "perplexity_ratio", "greedy_match_mean")

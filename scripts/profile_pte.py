@@ -30,10 +30,9 @@ def main() -> None:
     parser.add_argument("--mkl-threads", type=int, default=1, help="torch/MKL threads (custom ops call MKL on x86)")
     args = parser.parse_args()
 
-    import torch
-
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
     import executorch.kernels.quantized  # noqa: F401
+    import torch
     from executorch.devtools import Inspector
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
     from executorch.runtime import Runtime

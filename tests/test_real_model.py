@@ -43,8 +43,8 @@ def test_the_default_model_is_the_expected_llama(smollm2):
 
 
 def test_greedy_continuations_match_the_stored_golden_ones(smollm2):
-    from runtimes.harness import generate
-    from runtimes.torch_eager import TorchEagerRuntime
+    from compress.runtimes.harness import generate
+    from compress.runtimes.torch_eager import TorchEagerRuntime
 
     golden = json.loads(GOLDEN.read_text())
     for sample in golden["samples"]:
@@ -67,9 +67,11 @@ def test_loading_the_gguf_file_directly_gives_the_same_checkpoint(smollm2, real_
 
 
 def test_the_harness_catches_a_damaged_real_model_and_passes_the_real_one(smollm2):
-    from runtimes.harness import check_budgets, measure_accuracy, run_reference
-    from runtimes.torch_eager import TorchEagerRuntime
+    from compress.runtimes.harness import measure_accuracy, run_reference
+    from compress.runtimes.torch_eager import TorchEagerRuntime
+
     from compress.data.corpus import build_eval_set
+    from compress.gate import check_budgets
 
     spec = EvalSpec(windows=4, window_len=128, greedy_tokens=16, prompts=("What is the capital of France?",))
     eval_set = build_eval_set(smollm2.tokenizer, spec)
@@ -111,7 +113,7 @@ def test_the_android_target_builds_passes_its_budgets_and_runs_in_the_stock_runn
     """The README's first command, end to end: export, lower, verify on ExecuTorch, gate."""
     out = tmp_path / "android"
     manifest = _build(cli, real_home, out, "android")
-    coverage = manifest["artifact"]["extra"]["coverage"]
+    coverage = manifest["artifact"]["record"]["coverage"]
     assert coverage["linears_quantized"] == coverage["linears_total"] == 211  # 30 x 7 + lm_head
     assert coverage["linears_with_offset_correction"] == 210  # HQQ's float offsets, exact on XNNPACK
     assert coverage["offset_terms"] == "int8 per channel, int8 dynamic activations"
@@ -126,13 +128,12 @@ def test_the_android_target_builds_passes_its_budgets_and_runs_in_the_stock_runn
     assert 0.005 < metrics["mean_kl"] < 0.05 and metrics["top1_agreement"] > 0.88
     # The tied 49152 x 576 int8 matrix is stored once (model.ptd), where a single-file program held it twice.
     assert metrics["size_mb"] < 100
-    assert manifest["artifact"]["extra"]["data"] == "model.ptd"
+    assert manifest["artifact"]["data"] == "model.ptd"
     assert manifest["verification"]["latency"]["process_env"] == {"MKL_NUM_THREADS": "1"}
     # ExecuTorch's own C++ LLM runner (what an app links) loads the program, its weights and its tokenizer.
-    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
-
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
     import executorch.kernels.quantized  # noqa: F401
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     folder = out / "executorch"
     runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"), str(folder / "model.ptd"))
@@ -149,7 +150,7 @@ def test_the_web_target_builds_passes_its_budgets_and_answers_in_onnxruntime_gen
     """ONNX export, ONNX Runtime verification and gate; then onnxruntime-genai generates from the folder alone."""
     out = tmp_path / "web"
     manifest = _build(cli, real_home, out, "web")
-    coverage = manifest["artifact"]["extra"]["coverage"]
+    coverage = manifest["artifact"]["record"]["coverage"]
     assert coverage["matmuls_quantized"] == coverage["matmuls_total"] == 151  # 30 x (qkv, o, gate, up, down) + 1
     assert coverage["matmulnbits_bits"] == {"4": 150, "8": 1}
     assert coverage["with_offset_correction"] == 150 and coverage["with_integer_zero_points"] == 1
@@ -179,7 +180,7 @@ def test_the_ios_target_builds_and_passes_its_budgets_through_the_mil_interprete
     """Convert, compress, run the package's ML program op by op through the harness, gate (~2 min cold)."""
     out = tmp_path / "ios"
     manifest = _build(cli, real_home, out, "ios")
-    coverage = manifest["artifact"]["extra"]["coverage"]
+    coverage = manifest["artifact"]["record"]["coverage"]
     assert coverage["linears_quantized"] == coverage["linears_total"] == 211 and coverage["embedding_compressed"]
     assert coverage["tied_storage"] == "one shared compressed copy"
     metrics = manifest["verification"]["metrics"]

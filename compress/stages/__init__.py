@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from compress.quantized import QuantizedWeights
 from compress.registry import Registry
 
 
@@ -27,6 +28,7 @@ class StageContext:
 class StageResult:
     model: Any
     notes: dict[str, Any] = field(default_factory=dict)
+    quantized: QuantizedWeights | None = None  # the quantize stage's codes, which every exporter lowers
 
 
 class Stage(Protocol):

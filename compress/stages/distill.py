@@ -33,10 +33,10 @@ from compress import distributed
 from compress.config import to_data
 from compress.errors import InputError
 from compress.hashing import sha256_json
-from compress.stages import StageContext, StageResult
-from compress.stages import fake_quant
+from compress.metrics import kl_per_position, mean_kl
+from compress.stages import StageContext, StageResult, fake_quant
 from compress.stages.configs import DistillConfig
-from compress.stages.kl import kl_per_position, mean_kl
+from compress.threads import torch_threads
 
 CHUNK = 64  # positions per loss chunk: (batch, 64, 49152) fp32 logits are ~50 MB at batch 4
 
@@ -218,8 +218,6 @@ class DistillStage:
     version = "1"
 
     def run(self, model: Any, config: DistillConfig, ctx: StageContext) -> StageResult:
-        from compress.verification import torch_threads
-
         world = distributed.current_world()
         check(model, config, ctx.reference, world)
         with torch_threads(config.threads or torch.get_num_threads()):

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from compress.errors import InputError
+from compress.metrics import mean_kl, param_count
 from compress.stages import StageContext, StageResult
 from compress.stages.configs import PruneConfig
-from compress.stages.kl import mean_kl, param_count
 
 
 @dataclass(frozen=True)

@@ -14,22 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.stages.qtensor import QuantTensor
-
-
-def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> QuantTensor:
-    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
-
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    mapping = MappingType.SYMMETRIC if symmetric else MappingType.ASYMMETRIC
-    block = (1, group)
-    scale, zero = choose_qparams_affine(w, mapping, block, torch.int8, qmin, qmax, eps=1e-12,
-                                        scale_dtype=torch.float32, zero_point_dtype=torch.int32)
-    q = quantize_affine(w, block, scale, zero, torch.int8, qmin, qmax)  # (out, in) int8, w = (q - zero) * scale
-    scale = scale.reshape(w.shape[0], -1).float()
-    zero = zero.reshape(w.shape[0], -1).float()
-    codes = (q.to(torch.int16) - qmin).to(torch.uint8)
-    return QuantTensor(codes, scale, (qmin - zero) * scale, bits, group)
+from compress.quantized import QuantTensor
 
 
 def hqq(w: torch.Tensor, bits: int, group: int) -> QuantTensor:

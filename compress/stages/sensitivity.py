@@ -13,9 +13,8 @@ import dataclasses
 from typing import Any
 
 from compress.errors import InputError
-from compress.stages.configs import QuantAlgorithm, QuantizeConfig
-from compress.stages.qtensor import QuantTensor
-
+from compress.metrics import kl_per_position
+from compress.quantized import QuantAlgorithm, QuantizeConfig, QuantTensor
 
 RANK_TOKENS = 256  # tokens per sensitivity forward (SmolLM2-135M, 2 cores: ~0.7 s each, 210 linears in ~2.5 min)
 
@@ -28,7 +27,7 @@ class KlProbe:
 
         self.windows = [torch.tensor([w], dtype=torch.long) for w in windows]
         with torch.inference_mode():
-            self.ref = [torch.log_softmax(reference(w).logits.float(), -1) for w in self.windows]
+            self.ref = [reference(w).logits.float() for w in self.windows]  # (1, seq, vocab) each
 
     def subset(self, max_tokens: int) -> KlProbe:
         """The same probe on its first windows only (at least one), for many cheap comparisons."""
@@ -46,8 +45,7 @@ class KlProbe:
         total, count = 0.0, 0
         with torch.inference_mode():
             for w, ref in zip(self.windows, self.ref):
-                logp = torch.log_softmax(model(w).logits.float(), -1)  # (1, seq, vocab)
-                total += float((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).sum())
+                total += float(kl_per_position(ref, model(w).logits).clamp_min(0).sum())
                 count += ref.shape[1]
         return total / count
 
@@ -56,7 +54,7 @@ def rank(model: Any, tensors: dict[str, QuantTensor], measure: KlProbe, console:
     """(name, KL with only that linear quantized), most sensitive first; the lm_head is not ranked."""
     import torch
 
-    from compress.stages.quantize import linear_weights
+    from compress.stages.quant_plan import linear_weights
 
     weights = linear_weights(model)
     scores = []
@@ -78,7 +76,7 @@ def rank(model: Any, tensors: dict[str, QuantTensor], measure: KlProbe, console:
 def promote_until(model: Any, tensors: dict[str, QuantTensor], plans: list[Any], q: QuantizeConfig,
                   measure: KlProbe, console: Any) -> tuple[list[str], float, list[tuple[str, float]]]:
     """Raise the most sensitive linears to 8 bits (in place in `tensors`); returns (promoted, KL, ranking)."""
-    from compress.stages.quantize import Plan, apply, linear_weights, quantize_one
+    from compress.stages.quant_plan import Plan, apply, linear_weights, quantize_one
 
     ranking = rank(model, tensors, measure, console)
     weights = linear_weights(model)
@@ -101,7 +99,7 @@ def promote_until(model: Any, tensors: dict[str, QuantTensor], plans: list[Any],
     def kl_with(k: int) -> float:
         trial = dict(tensors)
         trial.update({n: eight[n] for n, _ in ranking[:k]})
-        return measure(apply(model, trial, {}))
+        return measure(apply(model, trial))
 
     lo, hi = 0, allowed
     kl_hi = kl_with(hi)

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from compress.artifact import Availability
 from compress.bench import BASELINE, BenchRequest, Entry, parse_peers, run_bench
 from compress.bench_report import pareto_front, plot_points, render_markdown, rows, write_outputs
 from compress.errors import ExitCode, InputError, RuntimeUnavailable
 from compress.models.tiny import GPT2_MERGES
 from compress.progress import Console
 from compress.registry import Registry
-from runtimes.base import Availability
 
 QUIET = Console(quiet=True)
 INT8 = {"weight_bits": 8, "group_size": 32, "symmetric": True, "activations": "int8_dynamic", "embedding": "int8",
@@ -133,7 +133,7 @@ class _Unavailable:
 
 def test_a_missing_runtime_stops_before_measuring_and_says_how_to_install(tiny_built, tmp_path: Path):
     registry = Registry("runtime")
-    from runtimes import RUNTIMES
+    from compress.runtimes import RUNTIMES
 
     for name in RUNTIMES:
         registry.register(name, _Unavailable() if name == "llamacpp" else RUNTIMES.get(name))
@@ -157,7 +157,7 @@ def tiny_built(tmp_path_factory) -> dict[str, Path]:
     try:
         import onnxruntime_genai  # noqa: F401
 
-        targets["onnx8"] = {"export": {"format": "onnx", "max_context": 512, "quantize": INT8},
+        targets["onnx8"] = {"stages": [{"quantize": INT8}], "export": {"format": "onnx", "max_context": 512},
                             "runtime": "onnxruntime"}
     except ImportError:
         pass
@@ -177,7 +177,7 @@ def test_bench_measures_builds_and_peers_and_a_failing_build_keeps_the_others(ti
     broken = tmp_path / "broken"  # a valid build whose artifact cannot hold the 256-token eval windows
     shutil.copytree(tiny_built["ref"], broken)
     manifest = json.loads((broken / "manifest.json").read_text())
-    manifest["artifact"]["extra"]["max_context"] = 64
+    manifest["artifact"]["max_context"] = 64
     manifest["target"]["name"] = "short"
     (broken / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "bench"
@@ -229,13 +229,20 @@ def test_real_model_peers_eager_and_the_source_gguf(real_home: Path, tmp_path: P
     assert (out / "bench_size_vs_kl.png").is_file() and (out / "bench_decode_vs_kl.png").is_file()
 
 
-def test_the_table_names_stage_quantized_weights_and_export_time_ones():
+def test_the_table_names_the_stage_quantized_weights():
     from compress.bench import quant_detail
+    from compress.targets import parse_target
 
-    stage = {"stages": [{"quantize": {"weight_bits": 4, "group_size": 32, "algorithm": "hqq",
-                                      "activations": "int8_dynamic"}}], "export": {"format": "onnx", "quantize": None}}
-    export = {"export": {"format": "onnx", "quantize": {"weight_bits": 8, "group_size": 32, "symmetric": True,
-                                                        "activations": "none"}}}
+    def target(**raw):
+        return parse_target({"runtime": {"name": "onnxruntime"}, **raw}, "t")
+
+    stage = target(stages=[{"quantize": {"weight_bits": 4, "group_size": 32, "algorithm": "hqq",
+                                         "activations": "int8_dynamic"}}], export={"format": "onnx"})
+    eight = target(stages=[{"quantize": {"weight_bits": 8, "group_size": 32}}], export={"format": "onnx"})
     assert quant_detail(stage) == "int4 g32 hqq (stage), int8 act"
-    assert quant_detail(export) == "int8 g32 sym"
-    assert quant_detail({"export": {"format": "safetensors", "dtype": "float32"}}) == "float32"
+    assert quant_detail(eight) == "int8 g32 rtn (stage)"
+    assert quant_detail(target(export={"format": "onnx"})) == "fp32"
+    assert quant_detail(parse_target({"export": {"format": "safetensors"}, "runtime": "torch_eager"}, "r")) == \
+        "float32"
+    assert quant_detail(parse_target({"export": {"format": "gguf", "file_type": "q8_0"}, "runtime": "llamacpp"},
+                                     "g")) == "q8_0"

@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from compress import models
+from compress.artifact import Format, RuntimeName
 from compress.build import BuildRequest, run_stages
 from compress.cache import StageCache
+from compress.export_options import SafetensorsOptions
 from compress.progress import Console
+from compress.quantized import QuantizeConfig
 from compress.registry import Registry
 from compress.stages import StageResult
-from compress.stages.configs import PruneConfig, QuantizeConfig, StageKind
-from compress.export_options import SafetensorsOptions
-from compress.targets import ExportSpec, Format, RuntimeName, RuntimeSpec, StageSpec, TargetSpec
+from compress.stages.configs import PruneConfig, StageKind
+from compress.targets import ExportSpec, RuntimeSpec, StageSpec, TargetSpec
 
 QUIET = Console(quiet=True)
 
@@ -99,21 +101,24 @@ def test_a_rerun_after_a_crash_resumes_after_the_last_completed_stage(tiny_dir: 
         run_stages(req, loaded, cache, QUIET, registry)
     assert (first.runs, second.runs) == (1, 1)
 
-    model, key, records = run_stages(req, loaded, cache, QUIET, registry)
+    out = run_stages(req, loaded, cache, QUIET, registry)
+    model, key, records = out.model, out.key, out.records
     assert (first.runs, second.runs) == (1, 2)  # stage 1 came from the cache
     assert [r["cached"] for r in records] == [True, False]
     assert records[0]["notes"] == {"scaled": 0.5}
     expected = loaded.model.model.norm.weight * 0.25
     torch.testing.assert_close(model.model.norm.weight, expected)
 
-    model, again, records = run_stages(req, loaded, cache, QUIET, registry)
+    out = run_stages(req, loaded, cache, QUIET, registry)
+    model, again, records = out.model, out.key, out.records
     assert again == key and [r["cached"] for r in records] == [True, True] and (first.runs, second.runs) == (1, 2)
     torch.testing.assert_close(model.model.norm.weight, expected)
 
     changed = BuildRequest(target=TargetSpec(name="t", export=target.export, runtime=target.runtime, stages=(
         target.stages[0], StageSpec(StageKind.QUANTIZE, QuantizeConfig(group_size=64)))), model=req.model,
         out_dir=req.out_dir, targets_file=req.targets_file)
-    _, other, records = run_stages(changed, loaded, cache, QUIET, registry)
+    out = run_stages(changed, loaded, cache, QUIET, registry)
+    other, records = out.key, out.records
     assert other != key and [r["cached"] for r in records] == [True, False]  # a config change reruns its stage
 
 

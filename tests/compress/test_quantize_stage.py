@@ -14,11 +14,20 @@ from compress import checkpoint
 from compress.errors import ConfigError, InputError
 from compress.models.tiny import tiny_llama
 from compress.progress import Console
+from compress.quantized import (
+    Activations,
+    LayerOverride,
+    Precision,
+    QuantAlgorithm,
+    QuantizeConfig,
+    QuantizedWeights,
+    QuantTensor,
+    rtn,
+)
 from compress.stages import STAGES, StageContext
-from compress.stages.configs import Activations, LayerOverride, Precision, QuantAlgorithm, QuantizeConfig
-from compress.stages.qtensor import QuantizedWeights, QuantTensor, quantized_weights
-from compress.stages.quant_algorithms import hqq, recover_grid, rtn
-from compress.stages.quantize import linear_weights
+from compress.stages.configs import StageKind
+from compress.stages.quant_algorithms import hqq, recover_grid
+from compress.stages.quant_plan import linear_weights
 from compress.targets import parse_target
 
 QUIET = Console(quiet=True)
@@ -87,19 +96,20 @@ def test_residual_offset_is_exact_for_signed_codes():
 def test_stage_output_runs_its_own_codes_and_survives_the_cache(tmp_path):
     model = tiny_llama(seed=0)
     result = STAGES.get("quantize").run(model, _config(algorithm=QuantAlgorithm.HQQ), _ctx(model, tmp_path))
-    qw = quantized_weights(result.model)
+    qw = result.quantized
     weights = linear_weights(result.model)
     assert set(qw.tensors) == set(weights)  # 14 body linears + lm_head
     for name, t in qw.tensors.items():
         assert torch.equal(weights[name].detach(), t.dequantize()), name
-    assert quantized_weights(model) is None and not torch.equal(linear_weights(model)["lm_head"], weights["lm_head"])
+    assert not torch.equal(linear_weights(model)["lm_head"], weights["lm_head"])
     notes = result.notes
     assert notes["avg_code_bits"] == 4.0 and notes["linears_quantized"] == 15
     assert 0 < notes["kl_vs_unquantized"] < 1
     assert notes["calibration"]["windows"] == 2 and notes["calibration"]["tokens"] == 96
-    checkpoint.save_model(result.model, tmp_path / "ckpt")
-    back = quantized_weights(checkpoint.load_model(tmp_path / "ckpt"))
-    assert back.scheme == qw.scheme
+    checkpoint.save_stage(result.model, qw, tmp_path / "ckpt")
+    model_back, back = checkpoint.load_stage(tmp_path / "ckpt")
+    assert back.config == qw.config and back.scheme == qw.scheme and back.promoted_to_8bit == ()
+    assert torch.equal(linear_weights(model_back)["lm_head"], weights["lm_head"])
     for name, t in qw.tensors.items():
         u = back.tensors[name]
         assert (u.bits, u.group) == (t.bits, t.group) and torch.equal(u.codes, t.codes)
@@ -117,7 +127,8 @@ def test_mixed_precision_raises_the_most_sensitive_linears_until_the_kl_is_met(t
     assert notes["kl_vs_unquantized"] <= target
     assert 0 < len(notes["promoted_to_8bit"]) < 14
     assert 4.0 < notes["avg_code_bits"] <= 6.0
-    bits = {n: t.bits for n, t in quantized_weights(mixed.model).tensors.items()}
+    bits = {n: t.bits for n, t in mixed.quantized.tensors.items()}
+    assert mixed.quantized.promoted_to_8bit == tuple(notes["promoted_to_8bit"])
     assert all(bits[n] == 8 for n in notes["promoted_to_8bit"])
     ranked = [n for n, _ in notes["sensitivity_top"]]
     assert set(notes["promoted_to_8bit"]) == set(ranked[:len(notes["promoted_to_8bit"])])  # most sensitive first
@@ -142,7 +153,7 @@ def test_overrides_keep_a_layer_fp32_or_8_bit(tmp_path):
     model = tiny_llama(seed=0)
     config = _config(overrides=(LayerOverride("layers.0.*", weight_bits=16), LayerOverride("*down_proj", weight_bits=8,
                                                                                            group_size=32)))
-    qw = quantized_weights(STAGES.get("quantize").run(model, config, _ctx(model, tmp_path)).model)
+    qw = STAGES.get("quantize").run(model, config, _ctx(model, tmp_path)).quantized
     assert not any(n.startswith("layers.0.") for n in qw.tensors)
     assert qw.tensors["layers.1.mlp.down_proj"].bits == 8 and qw.tensors["layers.1.mlp.up_proj"].bits == 4
 
@@ -156,9 +167,9 @@ def _target(**extra):
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"export": {"format": "onnx", "quantize": {"weight_bits": 4}}}, "remove export.quantize"),
+    ({"export": {"format": "onnx", "quantize": {"weight_bits": 4}}}, r"export.quantize: unknown key"),
     ({"stages": [{"quantize": {}}, {"distill": {}}]}, "quantize must be the last stage"),
-    ({"export": {"format": "gguf"}, "runtime": {"name": "llamacpp"}}, "cannot lower the quantize stage's codes"),
+    ({"export": {"format": "gguf"}, "runtime": {"name": "llamacpp"}}, "cannot hold the quantize stage's codes"),
 ])
 def test_targets_refuse_a_stage_the_export_would_undo(extra, message):
     with pytest.raises(ConfigError, match=message):
@@ -168,25 +179,40 @@ def test_targets_refuse_a_stage_the_export_would_undo(extra, message):
 def test_quantized_tensor_refuses_inconsistent_shapes():
     with pytest.raises(ValueError, match="inconsistent"):
         QuantTensor(torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 3), torch.zeros(4, 3), 4, 32)
-    assert QuantizedWeights({}).bits_summary() == {"linear_weights": 0}
+    assert QuantizedWeights({}, QuantizeConfig()).bits_summary() == {"linear_weights": 0}
     assert dataclasses.is_dataclass(QuantizedWeights)
 
 
-def test_the_stage_refuses_palettized_weights(tmp_path):
-    from compress.stages.configs import WeightFormat
-
-    model = tiny_llama(seed=0)
-    with pytest.raises(InputError, match="weight_format 'palettized' is not available in the quantize stage"):
-        STAGES.get("quantize").run(model, _config(weight_format=WeightFormat.PALETTIZED), _ctx(model, tmp_path))
-
-
-@pytest.mark.parametrize("fmt, runtime", [("onnx", "onnxruntime"), ("pte", "executorch"), ("mlpackage", "coreml")])
-def test_stage_only_settings_in_export_quantize_are_refused_not_ignored(fmt, runtime):
-    raw = {"export": {"format": fmt, "quantize": {"weight_bits": 8, "max_kl": 0.1, "calibration_windows": 9}},
-           "runtime": {"name": runtime}}
-    with pytest.raises(ConfigError, match=r"quantize\.max_kl.*only the quantize stage") as err:
+@pytest.mark.parametrize("fmt, runtime, export, quantize, where, message", [
+    ("pte", "executorch", {}, {"weight_bits": 4, "activations": "none"}, "stages[0].quantize.activations",
+     "int8 dynamic activations"),
+    ("onnx", "onnxruntime", {}, {"weight_bits": 4, "group_size": 8}, "stages[0].quantize.group_size",
+     "not a MatMulNBits block size"),
+    ("onnx", "onnxruntime", {}, {"weight_bits": 4, "group_size": None}, "stages[0].quantize.group_size",
+     "not a MatMulNBits block size"),
+    ("onnx", "onnxruntime", {}, {"embedding": "int4", "lm_head": "int8"}, "stages[0].quantize.embedding",
+     "shares the output layer's quantized matrix"),
+    ("mlpackage", "coreml", {"compute_units": "cpu_and_gpu"}, {"activations": "int8_dynamic"},
+     "stages[0].quantize.activations", "fp16 activations"),
+    ("mlpackage", "coreml", {"compute_units": "cpu_and_ne"}, {"group_size": 32}, "stages[0].quantize.group_size",
+     "Neural Engine"),
+])
+def test_what_a_format_cannot_hold_of_the_codes_is_refused_when_targets_are_read(fmt, runtime, export, quantize,
+                                                                                 where, message):
+    raw = {"stages": [{"quantize": quantize}], "export": {"format": fmt, **export}, "runtime": {"name": runtime}}
+    with pytest.raises(ConfigError, match=message) as err:
         parse_target(raw, "t")
-    assert "quantize.calibration_windows" in str(err.value)
+    assert f"targets.t.{where}" in str(err.value) and f"(export.format {fmt})" in str(err.value)
+
+
+def test_every_shipped_quantized_target_holds_its_codes():
+    from compress.targets import load_targets
+
+    shipped = load_targets()
+    quantized = [t for t in shipped.targets.values() if any(s.kind is StageKind.QUANTIZE for s in t.stages)]
+    assert {t.name for t in quantized} == {"android", "android-small", "ios", "web", "desktop"}
+    for t in quantized:
+        assert t.export.options.codes_problems(t.stages[-1].config) == [], t.name
 
 
 def test_reading_targets_does_not_import_torch():
@@ -205,7 +231,7 @@ def test_keep_gguf_recovers_every_tensor_of_the_real_model_bit_exactly(smollm2, 
     """SmolLM2-135M ships as a Q4_1 GGUF with a Q8_0 embedding: its codes come back exactly, so the KL is 0."""
     config = _config(algorithm=QuantAlgorithm.KEEP_GGUF, calibration_windows=1, calibration_len=64)
     result = STAGES.get("quantize").run(smollm2.model, config, _ctx(smollm2.model, tmp_path))
-    qw = quantized_weights(result.model)
+    qw = result.quantized
     assert len(qw.tensors) == 211 and qw.tensors["lm_head"].bits == 8 and qw.tensors["lm_head"].symmetric
     source = linear_weights(smollm2.model)
     for name, t in qw.tensors.items():

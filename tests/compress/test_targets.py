@@ -5,15 +5,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from compress.artifact import Format, RuntimeName
 from compress.errors import ConfigError
-from compress.stages.configs import QuantizeConfig
-from compress.targets import SHIPPED_TARGETS, Format, RuntimeName, load_targets, parse_target, parse_targets
+from compress.quantized import QuantAlgorithm, QuantizeConfig
+from compress.targets import SHIPPED_TARGETS, load_targets, parse_target, parse_targets
 
 GOOD = {
     "version": 1,
     "targets": {
         "t": {
-            "stages": [{"quantize": {"weight_bits": 4, "group_size": 32}}],
+            "stages": [{"quantize": {"weight_bits": 4, "group_size": 32, "activations": "int8_dynamic"}}],
             "export": {"format": "pte", "max_context": 512},
             "runtime": {"name": "executorch", "threads": 2},
             "budgets": {"max_mean_kl": 0.5},
@@ -55,8 +56,8 @@ def test_every_shipped_target_loads_with_the_expected_format_and_runtime():
     android = tf.get("android").stages[-1].config  # the quantize stage; its codes are lowered as they are
     assert (android.weight_bits, android.group_size, android.activations.value) == (4, 32, "int8_dynamic")
     assert tf.get("web").stages == tf.get("android").stages  # quantize once: one cached stage result for both
-    assert tf.get("android").export.options.quantize is None
-    assert tf.get("desktop").export.options.quantize.weight_bits == 8
+    desktop = tf.get("desktop").stages[-1].config  # one road: desktop's int8 codes come from a stage too
+    assert (desktop.weight_bits, desktop.algorithm, desktop.symmetric) == (8, QuantAlgorithm.RTN, True)
 
 
 def test_resolved_spec_round_trips_through_its_data_form():
@@ -77,9 +78,10 @@ BAD_CASES = [
     ("stages", [{"quantise": {}}], ["targets.t.stages[0]", "'quantise'", "'prune'", "'quantize'"]),
     ("stages", [{"quantize": {"weight_bits": 3}}], ["stages[0].quantize.weight_bits", "3", "4, 8"]),
     ("stages", [{"quantize": {"group_size": 48}}], ["stages[0].quantize.group_size", "power of two"]),
-    ("stages", [{"quantize": {}}, {"quantize": {}}], ["stages[1]", "appears twice"]),
-    ("export.quantize", {"weight_bits": 4, "activations": "none"}, ["export.quantize.activations",
-                                                                    "need activations: int8_dynamic"]),
+    ("stages", [{"quantize": {"weight_bits": 8}}, {"quantize": {"weight_bits": 8}}], ["stages[1]", "appears twice"]),
+    ("export.quantize", {"weight_bits": 4}, ["targets.t.export.quantize", "unknown key"]),
+    ("stages", [{"quantize": {"weight_bits": 4, "activations": "none"}}], ["stages[0].quantize.activations",
+                                                                           "int8 dynamic activations"]),
     ("export.attention", "flash", ["export.attention", "'flash'", "'xnnpack'", "'custom_sdpa'"]),
     ("stages", "quantize", ["targets.t.stages", "expected a list"]),
     ("budgets.max_mean_kl", -1, ["budgets.max_mean_kl", "out of range", ">= 0"]),

@@ -14,12 +14,11 @@ import torch
 pytest.importorskip("torchao")
 
 from compress.export_options import OnnxOptions, PteOptions
+from compress.metrics import position_kl
 from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console
+from compress.quantized import Activations, Precision, QuantAlgorithm, QuantizeConfig
 from compress.stages import STAGES, StageContext
-from compress.stages.configs import Activations, Precision, QuantAlgorithm, QuantizeConfig
-from compress.stages.qtensor import quantized_weights
-from runtimes.metrics import position_kl
 
 QUIET = Console(quiet=True)
 TOKENS = list(range(10, 50))
@@ -33,7 +32,7 @@ def _stage(model, tmp_path, **kw):
     config = QuantizeConfig(**{**dict(weight_bits=4, group_size=32, symmetric=False, activations=Activations.NONE,
                                       embedding=Precision.INT8, lm_head=Precision.INT8, calibration_windows=2,
                                       calibration_len=48), **kw})
-    return STAGES.get("quantize").run(model, config, ctx).model
+    return STAGES.get("quantize").run(model, config, ctx)  # StageResult: .model and its codes, .quantized
 
 
 def _eager(model) -> np.ndarray:
@@ -54,57 +53,45 @@ def model():
                                                         (QuantAlgorithm.RTN, 8, 0)])
 def test_onnx_runs_the_stage_codes_exactly(model, tmp_path, algorithm, bits, corrected):
     pytest.importorskip("onnxruntime_genai")
-    from exporters.onnx import OnnxExporter
-    from runtimes.onnxruntime import OnnxRuntimeRuntime as OnnxRuntime
+    from compress.exporters.onnx import OnnxExporter
+    from compress.runtimes.onnxruntime import OnnxRuntimeRuntime as OnnxRuntime
 
-    quantized = _stage(model, tmp_path, algorithm=algorithm, weight_bits=bits)
-    art = OnnxExporter().export(quantized, byte_tokenizer(), OnnxOptions(max_context=96), tmp_path / "onnx", QUIET)
-    coverage = art.extra["coverage"]
+    staged = _stage(model, tmp_path, algorithm=algorithm, weight_bits=bits)
+    art = OnnxExporter().export(staged.model, byte_tokenizer(), OnnxOptions(max_context=96), tmp_path / "onnx", QUIET, staged.quantized)
+    coverage = art.record["coverage"]
     assert coverage["matmuls_quantized"] == coverage["matmuls_total"] == 11  # 2 x (qkv, o, gate, up, down) + head
     assert coverage["with_offset_correction"] == corrected  # HQQ's float zero points: every body matmul
     assert coverage["stage_tensors_not_in_graph"] == []
     got = _run(OnnxRuntime().load(art, threads=2))
-    np.testing.assert_allclose(got, _eager(quantized), atol=2e-4, rtol=1e-4)
-    assert np.abs(got - _eager(model)).max() > 1e-2  # it really is the quantized model, not the fp32 one
-
-
-def test_onnx_refuses_a_second_quantization(model, tmp_path):
-    pytest.importorskip("onnxruntime_genai")
-    from compress.errors import InputError
-    from exporters.onnx import OnnxExporter
-
-    quantized = _stage(model, tmp_path)
-    options = OnnxOptions(max_context=96, quantize=QuantizeConfig(weight_bits=8))
-    with pytest.raises(InputError, match="quantize the quantize stage's output again"):
-        OnnxExporter().export(quantized, byte_tokenizer(), options, tmp_path / "onnx", QUIET)
-    assert not (tmp_path / "onnx").exists()
+    np.testing.assert_allclose(got, _eager(staged.model), atol=2e-4, rtol=1e-4)
+    assert np.abs(got - _eager(model)).max() > 1e-2  # it really is the staged model, not the fp32 one
 
 
 def test_the_export_module_computes_the_stage_model_with_the_offset_correction(model, tmp_path):
     """Weight-only int8 per channel, asymmetric: signed codes + the exact per-group correction, in eager."""
-    from exporters.llama import ExportLlama
-    from exporters.xnnpack_codes import OffsetLinear, apply_codes
+    from compress.exporters.llama import ExportLlama
+    from compress.exporters.xnnpack_codes import OffsetLinear, apply_codes
 
-    quantized = _stage(model, tmp_path, weight_bits=8, group_size=None, symmetric=False)
-    module = ExportLlama.from_hf(quantized, 96)
-    notes = apply_codes(module, quantized_weights(quantized), tied=True)
+    staged = _stage(model, tmp_path, weight_bits=8, group_size=None, symmetric=False)
+    module = ExportLlama.from_hf(staged.model, 96)
+    notes = apply_codes(module, staged.quantized, tied=True)
     assert notes["linears_with_offset_correction"] == 15 and isinstance(module.layers[0].mlp.up_proj, OffsetLinear)
     with torch.no_grad():
         got = module(torch.tensor([TOKENS]), torch.tensor([0]))[0].numpy()
-    np.testing.assert_allclose(got, _eager(quantized), atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, _eager(staged.model), atol=2e-4, rtol=1e-4)
 
 
 def test_linears_reading_one_input_share_one_group_sum_after_export(model, tmp_path):
     """q/k/v (and gate/up) read the same input: after the exporter's CSE, one group sum serves them all, and the
     program still computes the same thing."""
     pytest.importorskip("executorch")
-    from exporters.executorch import _merge_common_subexpressions
-    from exporters.llama import ExportLlama
-    from exporters.xnnpack_codes import apply_codes
+    from compress.exporters.executorch import _merge_common_subexpressions
+    from compress.exporters.llama import ExportLlama
+    from compress.exporters.xnnpack_codes import apply_codes
 
-    quantized = _stage(model, tmp_path, weight_bits=8, group_size=None, symmetric=False)
-    module = ExportLlama.from_hf(quantized, 96)
-    apply_codes(module, quantized_weights(quantized), tied=True)
+    staged = _stage(model, tmp_path, weight_bits=8, group_size=None, symmetric=False)
+    module = ExportLlama.from_hf(staged.model, 96)
+    apply_codes(module, staged.quantized, tied=True)
     exported = torch.export.export(module, (torch.tensor([TOKENS]), torch.tensor([0])), strict=False)
 
     def group_sums() -> int:  # linears whose weight is a row of ones
@@ -117,27 +104,27 @@ def test_linears_reading_one_input_share_one_group_sum_after_export(model, tmp_p
     assert group_sums() == 2 * 4 + 1  # per layer: q/k/v, o, gate/up, down
     with torch.no_grad():
         got = exported.module()(torch.tensor([TOKENS]), torch.tensor([0]))[0].numpy()
-    np.testing.assert_allclose(got, _eager(quantized), atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, _eager(staged.model), atol=2e-4, rtol=1e-4)
 
 
 def test_executorch_and_onnx_lower_the_same_8da4w_codes_to_the_same_accuracy(model, tmp_path):
     pytest.importorskip("executorch")
     pytest.importorskip("onnxruntime_genai")
-    from exporters.executorch import ExecuTorchExporter
-    from exporters.onnx import OnnxExporter
-    from runtimes.executorch import ExecuTorchRuntime
-    from runtimes.onnxruntime import OnnxRuntimeRuntime as OnnxRuntime
+    from compress.exporters.executorch import ExecuTorchExporter
+    from compress.exporters.onnx import OnnxExporter
+    from compress.runtimes.executorch import ExecuTorchRuntime
+    from compress.runtimes.onnxruntime import OnnxRuntimeRuntime as OnnxRuntime
 
-    quantized = _stage(model, tmp_path, algorithm=QuantAlgorithm.HQQ, activations=Activations.INT8_DYNAMIC)
-    pte = ExecuTorchExporter().export(quantized, byte_tokenizer(), PteOptions(max_context=96), tmp_path / "pte", QUIET)
-    onnx = OnnxExporter().export(quantized, byte_tokenizer(), OnnxOptions(max_context=96), tmp_path / "onnx", QUIET)
-    coverage = pte.extra["coverage"]
+    staged = _stage(model, tmp_path, algorithm=QuantAlgorithm.HQQ, activations=Activations.INT8_DYNAMIC)
+    pte = ExecuTorchExporter().export(staged.model, byte_tokenizer(), PteOptions(max_context=96), tmp_path / "pte", QUIET, staged.quantized)
+    onnx = OnnxExporter().export(staged.model, byte_tokenizer(), OnnxOptions(max_context=96), tmp_path / "onnx", QUIET, staged.quantized)
+    coverage = pte.record["coverage"]
     assert coverage["linears_with_offset_correction"] == 14  # every body linear; the int8 lm_head is symmetric
     assert coverage["offset_terms"] == "int8 per channel, int8 dynamic activations"  # like every other linear
     assert set(coverage["requantized"]) == {"lm_head"}  # int8 per group: XNNPACK's int8 kernels are per channel
     assert coverage["non_delegated_ops"].get("linear", 0) == 0  # the correction's small linears run on XNNPACK
     reference = _eager(model)
-    stage_kl = position_kl(reference, _eager(quantized)).mean()
+    stage_kl = position_kl(reference, _eager(staged.model)).mean()
     kl = {name: position_kl(reference, _run(runtime.load(art, threads=2))).mean()
           for name, runtime, art in (("pte", ExecuTorchRuntime(), pte), ("onnx", OnnxRuntime(), onnx))}
     # Both add only their own int8 activation rounding to the stage's weights.
@@ -148,25 +135,26 @@ def test_fused_qkv_codes_run_what_separate_projections_run(model, tmp_path):
     """custom_sdpa programs stack each layer's q/k/v codes into one matmul (rows, scales and offsets stacked: exact);
     mixed precision that gives q, k and v different bits keeps them apart."""
     pytest.importorskip("executorch")
-    from compress.export_options import PteAttention
-    from exporters.executorch import ExecuTorchExporter
-    from exporters.xnnpack_codes import fuse_qkv_codes
-    from runtimes.executorch import ExecuTorchRuntime
+    from compress.exporters.executorch import ExecuTorchExporter
+    from compress.exporters.xnnpack_codes import fuse_qkv_codes
+    from compress.runtimes.executorch import ExecuTorchRuntime
 
-    quantized = _stage(model, tmp_path, algorithm=QuantAlgorithm.HQQ, activations=Activations.INT8_DYNAMIC)
-    arts = {attention: ExecuTorchExporter().export(quantized, byte_tokenizer(), PteOptions(max_context=96,
-                                                   attention=attention), tmp_path / attention.value, QUIET)
+    from compress.export_options import PteAttention
+
+    staged = _stage(model, tmp_path, algorithm=QuantAlgorithm.HQQ, activations=Activations.INT8_DYNAMIC)
+    arts = {attention: ExecuTorchExporter().export(staged.model, byte_tokenizer(), PteOptions(max_context=96,
+                                                   attention=attention), tmp_path / attention.value, QUIET, staged.quantized)
             for attention in (PteAttention.CUSTOM_SDPA, PteAttention.XNNPACK)}
-    fused, apart = arts[PteAttention.CUSTOM_SDPA].extra["coverage"], arts[PteAttention.XNNPACK].extra["coverage"]
+    fused, apart = arts[PteAttention.CUSTOM_SDPA].record["coverage"], arts[PteAttention.XNNPACK].record["coverage"]
     assert fused["qkv_fused"] and not apart["qkv_fused"]
     for key in ("linears_total", "linears_quantized", "linears_with_offset_correction", "bits_histogram"):
         assert fused[key] == apart[key], key  # counted in the source model's linears either way
     got = {a: _run(ExecuTorchRuntime().load(art, threads=2)) for a, art in arts.items()}
     # Two attention kernels and one vs three matmuls: the same model to well within the int8 activations' noise.
-    reference = _eager(quantized)
+    reference = _eager(staged.model)
     assert position_kl(got[PteAttention.CUSTOM_SDPA], got[PteAttention.XNNPACK]).mean() < \
         0.1 * position_kl(reference, got[PteAttention.XNNPACK]).mean()
-    codes = quantized_weights(quantized)
+    codes = staged.quantized
     stacked = fuse_qkv_codes(codes, 2).tensors["layers.0.self_attn.qkv_proj"]
     torch.testing.assert_close(stacked.dequantize(), torch.cat([codes.tensors[f"layers.0.self_attn.{n}_proj"]
                                                                 .dequantize() for n in "qkv"]))
@@ -178,19 +166,19 @@ def test_the_tied_matrix_is_stored_once_when_the_weights_are_external_data(tmp_p
     """The embedding gathers the very int8 matrix the lm_head multiplies by, so in model.ptd (one copy of identical
     bytes) the tied matrix is stored once; in a single-file program it is stored twice. Same numbers either way."""
     pytest.importorskip("executorch")
-    from exporters.executorch import ExecuTorchExporter
-    from runtimes.executorch import ExecuTorchRuntime
+    from compress.exporters.executorch import ExecuTorchExporter
+    from compress.runtimes.executorch import ExecuTorchRuntime
 
     vocab, hidden = 4096, 64  # the tied matrix (256 KiB in int8) outweighs the rest of this model
-    quantized = _stage(tiny_llama(seed=0, vocab_size=vocab), tmp_path, algorithm=QuantAlgorithm.HQQ,
+    staged = _stage(tiny_llama(seed=0, vocab_size=vocab), tmp_path, algorithm=QuantAlgorithm.HQQ,
                        activations=Activations.INT8_DYNAMIC)
-    shared = ExecuTorchExporter().export(quantized, byte_tokenizer(), PteOptions(max_context=96), tmp_path / "ptd",
-                                         QUIET)
-    single = ExecuTorchExporter().export(quantized, byte_tokenizer(), PteOptions(max_context=96, external_data=False),
-                                         tmp_path / "pte", QUIET)
-    assert shared.extra["data"] == "model.ptd" and (shared.path / "model.ptd").is_file()
-    assert "data" not in single.extra and not (single.path / "model.ptd").exists()
-    assert shared.extra["coverage"]["embedding"] == "int8 per row, the lm_head's codes"
+    shared = ExecuTorchExporter().export(staged.model, byte_tokenizer(), PteOptions(max_context=96), tmp_path / "ptd",
+                                         QUIET, staged.quantized)
+    single = ExecuTorchExporter().export(staged.model, byte_tokenizer(), PteOptions(max_context=96, external_data=False),
+                                         tmp_path / "pte", QUIET, staged.quantized)
+    assert shared.data == "model.ptd" and (shared.path / "model.ptd").is_file()
+    assert not single.data and not (single.path / "model.ptd").exists()
+    assert shared.record["coverage"]["embedding"] == "int8 per row, the lm_head's codes"
     assert single.size_bytes() - shared.size_bytes() > 0.95 * vocab * hidden  # one copy of the matrix fewer
     assert (shared.path / "model.pte").stat().st_size < 0.2 * shared.size_bytes()  # the program; weights apart
     got = {art.path.name: _run(ExecuTorchRuntime().load(art, threads=2)) for art in (shared, single)}
@@ -200,22 +188,23 @@ def test_the_tied_matrix_is_stored_once_when_the_weights_are_external_data(tmp_p
 @pytest.mark.parametrize("algorithm", [QuantAlgorithm.RTN, QuantAlgorithm.HQQ])
 def test_core_ml_runs_the_stage_codes_exactly_in_an_fp32_program(model, tmp_path, algorithm):
     pytest.importorskip("coremltools")
-    from compress.export_options import ComputeUnits, Dtype, MlpackageOptions
-    from exporters.coreml import CoreMLExporter
-    from exporters.llama import AttentionBackend, ExportLlama
-    from runtimes.coreml import CoreMLRuntime
+    from compress.exporters.coreml import CoreMLExporter
+    from compress.exporters.llama import AttentionBackend, ExportLlama
+    from compress.runtimes.coreml import CoreMLRuntime
 
-    quantized = _stage(model, tmp_path, algorithm=algorithm)
+    from compress.export_options import ComputeUnits, Dtype, MlpackageOptions
+
+    staged = _stage(model, tmp_path, algorithm=algorithm)
     options = MlpackageOptions(max_context=64, query_lengths=(1, 8), compute_units=ComputeUnits.CPU_AND_GPU,
                                compute_precision=Dtype.FLOAT32)
-    art = CoreMLExporter().export(quantized, byte_tokenizer(), options, tmp_path / "coreml", QUIET)
-    coverage = art.extra["coverage"]
+    art = CoreMLExporter().export(staged.model, byte_tokenizer(), options, tmp_path / "coreml", QUIET, staged.quantized)
+    coverage = art.record["coverage"]
     assert coverage["codes_lowered"] == 15 and coverage["linears_not_compressed"] == []
     assert coverage["with_float_offsets"] == (14 if algorithm is QuantAlgorithm.HQQ else 0)
     session = CoreMLRuntime().load(art, threads=2)
     got = np.concatenate([session.prefill(TOKENS[:17])] + [session.decode(t)[None] for t in TOKENS[17:]])
     # The export module Core ML traces (its fp16-safe RMSNorm rescales rows: ~1e-3 from HF's in fp32), in eager.
-    module = ExportLlama.from_hf(quantized, 64, AttentionBackend.COREML, fp16_safe_norm=True)
+    module = ExportLlama.from_hf(staged.model, 64, AttentionBackend.COREML, fp16_safe_norm=True)
     with torch.no_grad():
         expected = module(torch.tensor([TOKENS], dtype=torch.int32), torch.tensor([0], dtype=torch.int32))[0]
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-3, rtol=1e-3)  # quantization errors are ~1e-1
@@ -226,15 +215,16 @@ def test_formats_refuse_activations_their_kernels_cannot_run_before_converting(m
 
     int8_acts = _stage(model, tmp_path, activations=Activations.INT8_DYNAMIC)
     pytest.importorskip("coremltools")
+    from compress.exporters.coreml import CoreMLExporter
+
     from compress.export_options import MlpackageOptions
-    from exporters.coreml import CoreMLExporter
 
     with pytest.raises(InputError, match="Core ML programs compute with fp16 activations"):
-        CoreMLExporter().export(int8_acts, byte_tokenizer(), MlpackageOptions(max_context=64), tmp_path / "c", QUIET)
+        CoreMLExporter().export(int8_acts.model, byte_tokenizer(), MlpackageOptions(max_context=64), tmp_path / "c", QUIET, int8_acts.quantized)
     pytest.importorskip("executorch")
-    from exporters.executorch import ExecuTorchExporter
+    from compress.exporters.executorch import ExecuTorchExporter
 
     fp_acts = _stage(model, tmp_path)  # int4 codes, activations: none
     with pytest.raises(ExportError, match="XNNPACK runs int4 weights only with int8 dynamic activations"):
-        ExecuTorchExporter().export(fp_acts, byte_tokenizer(), PteOptions(max_context=96), tmp_path / "p", QUIET)
+        ExecuTorchExporter().export(fp_acts.model, byte_tokenizer(), PteOptions(max_context=96), tmp_path / "p", QUIET, fp_acts.quantized)
     assert not (tmp_path / "c").exists() and not (tmp_path / "p").exists()

@@ -11,17 +11,19 @@ import torch
 
 pytest.importorskip("coremltools")
 
+from compress.exporters import coreml
+from compress.exporters.coreml import CoreMLExporter
+from compress.exporters.llama import AttentionBackend, ExportLlama
+from compress.runtimes.coreml import CoreMLRuntime
+from compress.runtimes.mil_interpreter import load_program
+
 from compress.config import parse  # noqa: E402
 from compress.errors import ConfigError, ExportError, InputError  # noqa: E402
 from compress.export_options import ComputeUnits, Dtype, MlpackageOptions  # noqa: E402
 from compress.models.tiny import byte_tokenizer, tiny_llama  # noqa: E402
 from compress.progress import Console  # noqa: E402
-from compress.stages.configs import Precision, QuantizeConfig, WeightFormat  # noqa: E402
-from exporters import coreml  # noqa: E402
-from exporters.coreml import CoreMLExporter  # noqa: E402
-from exporters.llama import AttentionBackend, ExportLlama  # noqa: E402
-from runtimes.coreml import CoreMLRuntime  # noqa: E402
-from runtimes.mil_interpreter import load_program  # noqa: E402
+from compress.quantized import Precision, QuantizeConfig
+from compress.stages.quant_plan import quantize_model
 
 QUIET = Console(quiet=True)
 GPU = ComputeUnits.CPU_AND_GPU
@@ -29,10 +31,11 @@ INT4 = QuantizeConfig(weight_bits=4, group_size=32, embedding=Precision.INT8, lm
 TOKENS = list(range(10, 50))
 
 
-def _export(root: Path, name: str, **options) -> object:
+def _export(root: Path, name: str, quantize: QuantizeConfig | None = None, **options) -> object:
+    """A tiny Llama exported as a package; with `quantize`, the quantize stage's codes lowered into it."""
     options = {"max_context": 64, "query_lengths": (1, 8), "compute_units": GPU, **options}
-    return CoreMLExporter().export(tiny_llama(seed=0), byte_tokenizer(), MlpackageOptions(**options), root / name,
-                                   QUIET)
+    model, codes = quantize_model(tiny_llama(seed=0), quantize) if quantize else (tiny_llama(seed=0), None)
+    return CoreMLExporter().export(model, byte_tokenizer(), MlpackageOptions(**options), root / name, QUIET, codes)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,7 @@ def test_the_package_records_what_an_app_needs(packages):
     assert {"model.mlpackage/Manifest.json", "tokenizer.json", "compress-mlpackage.json"} <= set(art.files)
     sidecar = json.loads((art.path / "compress-mlpackage.json").read_text())
     assert sidecar["query_lengths"] == [1, 8] and sidecar["max_context"] == 64 and sidecar["eos_ids"] == [257]
-    assert sidecar["compute_units"] == "cpu_and_gpu" and art.extra["compute_units"] == "cpu_and_gpu"
+    assert sidecar["compute_units"] == "cpu_and_gpu" and art.compute_units == "cpu_and_gpu"
     assert len(sidecar["states"]) == 4 and sidecar["states"][0] == "layers_0_self_attn_k_cache"
     program, spec = load_program(art.path / "model.mlpackage")
     assert spec.specificationVersion >= 9  # iOS 18 / macOS 15: states
@@ -86,7 +89,7 @@ def test_the_package_records_what_an_app_needs(packages):
 
 
 def test_int4_per_block_compresses_every_linear_and_shares_the_tied_matrix(packages):
-    cov = packages["int4"].extra["coverage"]
+    cov = packages["int4"].record["coverage"]
     assert (cov["linears_quantized"], cov["linears_total"], cov["linears_not_compressed"]) == (15, 15, [])
     assert cov["tied_storage"] == "one shared compressed copy" and cov["embedding_compressed"]
     ops = {op.op_type for op in load_program(packages["int4"].path / "model.mlpackage")[0]
@@ -100,22 +103,18 @@ def test_int4_per_block_compresses_every_linear_and_shares_the_tied_matrix(packa
     assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.6  # compressed, still the same model
 
 
-def test_palettized_weights_use_lookup_tables_and_untied_precisions_get_two_copies(tmp_path: Path):
-    q = QuantizeConfig(weight_bits=4, group_size=16, weight_format=WeightFormat.PALETTIZED,
-                       embedding=Precision.INT8, lm_head=Precision.INT8)
-    cov = _export(tmp_path, "pal", quantize=q, compute_units=ComputeUnits.CPU_AND_NE).extra["coverage"]
-    assert cov["linears_quantized"] == 15 and cov["quantization"].startswith("4-bit palettized")
-    ops = {op.op_type for op in load_program(tmp_path / "pal" / "model.mlpackage")[0].functions["main"].operations}
-    assert "constexpr_lut_to_dense" in ops  # the body; the int8 lm_head/embedding stay affine
-    two = _export(tmp_path, "two", quantize=QuantizeConfig(weight_bits=8, group_size=None, embedding=Precision.INT8,
-                                                           lm_head=Precision.INT4, symmetric=True))
-    assert two.extra["coverage"]["tied_storage"] == "two copies"
+def test_an_untied_lm_head_gets_its_own_codes(tmp_path: Path):
+    model = tiny_llama(seed=0, tie_word_embeddings=False)
+    staged, codes = quantize_model(model, QuantizeConfig(weight_bits=8, group_size=None, lm_head=Precision.INT4))
+    art = CoreMLExporter().export(staged, byte_tokenizer(), MlpackageOptions(max_context=64, query_lengths=(1, 8),
+                                                                             compute_units=GPU),
+                                  tmp_path / "untied", QUIET, codes)
+    cov = art.record["coverage"]
+    assert cov["tied_storage"] == "untied" and cov["linears_quantized"] == 15 and cov["linears_not_compressed"] == []
 
 
-def test_a_block_size_that_does_not_divide_fails_before_conversion_and_writes_nothing(tmp_path: Path, monkeypatch):
+def test_a_context_beyond_the_model_fails_before_conversion_and_writes_nothing(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(CoreMLExporter, "_convert", lambda *a, **k: pytest.fail("converted anyway"))
-    with pytest.raises(ExportError, match="in_features 64 is not a multiple of group_size 128"):
-        _export(tmp_path, "x", quantize=QuantizeConfig(weight_bits=4, group_size=128))
     with pytest.raises(InputError, match="max_context 128 exceeds the model's max_position_embeddings 64"):
         CoreMLExporter().export(tiny_llama(seed=0, max_position_embeddings=64), byte_tokenizer(),
                                 MlpackageOptions(max_context=128, compute_units=GPU), tmp_path / "x", QUIET)
@@ -126,21 +125,18 @@ def test_a_failure_after_conversion_leaves_no_half_written_package(tmp_path: Pat
     def broken(*_):
         raise ExportError("compression failed")
 
-    monkeypatch.setattr(coreml, "_compress", broken)
+    monkeypatch.setattr(coreml, "lower_codes", broken)
     with pytest.raises(ExportError, match="compression failed"):
         _export(tmp_path, "x", quantize=INT4)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("raw,fragment", [
-    ({"compute_units": "cpu_and_ne", "quantize": {"weight_bits": 4, "group_size": 32}},
-     "quantize.group_size: 32: per-block scales do not run on the Neural Engine"),
     ({"compute_units": "cpu_and_ne", "compute_precision": "float32"}, "float32 cannot run on the Neural Engine"),
     ({"max_context": 32, "query_lengths": [1, 64]}, "each must be in 1..max_context (32)"),
     ({"query_lengths": [8, 64]}, "must contain 1 (decode)"),
     ({"max_context": 100000}, "max_context: 100000 is out of range"),
     ({"minimum_deployment_target": "iOS17"}, "choose one of 'iOS18', 'macOS15'"),
-    ({"quantize": {"weight_bits": 4, "activations": "int8_dynamic"}}, "weight-only compression"),
     ({"compute_precision": "bfloat16"}, "choose one of 'float16', 'float32'"),
 ])
 def test_configs_apple_backends_cannot_honour_are_refused_naming_the_choices(raw, fragment):
@@ -149,10 +145,9 @@ def test_configs_apple_backends_cannot_honour_are_refused_naming_the_choices(raw
     assert fragment in str(err.value)
 
 
-def test_per_channel_and_palettized_weights_are_fine_on_the_neural_engine():
-    for q in (QuantizeConfig(weight_bits=8, group_size=None),
-              QuantizeConfig(weight_bits=4, group_size=16, weight_format=WeightFormat.PALETTIZED)):
-        assert MlpackageOptions(compute_units=ComputeUnits.CPU_AND_NE, quantize=q).quantize is q
+def test_per_channel_codes_are_fine_on_the_neural_engine():
+    assert MlpackageOptions(compute_units=ComputeUnits.CPU_AND_NE).codes_problems(
+        QuantizeConfig(weight_bits=8, group_size=None)) == []
 
 
 def test_without_coremltools_the_build_stops_with_exit_5_naming_the_extra(monkeypatch):

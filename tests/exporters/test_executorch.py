@@ -12,20 +12,22 @@ import yaml
 
 pytest.importorskip("executorch")
 
+from compress.exporters.executorch import ExecuTorchExporter
+from compress.exporters.llama import ExportLlama
+from compress.runtimes.executorch import ExecuTorchRuntime
+from compress.runtimes.harness import measure_accuracy, run_reference
+from compress.runtimes.torch_eager import TorchEagerRuntime
+
 from compress.errors import InputError  # noqa: E402
+from compress.export_options import PteAttention, PteOptions  # noqa: E402
 from compress.models.tiny import byte_tokenizer, tiny_llama  # noqa: E402
 from compress.progress import Console  # noqa: E402
-from compress.stages.configs import Activations, Precision, QuantizeConfig  # noqa: E402
-from compress.export_options import PteAttention, PteOptions  # noqa: E402
-from exporters.executorch import ExecuTorchExporter  # noqa: E402
-from exporters.llama import ExportLlama  # noqa: E402
-from runtimes.executorch import ExecuTorchRuntime  # noqa: E402
-from runtimes.harness import measure_accuracy, run_reference  # noqa: E402
-from runtimes.torch_eager import TorchEagerRuntime  # noqa: E402
+from compress.quantized import Activations, Precision, QuantizeConfig
+from compress.stages.quant_plan import quantize_model
 
 QUIET = Console(quiet=True)
 Q8DA4W = QuantizeConfig(weight_bits=4, group_size=32, activations=Activations.INT8_DYNAMIC,
-                        embedding=Precision.INT8, lm_head=Precision.INT4)
+                        embedding=Precision.INT8, lm_head=Precision.INT8)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,9 @@ def exported(tmp_path_factory):
     fp32 = exporter.export(model, byte_tokenizer(), PteOptions(max_context=96), root / "fp32", QUIET)
     # The shipped default (XNNPACK attention) gets the strict float test; the 8da4w program uses ExecuTorch's
     # custom SDPA kernel, so both attention paths run in the real runtime.
-    q = exporter.export(model, byte_tokenizer(), PteOptions(max_context=96, quantize=Q8DA4W,
-                                                            attention=PteAttention.CUSTOM_SDPA), root / "q", QUIET)
+    staged, codes = quantize_model(model, Q8DA4W)  # what the quantize stage hands the exporter
+    q = exporter.export(staged, byte_tokenizer(), PteOptions(max_context=96, attention=PteAttention.CUSTOM_SDPA),
+                        root / "q", QUIET, codes)
     return model, fp32, q
 
 
@@ -57,7 +60,7 @@ def test_attention_reads_the_cache_prefix_in_xnnpack_up_to_the_last_slot(exporte
     """Attention runs inside XNNPACK over the written prefix of the cache (a size known only at run time), one
     partition before and one after each layer's cache update, and stays exact when the cache is full."""
     model, fp32, _ = exported
-    cov = fp32.extra["coverage"]
+    cov = fp32.record["coverage"]
     assert not {"bmm", "_softmax", "linear"} & set(cov["non_delegated_ops"]), cov["non_delegated_ops"]
     assert cov["delegate_calls"] <= 2 * model.config.num_hidden_layers + 1
     tokens = [(7 * i) % 250 + 3 for i in range(96)]  # fills all 96 slots
@@ -84,8 +87,8 @@ def test_the_program_carries_what_the_stock_runner_reads(exported):
 
 def test_8da4w_quantizes_every_linear_delegates_them_and_stays_close(exported):
     model, fp32, q = exported
-    cov = q.extra["coverage"]
-    assert (cov["linears_quantized"], cov["linears_total"], cov["linears_skipped"]) == (15, 15, [])
+    cov = q.record["coverage"]
+    assert (cov["linears_quantized"], cov["linears_total"]) == (15, 15)
     assert not any("linear" in op or "mm" in op for op in cov["non_delegated_ops"])
     assert cov["delegated_nodes"] > cov["non_delegated_nodes"]
     assert q.size_bytes() < fp32.size_bytes() / 2
@@ -105,10 +108,9 @@ def test_8da4w_quantizes_every_linear_delegates_them_and_stays_close(exported):
 def test_partitions_merge_in_graph_order_unless_a_node_outside_would_sit_between_them():
     """XNNPACK proposes partitions out of graph order and unmerged (91 for SmolLM2); merging them in graph order
     must join neighbours and must never join two partitions that a node outside both feeds from and into."""
+    from compress.exporters.executorch import _merge_in_graph_order
     from torch.fx import Graph
     from torch.fx.passes.infra.partitioner import Partition
-
-    from exporters.executorch import _merge_in_graph_order
 
     graph = Graph()
     a = graph.call_function(torch.neg, (graph.placeholder("x"),))
@@ -129,13 +131,12 @@ def test_partitions_merge_in_graph_order_unless_a_node_outside_would_sit_between
 def test_a_program_without_its_weights_file_is_refused_in_one_line(exported, tmp_path: Path):
     import shutil
 
-    from compress.artifact import Artifact
 
     _, fp32, _ = exported
-    assert fp32.extra["data"] == "model.ptd"  # external data is the default
+    assert fp32.data == "model.ptd"  # external data is the default
     shutil.copytree(fp32.path, tmp_path / "copy")
     (tmp_path / "copy" / "model.ptd").unlink()
-    moved = Artifact(tmp_path / "copy", fp32.format, fp32.files, fp32.extra)
+    moved = fp32.at(tmp_path / "copy")
     with pytest.raises(InputError, match=r"copy/model.ptd is missing: the program keeps its weights there; copy it "
                                          r"beside model.pte"):
         ExecuTorchRuntime().load(moved, threads=2)
@@ -145,7 +146,7 @@ def test_the_latency_child_runs_mkl_single_threaded(exported):
     """The pip runtime's custom SDPA calls MKL from inside ExecuTorch's thread pool; nested, MKL's own threads fight
     the pool for the cores (measured on SmolLM2: 230-250 us per call instead of 45). The child that times the program
     must start with MKL pinned to one thread, and it says what it ran under."""
-    from runtimes.latency import measure_latency
+    from compress.runtimes.latency import measure_latency
 
     _, _, q = exported
     result = measure_latency("executorch", q, threads=2, prompt_ids=list(range(10, 30)), decode_tokens=4, warmup=0,
@@ -165,24 +166,23 @@ def test_cli_refuses_bad_pte_configs_with_one_line(tiny_dir: Path, tmp_path: Pat
     def targets(quantize: dict) -> Path:
         path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.yaml"
         path.write_text(yaml.safe_dump({"version": 1, "targets": {"a": {
-            "export": {"format": "pte", "max_context": 64, "quantize": quantize}, "runtime": "executorch",
-            "eval": {"window_len": 32, "prefill_len": 16, "decode_tokens": 8}}}}))
+            "stages": [{"quantize": quantize}], "export": {"format": "pte", "max_context": 64},
+            "runtime": "executorch", "eval": {"window_len": 32, "prefill_len": 16, "decode_tokens": 8}}}}))
         return path
 
     out = tmp_path / "out"
     result = cli("build", "--target", "a", "--model", str(tiny_dir), "--out", str(out),
                  "--targets", str(targets({"weight_bits": 4, "group_size": 128, "activations": "int8_dynamic"})))
-    assert result.code == 3, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: 12 of 15 linears cannot be quantized as configured (layers.0.self_attn.q_proj: in_features 64 is "
-        "not a multiple of group_size 128); choose a group_size that divides every width, add an override, or set "
-        "export.allow_unquantized_linears: true")
+    assert result.code == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: quantize.group_size 128 does not divide 12 linear(s): layers.0.self_attn.q_proj (in_features 64)")
     assert not (out / "executorch").exists() and not (out / "manifest.json").exists()
     bad = cli("build", "--target", "a", "--model", str(tiny_dir), "--out", str(out),
               "--targets", str(targets({"weight_bits": 4, "symmetric": False})))
     assert bad.code == 2
-    assert "quantize.activations: int4 weights on XNNPACK need activations: int8_dynamic" in bad.stderr
-    assert "quantize.symmetric: false is not supported by XNNPACK" in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: t2.yaml: targets.a.stages[0].quantize.activations: 'none' with 4-bit codes: XNNPACK runs int4 "
+        "weights only with int8 dynamic activations; use int8_dynamic (export.format pte)")
 
 
 def test_export_module_weights_are_what_was_exported(exported):

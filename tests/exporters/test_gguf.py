@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from compress.exporters import gguf as gguf_exporter
+from compress.exporters.gguf import GgufExporter, permute_for_rope, pre_tokenizer_name
 
+from compress import llamacpp_lib as llamacpp
 from compress.errors import ConfigError, ExportError, RuntimeUnavailable
 from compress.export_options import GgufOptions, GgufType
 from compress.models.gguf import convert_gguf
@@ -20,9 +23,6 @@ from compress.models.hf import load_hf_dir
 from compress.models.tiny import GPT2_MERGES, byte_tokenizer, tiny_llama
 from compress.progress import Console
 from compress.targets import parse_targets
-from exporters import gguf as gguf_exporter
-from exporters.gguf import GgufExporter, permute_for_rope, pre_tokenizer_name
-from runtimes import llamacpp
 
 QUIET = Console(quiet=True)
 VOCAB = 259 + len(GPT2_MERGES)
@@ -91,9 +91,9 @@ def test_metadata_and_tokenizer_fields(f32):
     assert set(types) == {1, 3}  # NORMAL and CONTROL
     assert fields["tokenizer.ggml.merges"] == [f"{a} {b}" for a, b in GPT2_MERGES]
     # Tied embeddings: no output.weight (llama.cpp reuses token_embd); 9 tensors per block + embedding + norm.
-    assert "output.weight" not in tensors and len(tensors) == 2 * 9 + 2 == art.extra["tensor_count"]
-    assert art.extra["tensor_type_counts"] == {"F32": 20} and art.extra["tensors_quantized"] == 0
-    assert art.files == ("f32.gguf",) and art.extra["max_context"] == 128
+    assert "output.weight" not in tensors and len(tensors) == 2 * 9 + 2 == art.record["tensor_count"]
+    assert art.record["tensor_type_counts"] == {"F32": 20} and art.record["tensors_quantized"] == 0
+    assert art.files == ("f32.gguf",) and art.max_context == 128
 
 
 def test_q_and_k_are_permuted_for_llama_cpp_rope_and_nothing_else_is(f32):
@@ -122,8 +122,8 @@ def test_f16_and_q8_0_hold_the_weights_within_their_precision(tmp_path: Path):
     _, q8 = export(tmp_path, "q8_0")
     _, _, t16 = read(f16.path)
     _, fields, t8 = read(q8.path)
-    assert f16.extra["tensor_type_counts"] == {"F16": 15, "F32": 5}
-    assert q8.extra["tensor_type_counts"] == {"Q8_0": 15, "F32": 5} and q8.extra["tensors_quantized"] == 15
+    assert f16.record["tensor_type_counts"] == {"F16": 15, "F32": 5}
+    assert q8.record["tensor_type_counts"] == {"Q8_0": 15, "F32": 5} and q8.record["tensors_quantized"] == 15
     assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     w = model.model.layers[0].mlp.down_proj.weight.detach().numpy()  # (64, 128)
     np.testing.assert_array_equal(np.asarray(t16["blk.0.ffn_down.weight"].data), w.astype(np.float16))
@@ -143,9 +143,9 @@ def test_f16_and_q8_0_hold_the_weights_within_their_precision(tmp_path: Path):
 def test_q8_0_falls_back_to_f16_for_rows_that_are_not_whole_blocks(tmp_path: Path):
     # hidden 48: rows of 48 are not a multiple of Q8_0's 32-wide blocks; ffn_down's rows (128 wide) are.
     _, art = export(tmp_path, "q8_0", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
-    assert art.extra["tensor_types"]["ffn_down.weight"] == {"Q8_0": 2}
-    assert art.extra["tensor_types"]["attn_q.weight"] == {"F16": 2}
-    assert len(art.extra["fallbacks"]) == 13 and "48 columns are not whole Q8_0 blocks" in art.extra["fallbacks"][0]
+    assert art.record["tensor_types"]["ffn_down.weight"] == {"Q8_0": 2}
+    assert art.record["tensor_types"]["attn_q.weight"] == {"F16": 2}
+    assert len(art.record["fallbacks"]) == 13 and "48 columns are not whole Q8_0 blocks" in art.record["fallbacks"][0]
 
 
 def test_llama_cpp_pre_tokenizer_names():
@@ -203,5 +203,5 @@ def test_cli_builds_an_unverified_gguf_without_llama_cpp(tmp_path: Path, cli):
                  "--no-verify")
     assert result.code == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["artifact"]["path"] == "model.gguf" and manifest["artifact"]["extra"]["file_type"] == "q8_0"
+    assert manifest["artifact"]["path"] == "model.gguf" and manifest["artifact"]["record"]["file_type"] == "q8_0"
     assert manifest["artifact"]["file_hashes"][0]["bytes"] == (out / "model.gguf").stat().st_size

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compress.exporters.llama import AttentionBackend, ExportLlama
 
 from compress.models.tiny import tiny_llama
-from exporters.llama import AttentionBackend, ExportLlama
 
 
 @pytest.mark.parametrize("backend, fuse_qkv", [(b, False) for b in AttentionBackend]
@@ -30,7 +30,7 @@ def test_export_module_matches_hf_in_one_pass_and_incrementally(backend, fuse_qk
 
 
 def test_the_fp16_safe_norm_equals_the_plain_one_and_survives_fp16_magnitudes():
-    from exporters.llama import RMSNorm
+    from compress.exporters.llama import RMSNorm
 
     plain, safe = RMSNorm(64, 1e-5), RMSNorm(64, 1e-5, fp16_safe=True)
     scales = torch.tensor([1e-3, 1.0, 30.0, 300.0, 2.5e4]).view(1, 5, 1)  # one row per magnitude

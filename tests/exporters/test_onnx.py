@@ -13,14 +13,16 @@ import torch
 
 pytest.importorskip("onnxruntime_genai")
 
-from compress.errors import ConfigError, ExportError, InputError
+from compress.exporters.onnx import OnnxExporter, _check_graph
+from compress.runtimes.onnxruntime import KvMode, OnnxRuntimeRuntime
+
+from compress.errors import ExportError, InputError
 from compress.export_options import OnnxDeploy, OnnxOptions
+from compress.metrics import position_kl
 from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console
-from compress.stages.configs import Activations, Precision, QuantizeConfig
-from exporters.onnx import OnnxExporter, _check_graph
-from runtimes.metrics import position_kl
-from runtimes.onnxruntime import KvMode, OnnxRuntimeRuntime
+from compress.quantized import Activations, Precision, QuantizeConfig
+from compress.stages.quant_plan import quantize_model
 
 QUIET = Console(quiet=True)
 INT4 = QuantizeConfig(weight_bits=4, group_size=32, symmetric=False, activations=Activations.INT8_DYNAMIC,
@@ -44,12 +46,16 @@ def expected(model):
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
-    exporter = OnnxExporter()
-    fp32 = exporter.export(model, byte_tokenizer(), OnnxOptions(max_context=96), root / "fp32", QUIET)
-    int4 = exporter.export(model, byte_tokenizer(), OnnxOptions(max_context=96, quantize=INT4, deploy=OnnxDeploy.WEB),
-                           root / "int4", QUIET)
-    int8 = exporter.export(model, byte_tokenizer(), OnnxOptions(max_context=96, quantize=INT8), root / "int8", QUIET)
+    fp32 = _export(model, None, OnnxOptions(max_context=96), root / "fp32")
+    int4 = _export(model, INT4, OnnxOptions(max_context=96, deploy=OnnxDeploy.WEB), root / "int4")
+    int8 = _export(model, INT8, OnnxOptions(max_context=96), root / "int8")
     return {"fp32": fp32, "int4": int4, "int8": int8}
+
+
+def _export(model, q: QuantizeConfig | None, options: OnnxOptions, path: Path):
+    """The folder for `model`, with the quantize stage's codes for `q` lowered into it (fp32 without)."""
+    staged, codes = quantize_model(model, q) if q is not None else (model, None)
+    return OnnxExporter().export(staged, byte_tokenizer(), options, path, QUIET, codes)
 
 
 def _logits(artifact, kv_mode=None, chunks=(25,)):
@@ -73,12 +79,12 @@ def test_fp32_graph_matches_eager_for_prefill_chunks_and_decode(exported, expect
 
 
 def test_quantized_graphs_cover_every_matmul_and_share_the_tied_embedding(exported):
-    cov4, cov8 = exported["int4"].extra["coverage"], exported["int8"].extra["coverage"]
+    cov4, cov8 = exported["int4"].record["coverage"], exported["int8"].record["coverage"]
     assert cov4["matmuls_quantized"] == cov4["matmuls_total"] == 11  # 2 x (qkv, o, gate, up, down) + lm_head
     assert cov4["matmulnbits_bits"] == {"4": 10, "8": 1}  # int8 output layer
     assert cov8["matmulnbits_bits"] == {"8": 11}
     for name in ("int4", "int8"):
-        cov = exported[name].extra["coverage"]
+        cov = exported[name].record["coverage"]
         assert cov["embedding_op"] == "GatherBlockQuantized" and not cov["unquantized_matmuls"]
         assert "com.microsoft::GroupQueryAttention" in cov["ops"] and not cov["missing_io"]
     sidecar = json.loads((exported["int8"].path / "compress-onnx.json").read_text())
@@ -100,12 +106,19 @@ def test_quantized_graphs_stay_close_to_eager_and_int8_closer_than_int4(exported
 
 
 def test_the_shared_int8_embedding_decodes_like_the_fp32_one(model, exported, tmp_path):
-    """The embedding pass reads the output layer's int8 codes: same logits as an fp32 embedding, within int8."""
+    """The embedding pass reads the output layer's int8 codes: same logits as an fp32 embedding, within int8. The
+    fp32-embedding twin is the same weights untied (a tied matrix is quantized once, for both uses)."""
+    twin = tiny_llama(seed=0, tie_word_embeddings=False)
+    with torch.no_grad():
+        twin.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+        twin.lm_head.weight.copy_(model.model.embed_tokens.weight)
+        for (name, p), (_, q) in zip(twin.model.named_parameters(), model.model.named_parameters()):
+            p.copy_(q)
     fp32_embedding = QuantizeConfig(weight_bits=8, group_size=32, activations=Activations.INT8_DYNAMIC,
                                     embedding=Precision.FP32, lm_head=Precision.INT8)
-    plain = OnnxExporter().export(model, byte_tokenizer(), OnnxOptions(max_context=96, quantize=fp32_embedding),
-                                  tmp_path / "plain", QUIET)
-    assert plain.extra["coverage"]["embedding_op"] == "Gather"
+    plain = _export(twin, fp32_embedding, OnnxOptions(max_context=96), tmp_path / "plain")
+    assert plain.record["coverage"]["embedding_op"] == "Gather"
+    assert exported["int8"].record["coverage"]["embedding_op"] == "GatherBlockQuantized"
     a, b = _logits(plain)[0], _logits(exported["int8"])[0]
     assert float(np.mean(position_kl(a, b))) < 0.01
 
@@ -129,13 +142,6 @@ def test_onnxruntime_genai_loads_the_folder_and_generates_what_our_session_gener
     assert list(generator.get_sequence(0))[12:] == ours
 
 
-def test_a_block_size_that_does_not_divide_the_model_fails_before_writing(model, tmp_path):
-    q = QuantizeConfig(weight_bits=4, group_size=128)
-    with pytest.raises(InputError, match=r"group_size 128 does not divide .*hidden_size 64.*fit: \[16, 32, 64\]"):
-        OnnxExporter().export(model, byte_tokenizer(), OnnxOptions(quantize=q), tmp_path / "x", QUIET)
-    assert not (tmp_path / "x").exists()
-
-
 def test_an_opset_the_deploying_runtime_cannot_run_fails_and_leaves_nothing(model, tmp_path):
     with pytest.raises(ExportError, match="needs ai.onnx opset 22; export.max_opset is 21"):
         OnnxExporter().export(model, byte_tokenizer(), OnnxOptions(max_context=64, max_opset=21),
@@ -148,29 +154,11 @@ def test_context_beyond_the_model_is_refused(model, tmp_path):
         OnnxExporter().export(model, byte_tokenizer(), OnnxOptions(max_context=4096), tmp_path / "x", QUIET)
 
 
-@pytest.mark.parametrize(("quantize", "message"), [
-    ({"group_size": None}, r"MatMulNBits is block-wise; choose one of \[16, 32, 64, 128, 256\]"),
-    ({"group_size": 512}, "512 is not a MatMulNBits block size"),
-    ({"embedding": "int4", "lm_head": "int8"}, "set embedding: int8"),
-    ({"algorithm": "gptq"}, "'gptq' is not available for onnx yet"),
-])
-def test_schemes_onnx_cannot_hold_are_config_errors(quantize, message):
-    with pytest.raises(ConfigError, match=message):
-        OnnxOptions(quantize=QuantizeConfig(**{k: v if k == "group_size" else _enum(k, v)
-                                               for k, v in quantize.items()}))
-
-
-def _enum(field: str, value: str):
-    from compress.stages.configs import QuantAlgorithm
-
-    return QuantAlgorithm(value) if field == "algorithm" else Precision(value)
-
-
 def test_a_web_graph_with_an_op_onnxruntime_web_lacks_fails(exported):
-    graph = {**exported["int4"].extra["coverage"], "ops": {"com.microsoft::MatMulNBits": 1, "com.microsoft::MoE": 1}}
+    graph = {**exported["int4"].record["coverage"], "ops": {"com.microsoft::MatMulNBits": 1, "com.microsoft::MoE": 1}}
     with pytest.raises(ExportError, match="ops not in onnxruntime-web's set: \\['com.microsoft::MoE'\\]"):
-        _check_graph(graph, OnnxOptions(deploy=OnnxDeploy.WEB, quantize=INT4))
-    _check_graph(graph, OnnxOptions(deploy=OnnxDeploy.DESKTOP, quantize=INT4))  # desktop runs anything ORT runs
+        _check_graph(graph, OnnxOptions(deploy=OnnxDeploy.WEB), INT4)
+    _check_graph(graph, OnnxOptions(deploy=OnnxDeploy.DESKTOP), INT4)  # desktop runs anything ORT runs
 
 
 WEB_RUNTIME = Path(__file__).resolve().parents[2] / ".web"

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from runtimes.coreml import LINUX_LATENCY, CoreMLRuntime, plan_chunks
+from compress.runtimes.coreml import LINUX_LATENCY, CoreMLRuntime, plan_chunks
 
 
 @pytest.mark.parametrize("n,start,expected", [
@@ -66,7 +65,7 @@ def test_the_build_gates_on_the_package_and_the_harness_sees_one_corrupted_weigh
     budgets = {b["name"]: b for b in manifest["verification"]["budgets"]}
     assert budgets["max_mean_kl"]["passed"] and budgets["max_mean_kl"]["value"] < 1e-3
     assert budgets["min_decode_tok_s"]["passed"] is None and budgets["min_decode_tok_s"]["note"] == LINUX_LATENCY
-    assert manifest["artifact"]["extra"]["compute_units"] == "cpu_and_gpu"
+    assert manifest["artifact"]["compute_units"] == "cpu_and_gpu"
     assert "not measured" in (out / "report.md").read_text()
 
     _corrupt_weight(out / "coreml" / "model.mlpackage", "layers_1_mlp_down_proj_weight_to_fp16")

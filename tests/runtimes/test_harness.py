@@ -5,17 +5,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from compress.exporters.safetensors import SafetensorsExporter
+from compress.runtimes.harness import measure_accuracy, run_reference
+from compress.runtimes.latency import measure_latency
+from compress.runtimes.torch_eager import TorchEagerRuntime
 
-from compress.artifact import Artifact
+from compress.artifact import Artifact, Format
 from compress.data.corpus import build_eval_set
+from compress.export_options import SafetensorsOptions
+from compress.gate import Budgets, check_budgets
 from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console
-from compress.export_options import SafetensorsOptions
-from compress.targets import Budgets, EvalSpec, Format, load_targets
-from exporters.safetensors import SafetensorsExporter
-from runtimes.harness import check_budgets, measure_accuracy, run_reference
-from runtimes.latency import measure_latency
-from runtimes.torch_eager import TorchEagerRuntime
+from compress.targets import EvalSpec, load_targets
 
 QUIET = Console(quiet=True)
 SPEC = EvalSpec(windows=4, window_len=96, greedy_tokens=12, prefill_len=32, decode_tokens=8, warmup=1, repeats=3)

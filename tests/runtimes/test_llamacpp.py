@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from compress.exporters.gguf import GgufExporter
+from compress.runtimes.base import ContextOverflow
+from compress.runtimes.llamacpp import LlamaCppRuntime
 
+from compress import llamacpp_lib as llamacpp
 from compress.errors import RuntimeUnavailable
 from compress.export_options import GgufOptions, GgufType
 from compress.models.tiny import GPT2_MERGES, byte_tokenizer, tiny_llama
 from compress.progress import Console
-from exporters.gguf import GgufExporter
-from runtimes import llamacpp
-from runtimes.base import ContextOverflow
-from runtimes.llamacpp import LlamaCppRuntime
 
 QUIET = Console(quiet=True)
 VOCAB = 259 + len(GPT2_MERGES)
@@ -99,7 +99,7 @@ def test_quantized_types_stay_close_and_record_what_llama_cpp_chose(tiny, ggufs)
         mean_kl[t] = float(kl(expected, LlamaCppRuntime().load(ggufs[t], threads=2).prefill(TOKENS[:200])).mean())
     assert mean_kl["q8_0"] < 0.005 and mean_kl["q4_k_m"] < 0.1 and mean_kl["q4_0"] < 0.3
     assert mean_kl["q8_0"] < mean_kl["q4_k_m"] < mean_kl["q4_0"]
-    q4_0, q4_k_m = ggufs["q4_0"].extra, ggufs["q4_k_m"].extra
+    q4_0, q4_k_m = ggufs["q4_0"].record, ggufs["q4_k_m"].record
     assert q4_0["quantizer"] == "llama.cpp" and q4_0["tensor_types"]["attn_q.weight"] == {"Q4_0": 2}
     # K-quants need rows that are whole 256-blocks; 64-wide rows fall back, and the record says so.
     assert "Q4_K" not in q4_k_m["tensor_type_counts"] and q4_k_m["tensor_types"]["attn_q.weight"] == {"Q5_0": 2}
@@ -153,11 +153,12 @@ def test_a_missing_llama_cpp_stops_the_build_before_any_work(monkeypatch: pytest
 @pytest.mark.slow
 @needs_llamacpp
 def test_real_model_f32_gguf_on_llama_cpp_matches_the_reference(real_home: Path, tmp_path: Path):
+    from compress.runtimes.harness import measure_accuracy, run_reference
+    from compress.runtimes.torch_eager import TorchEagerRuntime
+
     from compress import models
     from compress.data.corpus import build_eval_set, encode_prompt
     from compress.targets import EvalSpec
-    from runtimes.harness import measure_accuracy, run_reference
-    from runtimes.torch_eager import TorchEagerRuntime
 
     loaded = models.load_spec("smollm2-135m", QUIET)
     art = GgufExporter().export(loaded.model, loaded.tokenizer, GgufOptions(file_type=GgufType.F32), tmp_path / "m.gguf",

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from runtimes.metrics import AccuracyAccumulator, greedy_match, next_token_nll, position_kl, sqnr_db
+from compress.metrics import AccuracyAccumulator, greedy_match, next_token_nll, position_kl, sqnr_db
 
 
 def _manual_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:

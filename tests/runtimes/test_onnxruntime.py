@@ -9,14 +9,14 @@ import pytest
 
 pytest.importorskip("onnxruntime_genai")
 
-from compress.artifact import Artifact
+from compress.exporters.onnx import OnnxExporter
+from compress.runtimes.base import ContextOverflow
+from compress.runtimes.onnxruntime import KvMode, OnnxRuntimeRuntime
+
 from compress.errors import RuntimeUnavailable
 from compress.export_options import OnnxOptions
 from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console
-from exporters.onnx import OnnxExporter
-from runtimes.base import ContextOverflow
-from runtimes.onnxruntime import KvMode, OnnxRuntimeRuntime
 
 
 @pytest.fixture(scope="module")
@@ -61,5 +61,5 @@ def test_a_damaged_model_file_is_a_one_line_runtime_error(artifact, tmp_path):
     shutil.copytree(artifact.path, broken)
     (broken / "model.onnx").write_bytes(b"\x08\x07garbage")
     with pytest.raises(RuntimeUnavailable, match=r"onnxruntime .* cannot load model.onnx") as err:
-        OnnxRuntimeRuntime().load(Artifact(broken, artifact.format, artifact.files, artifact.extra), threads=1)
+        OnnxRuntimeRuntime().load(artifact.at(broken), threads=1)
     assert "\n" not in str(err.value)

@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from compress.runtimes.base import ContextOverflow
+from compress.runtimes.torch_eager import TorchEagerRuntime
 
 from compress.models.tiny import tiny_llama
-from runtimes.base import ContextOverflow
-from runtimes.torch_eager import TorchEagerRuntime
 
 
 def test_kv_cache_prefill_in_chunks_and_decode_match_one_full_pass():

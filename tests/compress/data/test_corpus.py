@@ -5,8 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from compress.data.corpus import (BUILTIN, Split, build_eval_set, calibration_windows, load_documents,
-                                  token_stream, windows_from)
+from compress.data.corpus import (
+    BUILTIN,
+    Split,
+    build_eval_set,
+    calibration_windows,
+    load_documents,
+    token_stream,
+    windows_from,
+)
 from compress.errors import InputError
 from compress.models.tiny import byte_tokenizer
 from compress.targets import EvalSpec

@@ -14,8 +14,7 @@ from compress.distributed import World
 from compress.errors import ConfigError, InputError
 from compress.models.tiny import tiny_llama
 from compress.progress import Console
-from compress.stages import STAGES, StageContext
-from compress.stages import fake_quant
+from compress.stages import STAGES, StageContext, fake_quant
 from compress.stages.configs import DistillConfig, FakeQuant, PruneConfig
 from compress.stages.distill import check
 from compress.stages.prune import prune

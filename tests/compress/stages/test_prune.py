@@ -10,11 +10,11 @@ import torch
 
 from compress import checkpoint
 from compress.errors import ConfigError, InputError
+from compress.metrics import mean_kl, param_count
 from compress.models.tiny import tiny_llama
 from compress.progress import Console
 from compress.stages import STAGES, StageContext
 from compress.stages.configs import PruneConfig
-from compress.stages.kl import mean_kl, param_count
 from compress.stages.prune import plan_prune, prune
 
 QUIET = Console(quiet=True)
@@ -108,12 +108,12 @@ def test_pruned_model_equals_masking_the_original(gqa_model):
 
 
 def test_pruned_model_is_an_ordinary_checkpoint_the_export_module_accepts(tmp_path):
-    from exporters.llama import ExportLlama
+    from compress.exporters.llama import ExportLlama
 
     model = tiny_llama(2, num_hidden_layers=4, intermediate_size=256)
     result = prune(model, PruneConfig(mlp_keep=0.5, drop_layers=1), _windows(8, 32))
-    checkpoint.save_model(result.model, tmp_path / "ckpt")
-    reloaded = checkpoint.load_model(tmp_path / "ckpt")
+    checkpoint.save_stage(result.model, None, tmp_path / "ckpt")
+    reloaded, _ = checkpoint.load_stage(tmp_path / "ckpt")
     assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.intermediate_size == 128
     ids = torch.tensor(_windows(1, 16, seed=3))
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_pruned_model_is_an_ordinary_checkpoint_the_export_module_accepts(tmp_pa
 
 def test_head_pruned_model_and_the_export_module(gqa_model):
     """A head-pruned Llama keeps head_dim in its config (hidden_size // num_heads no longer holds)."""
-    from exporters.llama import ExportLlama
+    from compress.exporters.llama import ExportLlama
 
     result = prune(gqa_model, PruneConfig(heads_keep=2 / 3), _windows(8, 32))
     model = result.model

@@ -17,7 +17,7 @@ QUIET = Console(quiet=True)
 
 
 def test_pruning_keeps_the_massive_units_and_distillation_starts_recovering(smollm2, tmp_path):
-    from exporters.llama import ExportLlama
+    from compress.exporters.llama import ExportLlama
 
     ctx = StageContext(0, tmp_path, functools.partial(calibration_windows, smollm2.tokenizer, "pydoc"),
                        smollm2.model, QUIET)

@@ -1,7 +1,8 @@
-"""Accuracy metrics, position by position against the reference's logits.
+"""Accuracy metrics, the one place KL is computed.
 
-KL(reference || candidate) per position, top-1 agreement, perplexity of both on the true next token,
-greedy-match length, and SQNR for comparing tensors.
+KL(reference || candidate) per position (`kl_per_position` on torch tensors: the harness, the quantize stage's
+probe, prune and distill all use it), top-1 agreement, perplexity of both on the true next token, greedy-match
+length, and SQNR for comparing tensors.
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 NONFINITE_PENALTY = 100.0  # nats: the KL/NLL charged at a position whose candidate logits hold NaN/inf
 
@@ -21,14 +26,40 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), dim=-1).numpy()
 
 
-def position_kl(ref_logits: np.ndarray, cand_logits: np.ndarray) -> np.ndarray:
-    """KL(ref || cand) at each position, (positions,), in nats; float rounding clamped at 0."""
+def kl_per_position(ref_logits: torch.Tensor, cand_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(ref/T) || softmax(cand/T)) in nats at each position: (..., vocab) -> (...)."""
     import torch
 
-    lr = torch.from_numpy(_log_softmax(ref_logits))  # (positions, vocab)
-    lc = torch.from_numpy(_log_softmax(cand_logits))  # (positions, vocab)
-    kl = (lr.exp() * (lr - lc)).sum(dim=-1).double()  # (positions,)
-    return kl.clamp_min(0.0).numpy()
+    ref = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
+    cand = torch.log_softmax(cand_logits.float() / temperature, dim=-1)
+    return (ref.exp() * (ref - cand)).sum(-1)
+
+
+def mean_kl(ref_logits: torch.Tensor, cand_logits: torch.Tensor, chunk: int = 512) -> float:
+    """Mean over all positions of KL(ref || cand), in chunks of `chunk` positions (a 49k vocabulary never needs
+    two full copies)."""
+    import torch
+
+    with torch.no_grad():
+        ref = ref_logits.reshape(-1, ref_logits.shape[-1])  # (positions, vocab)
+        cand = cand_logits.reshape(-1, cand_logits.shape[-1])
+        total = sum(float(kl_per_position(ref[i:i + chunk], cand[i:i + chunk]).sum())
+                    for i in range(0, len(ref), chunk))
+    return total / len(ref)
+
+
+def position_kl(ref_logits: np.ndarray, cand_logits: np.ndarray) -> np.ndarray:
+    """KL(ref || cand) at each position of numpy logits, (positions,), in nats; float rounding clamped at 0."""
+    import torch
+
+    kl = kl_per_position(torch.from_numpy(np.ascontiguousarray(ref_logits, dtype=np.float32)),
+                         torch.from_numpy(np.ascontiguousarray(cand_logits, dtype=np.float32)))  # (positions,)
+    return kl.double().clamp_min(0.0).numpy()
+
+
+def param_count(model: Any) -> int:
+    """Parameters, a tied embedding counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def next_token_nll(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:

@@ -1,0 +1,247 @@
+"""Quantized weights as the quantize stage hands them to every exporter: unsigned codes on a per-group grid.
+
+    w[n, k] = scale[n, k // group] * codes[n, k] + offset[n, k // group]      codes in 0 .. 2**bits - 1
+
+Every affine scheme is one of these: symmetric (offset = -2**(bits-1) * scale), asymmetric with an integer zero
+point z (offset = -z * scale), and GGUF's Q4_1 or HQQ's float zero points (offset any float). Exporters lower the
+codes as they are, without re-rounding; `integer_zero_points` and `residual_offset` give them the two forms their
+kernels take (a zero point, or signed codes plus a per-group correction).
+
+On disk (beside a stage's HF checkpoint): one safetensors file, `<name>.codes|scale|offset` per tensor, with
+bits/group per tensor and the stage's scheme in its metadata.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compress.config import check_fields, setting
+from compress.errors import Problem
+
+if TYPE_CHECKING:
+    import torch
+
+class Activations(enum.StrEnum):
+    NONE = "none"
+    INT8_DYNAMIC = "int8_dynamic"
+
+
+class Precision(enum.StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+BITS_OF = {Precision.FP32: None, Precision.FP16: None, Precision.INT8: 8, Precision.INT4: 4}  # None: not quantized
+
+
+class QuantAlgorithm(enum.StrEnum):
+    RTN = "rtn"
+    HQQ = "hqq"
+    AWQ = "awq"
+    GPTQ = "gptq"
+    SCALE_ESTIMATION = "scale_estimation"
+    KEEP_GGUF = "keep_gguf"  # keep the source GGUF's codes where the format represents them exactly
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer precision by glob pattern on the module name; the first matching override wins."""
+
+    pattern: str
+    weight_bits: int = setting(8, choices=(4, 8, 16))
+    group_size: int | None = setting(None, ge=8)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    weight_bits: int = setting(4, choices=(4, 8))
+    group_size: int | None = setting(32, ge=8, le=4096, doc="None: one scale per output channel")
+    symmetric: bool = True
+    activations: Activations = Activations.NONE
+    embedding: Precision = Precision.FP32
+    lm_head: Precision = Precision.FP32
+    algorithm: QuantAlgorithm = QuantAlgorithm.RTN
+    overrides: tuple[LayerOverride, ...] = ()
+    # Sensitivity-driven mixed precision keeps
+    # the linears whose quantization costs the most KL at 8 bits until the stage's measured KL is <= max_kl,
+    # within max_avg_bits average code bits per linear weight (lm_head and embedding excluded).
+    max_kl: float | None = setting(None, gt=0, doc="mixed precision: KL the stage must reach on calibration text")
+    max_avg_bits: float = setting(4.5, ge=2, le=8, doc="mixed precision: average code bits per linear weight")
+    calibration_windows: int = setting(4, ge=1, le=4096, doc="calibration windows the stage measures KL on")
+    calibration_len: int = setting(256, ge=16, le=32768)
+
+    def __post_init__(self) -> None:
+        extra = []
+        if self.group_size is not None and self.group_size & (self.group_size - 1):
+            extra.append(Problem("group_size", f"{self.group_size} is not a power of two (e.g. 32, 64, 128)"))
+        check_fields(self, extra)
+
+
+FILE = "compress-quantized.safetensors"
+
+
+@dataclass
+class QuantTensor:
+    codes: torch.Tensor  # (out, in) uint8
+    scale: torch.Tensor  # (out, in // group) fp32
+    offset: torch.Tensor  # (out, in // group) fp32
+    bits: int
+    group: int
+
+    def __post_init__(self) -> None:
+        out, width = self.codes.shape
+        if width % self.group or self.scale.shape != (out, width // self.group) or self.offset.shape != self.scale.shape:
+            raise ValueError(f"inconsistent quantized tensor: codes {tuple(self.codes.shape)}, group {self.group}, "
+                             f"scale {tuple(self.scale.shape)}, offset {tuple(self.offset.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        import torch
+
+        out, width = self.codes.shape
+        grouped = self.codes.reshape(out, width // self.group, self.group).to(torch.float32)  # (out, groups, group)
+        w = grouped * self.scale.unsqueeze(-1) + self.offset.unsqueeze(-1)
+        return w.reshape(out, width)
+
+    @property
+    def midpoint(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    def signed_codes(self) -> torch.Tensor:
+        """Codes centred on zero (int8, -2**(bits-1) .. 2**(bits-1) - 1): what symmetric kernels take."""
+        import torch
+
+        return (self.codes.to(torch.int16) - self.midpoint).to(torch.int8)
+
+    def residual_offset(self) -> torch.Tensor:
+        """Per-group offset left over once the codes are read as signed codes times the scale (out, groups).
+
+        w = scale * signed + residual; zero for a symmetric tensor. A kernel without zero points computes
+        x @ (scale * signed).T and adds (x summed over each group) @ residual.T, which is exact.
+        """
+        return self.offset + self.midpoint * self.scale
+
+    @property
+    def symmetric(self) -> bool:
+        import torch
+
+        return bool(torch.all(self.residual_offset().abs() <= 1e-6 * self.scale.abs()))
+
+    def integer_zero_points(self) -> torch.Tensor | None:
+        """Zero points z with w = scale * (codes - z), when every one is an integer in range; else None."""
+        import torch
+
+        z = -self.offset / torch.where(self.scale == 0, torch.ones_like(self.scale), self.scale)
+        rounded = z.round()
+        if torch.any((z - rounded).abs() > 1e-4) or rounded.min() < 0 or rounded.max() > 2 ** self.bits - 1:
+            return None
+        return rounded.to(torch.uint8)
+
+
+@dataclass
+class QuantizedWeights:
+    """What the quantize stage produced: a QuantTensor per quantized linear (HF module names), the config that
+    made them, and the linears mixed precision raised to 8 bits."""
+
+    tensors: dict[str, QuantTensor]
+    config: QuantizeConfig
+    promoted_to_8bit: tuple[str, ...] = ()
+
+    @property
+    def scheme(self) -> dict[str, Any]:
+        """The scheme as the stage's notes and the manifest record it."""
+        c = self.config
+        out: dict[str, Any] = {"algorithm": c.algorithm.value, "weight_bits": c.weight_bits,
+                               "group_size": c.group_size, "symmetric": c.symmetric,
+                               "activations": c.activations.value, "embedding": c.embedding.value,
+                               "lm_head": c.lm_head.value}
+        if self.promoted_to_8bit:
+            out["promoted_to_8bit"] = list(self.promoted_to_8bit)
+        return out
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        from compress.config import to_data
+
+        flat, layout = {}, {}
+        for name, t in self.tensors.items():
+            flat[f"{name}.codes"] = t.codes.contiguous()
+            flat[f"{name}.scale"] = t.scale.contiguous()
+            flat[f"{name}.offset"] = t.offset.contiguous()
+            layout[name] = {"bits": t.bits, "group": t.group}
+        save_file(flat, str(directory / FILE), metadata={
+            "layout": json.dumps(layout), "config": json.dumps(to_data(self.config)),
+            "promoted_to_8bit": json.dumps(list(self.promoted_to_8bit))})
+
+    @classmethod
+    def load(cls, directory: Path) -> QuantizedWeights | None:
+        path = directory / FILE
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        from compress.config import parse_value
+        from compress.errors import ConfigError
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            layout = json.loads(meta["layout"])
+            tensors = {name: QuantTensor(f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scale"),
+                                         f.get_tensor(f"{name}.offset"), spec["bits"], spec["group"])
+                       for name, spec in layout.items()}
+        problems: list[Problem] = []
+        config = parse_value(QuantizeConfig, json.loads(meta["config"]), str(path), problems)
+        if problems:
+            raise ConfigError(problems)
+        return cls(tensors, config, tuple(json.loads(meta["promoted_to_8bit"])))
+
+    def export_config(self) -> QuantizeConfig:
+        """The layout a format's graph follows before the codes are lowered into it: bits, block, activations,
+        embedding and lm_head precision. Symmetric, because the codes bring their own offsets."""
+        c = self.config
+        return QuantizeConfig(weight_bits=c.weight_bits, group_size=c.group_size, symmetric=True,
+                              activations=c.activations, embedding=c.embedding, lm_head=c.lm_head)
+
+    def bits_summary(self) -> dict[str, Any]:
+        """Average code bits and stored bits (codes + fp32 scale and offset) per weight, lm_head apart."""
+        body = {n: t for n, t in self.tensors.items() if n != "lm_head"}
+        weights = sum(t.codes.numel() for t in body.values())
+        if not weights:
+            return {"linear_weights": 0}
+        code_bits = sum(t.codes.numel() * t.bits for t in body.values())
+        meta_bits = sum(t.scale.numel() * 32 * 2 for t in body.values())
+        return {"linear_weights": weights, "avg_code_bits": round(code_bits / weights, 3),
+                "avg_stored_bits": round((code_bits + meta_bits) / weights, 3),
+                "bits_histogram": {str(b): sum(1 for t in body.values() if t.bits == b)
+                                   for b in sorted({t.bits for t in body.values()})}}
+
+
+def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> QuantTensor:
+    """Round to nearest on a per-group grid (torchao's affine primitives): the stage's plain algorithm, and what an
+    exporter uses where its kernels need a layout the stage's grid is not on (docs/quantization.md says where)."""
+    import torch
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    mapping = MappingType.SYMMETRIC if symmetric else MappingType.ASYMMETRIC
+    block = (1, group)
+    scale, zero = choose_qparams_affine(w, mapping, block, torch.int8, qmin, qmax, eps=1e-12,
+                                        scale_dtype=torch.float32, zero_point_dtype=torch.int32)
+    q = quantize_affine(w, block, scale, zero, torch.int8, qmin, qmax)  # (out, in) int8, w = (q - zero) * scale
+    scale = scale.reshape(w.shape[0], -1).float()
+    zero = zero.reshape(w.shape[0], -1).float()
+    codes = (q.to(torch.int16) - qmin).to(torch.uint8)
+    return QuantTensor(codes, scale, (qmin - zero) * scale, bits, group)
