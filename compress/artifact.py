@@ -1,7 +1,8 @@
-"""The exporter -> runtime contract: formats, runtime names, availability, and the artifact description.
+"""The exporter -> runtime contract: availability, the weights dtype vocabulary, and the artifact description.
 
-An exporter returns an `Artifact`; the runtime for its format loads it; the manifest records it. Nothing here
-imports a module of ours above it.
+An exporter returns an `Artifact`; the runtime for its format loads it; the manifest records it. A format is
+named by its exporter (`Exporter.format`, e.g. "pte") and a runtime by itself (`Runtime.name`); the registries in
+compress.exporters and compress.runtimes hold them. Nothing here imports a module of ours above it.
 """
 
 from __future__ import annotations
@@ -13,20 +14,10 @@ from pathlib import Path
 from typing import Any
 
 
-class Format(enum.StrEnum):
-    PTE = "pte"  # ExecuTorch program
-    ONNX = "onnx"  # ONNX model directory
-    MLPACKAGE = "mlpackage"  # Core ML package
-    GGUF = "gguf"  # llama.cpp
-    SAFETENSORS = "safetensors"  # plain HF checkpoint, run by eager PyTorch (the reference format)
-
-
-class RuntimeName(enum.StrEnum):
-    TORCH_EAGER = "torch_eager"
-    EXECUTORCH = "executorch"
-    ONNXRUNTIME = "onnxruntime"
-    COREML = "coreml"
-    LLAMACPP = "llamacpp"
+class Dtype(enum.StrEnum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -54,7 +45,7 @@ class Artifact:
     for the manifest (coverage, scheme, timings), which no runtime reads."""
 
     path: Path  # the file or directory a runtime loads
-    format: Format
+    format: str  # the exporter's format name: pte, onnx, mlpackage, gguf, safetensors
     files: tuple[str, ...]  # every file written, relative to `path` (or its name when it is a file)
     main: str = ""  # the file a runtime opens inside `path` (model.pte, model.onnx, model.mlpackage); "": `path`
     data: str = ""  # the weights file beside `main` when the program keeps them outside (ExecuTorch's model.ptd)
@@ -75,14 +66,14 @@ class Artifact:
 
     def to_data(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data.update(path=self.path.name, format=self.format.value, files=list(self.files),
+        data.update(path=self.path.name, files=list(self.files),
                     query_lengths=list(self.query_lengths))
         return data
 
     @classmethod
     def from_data(cls, data: dict[str, Any], root: Path) -> Artifact:
         cache = data.get("cache")
-        return cls(root / data["path"], Format(data["format"]), tuple(data["files"]), data.get("main", ""),
+        return cls(root / data["path"], str(data["format"]), tuple(data["files"]), data.get("main", ""),
                    data.get("data", ""), data.get("max_context"), data.get("vocab_size"),
                    tuple(data.get("query_lengths", ())), CacheShape(**cache) if cache else None,
                    data.get("compute_units", ""), dict(data.get("record", {})))

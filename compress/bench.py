@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from compress import models
-from compress.artifact import Artifact, Format
+from compress.artifact import Artifact
 from compress.errors import InputError, RuntimeUnavailable
-from compress.export_options import GgufOptions, GgufType
+from compress.exporters.gguf import GgufExporter, GgufOptions, GgufType
+from compress.exporters.safetensors import SafetensorsExporter
 from compress.manifest import Manifest
 from compress.quantized import Activations
 from compress.registry import Registry
@@ -111,7 +112,7 @@ class Entry:
 def quant_detail(target: TargetSpec) -> str:
     """A short description of a build's weights: `int4 g32 hqq (stage), int8 act` / `q8_0` / `float32` / `fp32`."""
     options = target.export.options
-    if target.export.format is Format.GGUF:
+    if isinstance(options, GgufOptions):
         return options.file_type.value
     q = next((s.config for s in target.stages if s.kind is StageKind.QUANTIZE), None)
     if q is None:
@@ -147,11 +148,11 @@ def collect_builds(req: BenchRequest, runtimes: Registry[Runtime]) -> tuple[list
                              f"first build: one bench compares one model")
         target = parse_target(manifest.target["spec"], manifest.target["name"])
         artifact = manifest.artifact_obj(out_dir)
-        runtime = runtimes.get(target.runtime.name.value)
+        runtime = runtimes.get(target.runtime.name)
         available = _check_runtime(runtime, f"build {out_dir}")
         name = target.name if target.name not in names else f"{target.name} ({out_dir.name})"
         names.add(name)
-        entries.append(Entry(name, "build", artifact.format.value, runtime.name, quant_detail(target),
+        entries.append(Entry(name, "build", artifact.format, runtime.name, quant_detail(target),
                              artifact, latency_note=available.latency_unmeasured))
     return entries, model
 
@@ -175,8 +176,8 @@ def collect_peers(req: BenchRequest, source: models.ModelSource, runtimes: Regis
         if peer == EAGER:
             ckpt = source.checkpoint
             files = tuple(str(p.relative_to(ckpt)) for p in sorted(ckpt.rglob("*")) if p.is_file())
-            art = Artifact(ckpt, Format.SAFETENSORS, files, max_context=2048)
-            entries.append(Entry("eager fp32 (peer)", "peer", art.format.value, "torch_eager", "fp32", art, peer=peer))
+            art = Artifact(ckpt, SafetensorsExporter.format, files, max_context=2048)
+            entries.append(Entry("eager fp32 (peer)", "peer", art.format, "torch_eager", "fp32", art, peer=peer))
             continue
         runtime = runtimes.get("llamacpp")
         _check_runtime(runtime, f"peer {peer!r} (leave it out of --peers to skip it)")
@@ -186,7 +187,7 @@ def collect_peers(req: BenchRequest, source: models.ModelSource, runtimes: Regis
                 raise InputError(f"peer {SOURCE!r}: model {source.spec!r} has no source GGUF (only a catalog model "
                                  f"or a .gguf file has one); leave it out of --peers")
             info = describe_gguf(path)
-            art = Artifact(path, Format.GGUF, (path.name,), max_context=2048, record=info)
+            art = Artifact(path, GgufExporter.format, (path.name,), max_context=2048, record=info)
             counts = {k: n for k, n in info["tensor_type_counts"].items() if k not in ("F32", "F16")}
             ftype = max(counts, key=counts.get).lower() if counts else "f32"  # the type most tensors have
             entries.append(Entry(f"llama.cpp source {ftype} (peer)", "peer", "gguf", "llamacpp", ftype, art, peer=peer))

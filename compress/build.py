@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compress import __version__, checkpoint, distributed, gate, models
-from compress.artifact import Artifact, Format
+from compress.artifact import Artifact
 from compress.cache import StageCache, code_version
 from compress.config import to_data
 from compress.data.corpus import calibration_windows
@@ -35,13 +35,6 @@ from compress.stages import STAGES, Stage, StageContext
 from compress.targets import TargetSpec, load_targets, parse_target
 from compress.verification import verify_artifact
 
-ARTIFACT_NAMES = {
-    Format.PTE: "executorch",
-    Format.ONNX: "onnx",
-    Format.MLPACKAGE: "coreml",  # model.mlpackage beside its tokenizer and sidecar
-    Format.GGUF: "model.gguf",
-    Format.SAFETENSORS: "checkpoint",
-}
 BUILD_MARKER = ".compress-build"  # marks a directory compress may overwrite
 
 
@@ -60,11 +53,11 @@ class BuildRequest:
 def check_available(target: TargetSpec, verify: bool) -> None:
     """Refuse before any work when a target needs a component this version lacks or cannot run."""
     missing = [f"stage {s.kind.value!r}" for s in target.stages if s.kind.value not in STAGES]
-    fmt = target.export.format.value
+    fmt = target.export.format
     if fmt not in EXPORTERS:
         missing.append(f"exporter for format {fmt!r}")
-    if verify and target.runtime.name.value not in RUNTIMES:
-        missing.append(f"runtime {target.runtime.name.value!r}")
+    if verify and target.runtime.name not in RUNTIMES:
+        missing.append(f"runtime {target.runtime.name!r}")
     if missing:
         raise NotAvailableYet(
             f"target {target.name!r} needs {', '.join(missing)}: not available yet in compress {__version__} "
@@ -74,9 +67,9 @@ def check_available(target: TargetSpec, verify: bool) -> None:
     if not exporter_ok.ok:
         raise RuntimeUnavailable(f"exporter for {fmt!r} is unavailable: {exporter_ok.reason}")
     if verify:
-        runtime_ok = RUNTIMES.get(target.runtime.name.value).availability()
+        runtime_ok = RUNTIMES.get(target.runtime.name).availability()
         if not runtime_ok.ok:
-            raise RuntimeUnavailable(f"runtime {target.runtime.name.value!r} is unavailable: {runtime_ok.reason} "
+            raise RuntimeUnavailable(f"runtime {target.runtime.name!r} is unavailable: {runtime_ok.reason} "
                                      f"(use --no-verify to build without verifying)")
 
 
@@ -155,12 +148,12 @@ def run_export(req: BuildRequest, staged: StagesOutput, tokenizer: Any, cache: S
                console: Any) -> tuple[Artifact, dict]:
     """Export (or reuse the cached export) and install the artifact atomically in the output directory."""
     fmt = req.target.export.format
-    exporter = EXPORTERS.get(fmt.value)
+    exporter = EXPORTERS.get(fmt)
     options = req.target.export.options
-    key = cache.key("export", staged.key, fmt.value, to_data(options), exporter.version, code_version(exporter))
-    name = ARTIFACT_NAMES[fmt]
+    key = cache.key("export", staged.key, fmt, to_data(options), exporter.version, code_version(exporter))
+    name = exporter.artifact_name
     cached = cache.lookup(key) is not None
-    with console.step(f"Export to {fmt.value}" + (" (cached)" if cached else "")) as step:
+    with console.step(f"Export to {fmt}" + (" (cached)" if cached else "")) as step:
         if not cached:
             with cache.write(key, {"kind": "export"}) as entry:
                 art = exporter.export(staged.model, tokenizer, options, entry / name, console, staged.quantized)
@@ -169,7 +162,7 @@ def run_export(req: BuildRequest, staged: StagesOutput, tokenizer: Any, cache: S
         art = Artifact.from_data(json.loads((entry / "artifact.json").read_text()), entry)
         installed = install_artifact(art, req.out_dir / name)
         step["detail"] = f"{installed.size_bytes() / 1e6:.1f} MB"
-    record = {"format": fmt.value, "options": to_data(options), "cache_key": key, "cached": cached,
+    record = {"format": fmt, "options": to_data(options), "cache_key": key, "cached": cached,
               "seconds": step["seconds"], "exporter_version": exporter.version}
     return installed, record
 
@@ -247,9 +240,9 @@ def verify_build(out_dir: Path, console: Any, targets_file: Path | None = None, 
     name = manifest.target["name"]
     target = load_targets(targets_file).get(name) if targets_file else parse_target(manifest.target["spec"], name)
     artifact = manifest.artifact_obj(out_dir)
-    if target.export.format is not artifact.format:
-        raise InputError(f"target {name!r} now exports {target.export.format.value!r} but the build holds "
-                         f"{artifact.format.value!r}; rebuild instead")
+    if target.export.format != artifact.format:
+        raise InputError(f"target {name!r} now exports {target.export.format!r} but the build holds "
+                         f"{artifact.format!r}; rebuild instead")
     check_available(target, verify=True)
     with console.step("Resolving the reference model") as step:
         source = models.resolve(manifest.model["reopen"], console)

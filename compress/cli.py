@@ -167,7 +167,7 @@ def targets_list(targets_file: Path | None) -> None:
     tf = load_targets(targets_file)
     for name, spec in tf.targets.items():
         stages = " -> ".join(s.kind.value for s in spec.stages) or "(no stages)"
-        click.echo(f"{name:<12} {spec.export.format.value:<11} {spec.runtime.name.value:<12} {stages:<22} "
+        click.echo(f"{name:<12} {spec.export.format:<11} {spec.runtime.name:<12} {stages:<22} "
                    f"{spec.description}")
 
 

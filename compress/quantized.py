@@ -79,6 +79,11 @@ class QuantizeConfig:
     calibration_windows: int = setting(4, ge=1, le=4096, doc="calibration windows the stage measures KL on")
     calibration_len: int = setting(256, ge=16, le=32768)
 
+    def code_bits(self) -> set[int]:
+        """Every code width the stage writes for this config (body, overrides, lm_head and embedding)."""
+        bits = {self.weight_bits} | {o.weight_bits for o in self.overrides if o.weight_bits != 16}
+        return bits | {b for b in (BITS_OF[self.lm_head], BITS_OF[self.embedding]) if b is not None}
+
     def __post_init__(self) -> None:
         extra = []
         if self.group_size is not None and self.group_size & (self.group_size - 1):

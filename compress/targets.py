@@ -21,41 +21,23 @@ from typing import Any
 
 import yaml
 
-from compress.artifact import Format, RuntimeName
 from compress.config import check_fields, join, parse_dataclass, parse_value, setting, to_data, type_name
 from compress.errors import ConfigError, Problem
-from compress.export_options import GgufOptions, MlpackageOptions, OnnxOptions, PteOptions, SafetensorsOptions
+from compress.exporters import EXPORTERS
 from compress.gate import Budgets
+from compress.runtimes import RUNTIMES
 from compress.stages.configs import STAGE_CONFIGS, StageKind
 
 SCHEMA_VERSION = 1
 SHIPPED_TARGETS = Path(__file__).resolve().parent / "targets.yaml"  # package data; ./targets.yaml links here
 
 
-# Which runtimes can execute which format.
-RUNTIMES_FOR_FORMAT: dict[Format, tuple[RuntimeName, ...]] = {
-    Format.PTE: (RuntimeName.EXECUTORCH,),
-    Format.ONNX: (RuntimeName.ONNXRUNTIME,),
-    Format.MLPACKAGE: (RuntimeName.COREML,),
-    Format.GGUF: (RuntimeName.LLAMACPP,),
-    Format.SAFETENSORS: (RuntimeName.TORCH_EAGER,),
-}
-
-
-EXPORT_OPTIONS: dict[Format, type] = {
-    Format.PTE: PteOptions,
-    Format.ONNX: OnnxOptions,
-    Format.MLPACKAGE: MlpackageOptions,
-    Format.GGUF: GgufOptions,
-    Format.SAFETENSORS: SafetensorsOptions,
-}
-
-
 @dataclass(frozen=True)
 class ExportSpec:
-    """`export: {format: NAME, **options}`: the options are validated against the format's dataclass."""
+    """`export: {format: NAME, **options}`: NAME is a registered exporter's format, and the options are validated
+    against the dataclass that exporter declares."""
 
-    format: Format
+    format: str
     options: Any
 
     @classmethod
@@ -66,15 +48,17 @@ class ExportSpec:
         if "format" not in raw:
             problems.append(Problem(join(where, "format"), "required key is missing"))
             return None
-        fmt = parse_value(Format, raw["format"], join(where, "format"), problems)
-        if fmt is None:
+        fmt = raw["format"]
+        if not isinstance(fmt, str) or fmt not in EXPORTERS:
+            problems.append(Problem(join(where, "format"), f"{fmt!r} is not valid; choose one of "
+                                                           f"{', '.join(map(repr, EXPORTERS.names()))}"))
             return None
         rest = {k: v for k, v in raw.items() if k != "format"}
-        options = parse_value(EXPORT_OPTIONS[fmt], rest, where, problems)
+        options = parse_value(EXPORTERS.get(fmt).options, rest, where, problems)
         return None if options is None else cls(fmt, options)
 
     def __config_data__(self) -> dict[str, Any]:
-        return {"format": self.format.value, **to_data(self.options)}
+        return {"format": self.format, **to_data(self.options)}
 
     @property
     def max_context(self) -> int | None:
@@ -108,11 +92,13 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    name: RuntimeName
+    name: str  # a registered runtime
     threads: int = setting(2, ge=1, le=256)
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        extra = [] if self.name in RUNTIMES else [
+            Problem("name", f"{self.name!r} is not valid; choose one of {', '.join(map(repr, RUNTIMES.names()))}")]
+        check_fields(self, extra)
 
     @classmethod
     def __config_parse__(cls, raw: Any, where: str, problems: list[Problem]) -> RuntimeSpec | None:
@@ -161,10 +147,10 @@ class TargetSpec:
 
     def __post_init__(self) -> None:
         extra = []
-        allowed = RUNTIMES_FOR_FORMAT[self.export.format]
+        allowed = EXPORTERS.get(self.export.format).runtimes
         if self.runtime.name not in allowed:
-            extra.append(Problem("runtime.name", f"{self.runtime.name.value!r} cannot run format "
-                                 f"{self.export.format.value!r}; use {', '.join(r.value for r in allowed)}"))
+            extra.append(Problem("runtime.name", f"{self.runtime.name!r} cannot run format "
+                                 f"{self.export.format!r}; use {', '.join(allowed)}"))
         ctx = self.export.max_context
         if ctx is not None:
             if self.eval.window_len > ctx:
@@ -192,7 +178,7 @@ class TargetSpec:
         index = kinds.index(StageKind.QUANTIZE)
         for problem in self.export.options.codes_problems(self.stages[index].config):
             where = f"stages[{index}].{problem.where}" if problem.where.startswith("quantize") else problem.where
-            out.append(Problem(where, f"{problem.message} (export.format {self.export.format.value})"))
+            out.append(Problem(where, f"{problem.message} (export.format {self.export.format})"))
         return out
 
     @classmethod

@@ -28,7 +28,7 @@ def stop_ids(tokenizer: Any) -> set[int]:
 
 def verify_artifact(target: TargetSpec, artifact: Artifact, reference: LoadedModel, console: Any,
                     eval_data: str | None = None, threads: int | None = None) -> Verification:
-    runtime_name = target.runtime.name.value
+    runtime_name = target.runtime.name
     runtime = RUNTIMES.get(runtime_name)
     available = runtime.availability()
     if not available.ok:

@@ -1,4 +1,8 @@
-"""Exporters, one file per format, registered by format name (see base.py for the protocol)."""
+"""Exporters, one file per format, registered under the format name each declares (base.py: the protocol).
+
+Each exporter module is light to import (heavy libraries load inside its functions), because reading
+targets.yaml looks up a format's options and runtimes here.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,8 @@ from compress.exporters.gguf import GgufExporter
 from compress.exporters.onnx import OnnxExporter
 from compress.exporters.safetensors import SafetensorsExporter
 
-from compress.artifact import Format
 from compress.registry import Registry
 
-EXPORTERS: Registry[Exporter] = Registry("exporter")
-EXPORTERS.register(Format.SAFETENSORS.value, SafetensorsExporter())
-EXPORTERS.register(Format.PTE.value, ExecuTorchExporter())
-EXPORTERS.register(Format.ONNX.value, OnnxExporter())
-EXPORTERS.register(Format.GGUF.value, GgufExporter())
-EXPORTERS.register(Format.MLPACKAGE.value, CoreMLExporter())
+EXPORTERS: Registry[Exporter] = Registry("format")
+for _exporter in (SafetensorsExporter(), ExecuTorchExporter(), OnnxExporter(), GgufExporter(), CoreMLExporter()):
+    EXPORTERS.register(_exporter.format, _exporter)

@@ -20,6 +20,10 @@ from compress.quantized import QuantizedWeights
 
 
 class Exporter(Protocol):
+    format: str  # the name targets.yaml's export.format uses, and the registry key
+    options: type  # its options dataclass: parsed from export.{...}; `codes_problems(q)` says what it can hold
+    runtimes: tuple[str, ...]  # names of the runtimes that run this format
+    artifact_name: str  # the artifact's name in the build directory
     version: str  # part of the cache key: bump when the output for a given input changes
 
     def availability(self) -> Availability: ...

@@ -14,27 +14,77 @@ The artifact is a directory: `model.mlpackage`, the tokenizer files and `compres
 
 from __future__ import annotations
 
+import enum
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compress.exporters.base import atomic_dir
 from compress.exporters.coreml_codes import lower_codes
-from compress.exporters.llama import AttentionBackend, ExportLlama
 
-from compress.artifact import Artifact, Availability, Format
-from compress.errors import ExportError, InputError
-from compress.export_options import ComputeUnits, Dtype, MlpackageOptions
+from compress.artifact import Artifact, Availability, Dtype
+from compress.config import check_fields, setting
+from compress.errors import ExportError, InputError, Problem
 from compress.hashing import files_under
-from compress.quantized import BITS_OF, Activations, QuantizedWeights
+from compress.quantized import BITS_OF, Activations, QuantizeConfig, QuantizedWeights
 
 PACKAGE = "model.mlpackage"
 SIDECAR = "compress-mlpackage.json"
 EMBEDDING = "embed_tokens"
 
 
+class ComputeUnits(enum.StrEnum):
+    ALL = "all"
+    CPU_ONLY = "cpu_only"
+    CPU_AND_GPU = "cpu_and_gpu"
+    CPU_AND_NE = "cpu_and_ne"
+
+
+@dataclass(frozen=True)
+class MlpackageOptions:
+    max_context: int = setting(512, ge=16, le=8192, doc="positions the Core ML states hold")
+    compute_units: ComputeUnits = ComputeUnits.CPU_AND_NE
+    minimum_deployment_target: str = setting("iOS18", choices=("iOS18", "macOS15"), doc="states need iOS18/macOS15")
+    query_lengths: tuple[int, ...] = setting((1, 64), doc="the enumerated tokens-per-call shapes; 1 is decode")
+    compute_precision: Dtype = setting(Dtype.FLOAT16, choices=(Dtype.FLOAT16, Dtype.FLOAT32))
+    allow_unquantized_linears: bool = setting(False, doc="let the export succeed when a linear is not compressed")
+
+    def __post_init__(self) -> None:
+        extra = []
+        if not self.query_lengths or 1 not in self.query_lengths:
+            extra.append(Problem("query_lengths", f"{list(self.query_lengths)} must contain 1 (decode)"))
+        if any(q < 1 or q > self.max_context for q in self.query_lengths):
+            extra.append(Problem("query_lengths", f"{list(self.query_lengths)}: each must be in 1..max_context "
+                                                  f"({self.max_context})"))
+        if len(set(self.query_lengths)) > 16:
+            extra.append(Problem("query_lengths", f"{len(set(self.query_lengths))} lengths; at most 16 (each is a "
+                                                  f"shape Core ML specializes the model for)"))
+        if self.compute_precision is Dtype.FLOAT32 and self.compute_units is ComputeUnits.CPU_AND_NE:
+            extra.append(Problem("compute_precision", "float32 cannot run on the Neural Engine (fp16 only); use "
+                                                      "float16, or compute_units cpu_only or cpu_and_gpu"))
+        check_fields(self, extra)
+
+    def codes_problems(self, q: QuantizeConfig) -> list[Problem]:
+        """Core ML holds affine codes as constexpr_blockwise_shift_scale (exporters/coreml_codes.py) and computes
+        with fp16 activations; the Neural Engine wants one scale per output channel."""
+        out = []
+        if q.activations is not Activations.NONE:
+            out.append(Problem("quantize.activations", f"{q.activations.value!r} is not supported for mlpackage "
+                                                       f"(fp16 activations, weight-only codes); use 'none'"))
+        if self.compute_units is ComputeUnits.CPU_AND_NE and q.group_size is not None:
+            out.append(Problem("quantize.group_size", f"{q.group_size}: per-block scales do not run on the Neural "
+                                                      f"Engine (compute_units: cpu_and_ne), which wants per-channel "
+                                                      f"scales; use group_size: null or compute_units: cpu_and_gpu"))
+        return out
+
+
 class CoreMLExporter:
+    format = "mlpackage"  # targets.yaml's export.format
+    options = MlpackageOptions
+    runtimes = ("coreml",)  # the runtimes that run this format
+    artifact_name = "coreml"  # its name in the build directory
     version = "1"
 
     def availability(self) -> Availability:
@@ -49,6 +99,8 @@ class CoreMLExporter:
         if options.max_context > limit:
             raise InputError(f"export.max_context {options.max_context} exceeds the model's "
                              f"max_position_embeddings {limit}")
+        from compress.exporters.llama import AttentionBackend, ExportLlama  # torch: loaded when exporting
+
         module = ExportLlama.from_hf(model, options.max_context, AttentionBackend.COREML, fp16_safe_norm=True)
         codes = quantized
         q = codes.export_config() if codes is not None else None
@@ -90,7 +142,7 @@ class CoreMLExporter:
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
             _check_coverage(notes, options)
         files = tuple(str(p) for p in files_under(out_dir))
-        return Artifact(out_dir, Format.MLPACKAGE, files, main=PACKAGE, max_context=options.max_context,
+        return Artifact(out_dir, self.format, files, main=PACKAGE, max_context=options.max_context,
                         vocab_size=module.dims.vocab_size, query_lengths=tuple(sidecar["query_lengths"]),
                         compute_units=options.compute_units.value,
                         record={"compute_precision": options.compute_precision.value, "coverage": notes,

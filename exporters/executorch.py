@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import importlib.util
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from compress.exporters.base import atomic_dir
-from compress.exporters.llama import AttentionBackend, ExportLlama
-from compress.exporters.xnnpack_codes import apply_codes, check_codes, fuse_qkv_codes
 
-from compress.artifact import Artifact, Availability, Format
-from compress.errors import ExportError, InputError
-from compress.export_options import PteAttention, PteOptions
+from compress.artifact import Artifact, Availability
+from compress.config import check_fields, setting
+from compress.errors import ExportError, InputError, Problem
 from compress.hashing import files_under
-from compress.quantized import QuantizedWeights
+from compress.quantized import Activations, QuantizeConfig, QuantizedWeights
 
 PROGRAM = "model.pte"
 DATA_TAG = "model"  # external data (export.external_data) goes to DATA_TAG + ".ptd"
@@ -43,7 +43,36 @@ def _needed_modules() -> list[str]:
     return [m for m in ("executorch", "torchao") if importlib.util.find_spec(m) is None]
 
 
+class PteAttention(enum.StrEnum):
+    XNNPACK = "xnnpack"  # bmm/softmax over the written cache prefix on XNNPACK: faster prefill
+    CUSTOM_SDPA = "custom_sdpa"  # ExecuTorch's custom SDPA kernel (what its own LLM export uses): faster decode
+
+
+@dataclass(frozen=True)
+class PteOptions:
+    max_context: int = setting(512, ge=16, le=32768, doc="KV-cache length baked into the program")
+    backend: str = setting("xnnpack", choices=("xnnpack",))
+    attention: PteAttention = PteAttention.XNNPACK
+    allow_unquantized_linears: bool = setting(False, doc="let the export succeed when a linear is skipped")
+    external_data: bool = setting(True, doc="weights in model.ptd beside model.pte (tied weights stored once)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def codes_problems(self, q: QuantizeConfig) -> list[Problem]:
+        """XNNPACK runs int4 weights only with int8 dynamic activations (8da4w); offsets it lacks are exact extra
+        terms (exporters/xnnpack_codes.py), so any affine scheme otherwise fits."""
+        if 4 in q.code_bits() and q.activations is not Activations.INT8_DYNAMIC:
+            return [Problem("quantize.activations", f"{q.activations.value!r} with 4-bit codes: XNNPACK runs int4 "
+                                                    f"weights only with int8 dynamic activations; use int8_dynamic")]
+        return []
+
+
 class ExecuTorchExporter:
+    format = "pte"  # targets.yaml's export.format
+    options = PteOptions
+    runtimes = ("executorch",)  # the runtimes that run this format
+    artifact_name = "executorch"  # its name in the build directory
     version = "1"
 
     def availability(self) -> Availability:
@@ -54,6 +83,8 @@ class ExecuTorchExporter:
 
     def export(self, model: Any, tokenizer: Any, options: PteOptions, out_dir: Path, console: Any,
                quantized: QuantizedWeights | None = None) -> Artifact:
+        from compress.exporters.llama import AttentionBackend, ExportLlama  # torch: loaded when exporting
+        from compress.exporters.xnnpack_codes import apply_codes, check_codes, fuse_qkv_codes
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers llama::update_cache/custom_sdpa
         import torch
 
@@ -101,7 +132,7 @@ class ExecuTorchExporter:
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         self._check_delegation(delegation, options)
         files = tuple(str(p) for p in files_under(out_dir))
-        return Artifact(out_dir, Format.PTE, files, main=PROGRAM, data=DATA if options.external_data else "",
+        return Artifact(out_dir, self.format, files, main=PROGRAM, data=DATA if options.external_data else "",
                         max_context=options.max_context, vocab_size=module.dims.vocab_size,
                         record={"coverage": {**notes, **delegation}, "export_seconds": timings})
 

@@ -11,21 +11,46 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import io
 import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from compress import llamacpp_lib as llamacpp
-from compress.artifact import Artifact, Availability, Format
-from compress.errors import ExportError, RuntimeUnavailable
-from compress.export_options import GgufOptions, GgufType
-from compress.quantized import QuantizedWeights
+from compress.artifact import Artifact, Availability
+from compress.config import check_fields, setting
+from compress.errors import ExportError, Problem, RuntimeUnavailable
+from compress.quantized import QuantizeConfig, QuantizedWeights
+
+class GgufType(enum.StrEnum):
+    F32 = "f32"
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+    Q4_K_M = "q4_k_m"
+    Q5_K_M = "q5_k_m"
+
+
+@dataclass(frozen=True)
+class GgufOptions:
+    file_type: GgufType = GgufType.Q4_K_M
+    max_context: int = setting(2048, ge=16, le=131072, doc="llama.cpp context (n_ctx) the runtime allocates")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def codes_problems(self, q: QuantizeConfig) -> list[Problem]:
+        return [Problem("stages", "the gguf exporter writes its own file_type (gguf-py / llama.cpp's quantizer) and "
+                                  "cannot hold the quantize stage's codes; remove the quantize stage or choose pte, "
+                                  "onnx or mlpackage")]
+
 
 # What each file type is written as: a numpy dtype or GGML type for 2-D weights, or llama.cpp's quantizer.
 _DIRECT = {GgufType.F32: "F32", GgufType.F16: "F16", GgufType.Q8_0: "Q8_0"}
@@ -39,6 +64,10 @@ _LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p
 
 
 class GgufExporter:
+    format = "gguf"  # targets.yaml's export.format
+    options = GgufOptions
+    runtimes = ("llamacpp",)  # the runtimes that run this format
+    artifact_name = "model.gguf"  # its name in the build directory
     version = "1"
 
     def availability(self) -> Availability:
@@ -76,7 +105,7 @@ class GgufExporter:
         record = {"file_type": options.file_type.value, "size_bytes": final.stat().st_size, **summary,
                   "quantizer": "llama.cpp" if options.file_type in _BY_LLAMACPP else "gguf-py",
                   "fallbacks": fallbacks}
-        return Artifact(final, Format.GGUF, (final.name,), max_context=options.max_context,
+        return Artifact(final, self.format, (final.name,), max_context=options.max_context,
                         vocab_size=int(model.config.vocab_size), record=record)
 
 

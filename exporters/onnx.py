@@ -17,21 +17,23 @@ the export unless the target allows it; a `web` target fails when the graph uses
 from __future__ import annotations
 
 import collections
+import enum
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compress.exporters.base import atomic_dir
 from compress.exporters.onnx_codes import CORRECTION_SUFFIX, lower_codes
 
-from compress.artifact import Artifact, Availability, CacheShape, Format
-from compress.errors import ExportError, InputError
-from compress.export_options import OnnxDeploy, OnnxOptions
+from compress.artifact import Artifact, Availability, CacheShape
+from compress.config import check_fields, setting
+from compress.errors import ExportError, InputError, Problem
 from compress.hashing import files_under
 from compress.quantized import BITS_OF, Activations, Precision, QuantizeConfig, QuantizedWeights
 
@@ -58,7 +60,53 @@ def _missing_modules() -> list[str]:
     return [pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None]
 
 
+class OnnxDeploy(enum.StrEnum):
+    DESKTOP = "desktop"  # ONNX Runtime (CPU EP) / onnxruntime-genai
+    WEB = "web"  # onnxruntime-web (WASM, WebGPU) / transformers.js: the graph must use only ops it ships
+
+
+# MatMulNBits' block sizes (onnxruntime's CPU kernels and the onnxruntime-genai builder accept these).
+ONNX_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    max_context: int = setting(2048, ge=16, le=131072, doc="KV-cache length a session pre-allocates")
+    max_opset: int = setting(22, ge=17, le=24, doc="highest ai.onnx opset the deploying runtime runs")
+    external_data: bool = setting(True, doc="weights in model.onnx.data beside model.onnx (false: one file)")
+    deploy: OnnxDeploy = OnnxDeploy.DESKTOP
+    allow_unquantized_matmuls: bool = setting(False, doc="let the export succeed when a MatMul is skipped")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def codes_problems(self, q: QuantizeConfig) -> list[Problem]:
+        """What MatMulNBits (block-wise int4/int8) and GatherBlockQuantized (the shared embedding) can hold."""
+        out = []
+        if q.group_size is None or q.group_size not in ONNX_BLOCK_SIZES:
+            out.append(Problem("quantize.group_size", f"{q.group_size} is not a MatMulNBits block size (it is "
+                                                      f"block-wise); choose one of {list(ONNX_BLOCK_SIZES)}"))
+        if q.lm_head not in (Precision.FP32, Precision.INT8, Precision.INT4):
+            out.append(Problem("quantize.lm_head", f"{q.lm_head.value!r} is not available for onnx; choose fp32, "
+                                                   f"int8 or int4"))
+        if q.embedding not in (Precision.FP32, q.lm_head):
+            out.append(Problem("quantize.embedding", f"{q.embedding.value!r} with lm_head {q.lm_head.value!r}: the "
+                                                     f"ONNX export either shares the output layer's quantized matrix "
+                                                     f"with the embedding (set embedding: {q.lm_head.value}) or keeps "
+                                                     f"it fp32 (embedding: fp32)"))
+        odd = [o for o in q.overrides if o.weight_bits != 16 and o.group_size != q.group_size]
+        if odd:
+            out.append(Problem("quantize.overrides", f"{odd[0].pattern!r} sets group_size {odd[0].group_size}: the "
+                                                     f"builder's fused QKV and gate/up MatMulNBits hold one block "
+                                                     f"size; set group_size: {q.group_size} in the override"))
+        return out
+
+
 class OnnxExporter:
+    format = "onnx"  # targets.yaml's export.format
+    options = OnnxOptions
+    runtimes = ("onnxruntime",)  # the runtimes that run this format
+    artifact_name = "onnx"  # its name in the build directory
     version = "1"
 
     def availability(self) -> Availability:
@@ -110,7 +158,7 @@ class OnnxExporter:
                        "builder_options": builder_args, "coverage": graph, "export_seconds": {"build": build_seconds}}
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         files = tuple(str(p) for p in files_under(out_dir))
-        return Artifact(out_dir, Format.ONNX, files, main=MODEL, max_context=options.max_context,
+        return Artifact(out_dir, self.format, files, main=MODEL, max_context=options.max_context,
                         vocab_size=config.vocab_size,
                         cache=CacheShape(config.num_hidden_layers, config.num_key_value_heads, _head_dim(config)),
                         record={k: sidecar[k] for k in ("deploy", "scheme", "coverage", "export_seconds")})

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compress.exporters.base import atomic_dir
 
-from compress.artifact import Artifact, Availability, Format
-from compress.export_options import SafetensorsOptions
+from compress.artifact import Artifact, Availability, Dtype
+from compress.config import check_fields, setting
+from compress.errors import Problem
 from compress.hashing import files_under
-from compress.quantized import QuantizedWeights
+from compress.quantized import QuantizeConfig, QuantizedWeights
+
+
+@dataclass(frozen=True)
+class SafetensorsOptions:
+    dtype: Dtype = Dtype.FLOAT32
+    max_context: int = setting(2048, ge=16, le=131072)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def codes_problems(self, q: QuantizeConfig) -> list[Problem]:
+        return []  # the checkpoint holds the codes' exact dequantized values
 
 
 class SafetensorsExporter:
+    format = "safetensors"  # targets.yaml's export.format
+    options = SafetensorsOptions
+    runtimes = ("torch_eager",)  # the runtimes that run this format
+    artifact_name = "checkpoint"  # its name in the build directory
     version = "1"
 
     def availability(self) -> Availability:
@@ -31,5 +49,5 @@ class SafetensorsExporter:
             copy.deepcopy(model).to(dtype).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         files = tuple(str(p) for p in files_under(out_dir))
-        return Artifact(out_dir, Format.SAFETENSORS, files, max_context=options.max_context,
+        return Artifact(out_dir, self.format, files, max_context=options.max_context,
                         vocab_size=int(model.config.vocab_size), record={"dtype": options.dtype.value})

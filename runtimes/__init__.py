@@ -1,4 +1,5 @@
-"""Runtimes: each loads one artifact format and exposes the Session protocol (see base.py)."""
+"""Runtimes: each loads one artifact format and exposes the Session protocol (see base.py), registered under
+the name each declares."""
 
 from __future__ import annotations
 
@@ -9,12 +10,8 @@ from compress.runtimes.llamacpp import LlamaCppRuntime
 from compress.runtimes.onnxruntime import OnnxRuntimeRuntime
 from compress.runtimes.torch_eager import TorchEagerRuntime
 
-from compress.artifact import RuntimeName
 from compress.registry import Registry
 
 RUNTIMES: Registry[Runtime] = Registry("runtime")
-RUNTIMES.register(RuntimeName.TORCH_EAGER.value, TorchEagerRuntime())
-RUNTIMES.register(RuntimeName.EXECUTORCH.value, ExecuTorchRuntime())
-RUNTIMES.register(RuntimeName.ONNXRUNTIME.value, OnnxRuntimeRuntime())
-RUNTIMES.register(RuntimeName.LLAMACPP.value, LlamaCppRuntime())
-RUNTIMES.register(RuntimeName.COREML.value, CoreMLRuntime())
+for _runtime in (TorchEagerRuntime(), ExecuTorchRuntime(), OnnxRuntimeRuntime(), LlamaCppRuntime(), CoreMLRuntime()):
+    RUNTIMES.register(_runtime.name, _runtime)

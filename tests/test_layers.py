@@ -1,8 +1,8 @@
 """The dependency rule, read from the code: every import of ours points down a layer, component families never
 import each other, and there are no cycles (imports inside functions count too).
 
-    cli  >  orchestration (build, bench, verification)  >  components (stages, exporters, runtimes, cache)
-         >  configuration (targets.yaml schema, stage and export options)  >  contracts (leaf modules)
+    cli  >  orchestration (build, bench, verification)  >  configuration (the targets.yaml schema, which looks
+    formats and runtimes up in their registries)  >  components (stages, exporters, runtimes, cache)  >  contracts
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCES = {"compress": REPO / "compress", "compress.exporters": REPO / "exporters",
            "compress.runtimes": REPO / "runtimes"}
 
-CONTRACTS, CONFIG, COMPONENTS, ORCHESTRATION, CLI = range(5)
+CONTRACTS, COMPONENTS, CONFIG, ORCHESTRATION, CLI = range(5)
 LAYERS = {  # the longest matching prefix decides
     "compress": CONTRACTS,  # the package itself: its version only
     "compress.errors": CONTRACTS, "compress.hashing": CONTRACTS, "compress.home": CONTRACTS,
@@ -26,8 +26,8 @@ LAYERS = {  # the longest matching prefix decides
     "compress.artifact": CONTRACTS, "compress.quantized": CONTRACTS, "compress.gate": CONTRACTS,
     "compress.metrics": CONTRACTS, "compress.threads": CONTRACTS, "compress.distributed": CONTRACTS,
     "compress.llamacpp_lib": CONTRACTS, "compress.report": CONTRACTS, "compress.data": CONTRACTS,
-    "compress.models": CONTRACTS, "compress.manifest": CONTRACTS,
-    "compress.stages.configs": CONFIG, "compress.export_options": CONFIG, "compress.targets": CONFIG,
+    "compress.models": CONTRACTS, "compress.manifest": CONTRACTS, "compress.stages.configs": CONTRACTS,
+    "compress.targets": CONFIG,
     "compress.stages": COMPONENTS, "compress.exporters": COMPONENTS, "compress.runtimes": COMPONENTS,
     "compress.cache": COMPONENTS, "compress.checkpoint": COMPONENTS,
     "compress.verification": ORCHESTRATION, "compress.build": ORCHESTRATION, "compress.bench": ORCHESTRATION,

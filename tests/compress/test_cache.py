@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from compress.exporters.safetensors import SafetensorsOptions
 
 from compress import models
-from compress.artifact import Format, RuntimeName
 from compress.build import BuildRequest, run_stages
 from compress.cache import StageCache
-from compress.export_options import SafetensorsOptions
 from compress.progress import Console
 from compress.quantized import QuantizeConfig
 from compress.registry import Registry
@@ -85,8 +84,8 @@ class CrashesOnce(HalveFinalNorm):
 
 
 def test_a_rerun_after_a_crash_resumes_after_the_last_completed_stage(tiny_dir: Path, tmp_path: Path):
-    target = TargetSpec(name="t", export=ExportSpec(Format.SAFETENSORS, SafetensorsOptions()),
-                        runtime=RuntimeSpec(RuntimeName.TORCH_EAGER),
+    target = TargetSpec(name="t", export=ExportSpec("safetensors", SafetensorsOptions()),
+                        runtime=RuntimeSpec("torch_eager"),
                         stages=(StageSpec(StageKind.PRUNE, PruneConfig(mlp_keep=0.5)), StageSpec(StageKind.QUANTIZE,
                                                                                      QuantizeConfig())))
     first, second = HalveFinalNorm(), CrashesOnce()

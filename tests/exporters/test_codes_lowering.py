@@ -13,7 +13,9 @@ import torch
 
 pytest.importorskip("torchao")
 
-from compress.export_options import OnnxOptions, PteOptions
+from compress.exporters.executorch import PteOptions
+from compress.exporters.onnx import OnnxOptions
+
 from compress.metrics import position_kl
 from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console
@@ -135,11 +137,9 @@ def test_fused_qkv_codes_run_what_separate_projections_run(model, tmp_path):
     """custom_sdpa programs stack each layer's q/k/v codes into one matmul (rows, scales and offsets stacked: exact);
     mixed precision that gives q, k and v different bits keeps them apart."""
     pytest.importorskip("executorch")
-    from compress.exporters.executorch import ExecuTorchExporter
+    from compress.exporters.executorch import ExecuTorchExporter, PteAttention
     from compress.exporters.xnnpack_codes import fuse_qkv_codes
     from compress.runtimes.executorch import ExecuTorchRuntime
-
-    from compress.export_options import PteAttention
 
     staged = _stage(model, tmp_path, algorithm=QuantAlgorithm.HQQ, activations=Activations.INT8_DYNAMIC)
     arts = {attention: ExecuTorchExporter().export(staged.model, byte_tokenizer(), PteOptions(max_context=96,
@@ -188,11 +188,11 @@ def test_the_tied_matrix_is_stored_once_when_the_weights_are_external_data(tmp_p
 @pytest.mark.parametrize("algorithm", [QuantAlgorithm.RTN, QuantAlgorithm.HQQ])
 def test_core_ml_runs_the_stage_codes_exactly_in_an_fp32_program(model, tmp_path, algorithm):
     pytest.importorskip("coremltools")
-    from compress.exporters.coreml import CoreMLExporter
+    from compress.exporters.coreml import ComputeUnits, CoreMLExporter, MlpackageOptions
     from compress.exporters.llama import AttentionBackend, ExportLlama
     from compress.runtimes.coreml import CoreMLRuntime
 
-    from compress.export_options import ComputeUnits, Dtype, MlpackageOptions
+    from compress.artifact import Dtype
 
     staged = _stage(model, tmp_path, algorithm=algorithm)
     options = MlpackageOptions(max_context=64, query_lengths=(1, 8), compute_units=ComputeUnits.CPU_AND_GPU,
@@ -215,9 +215,7 @@ def test_formats_refuse_activations_their_kernels_cannot_run_before_converting(m
 
     int8_acts = _stage(model, tmp_path, activations=Activations.INT8_DYNAMIC)
     pytest.importorskip("coremltools")
-    from compress.exporters.coreml import CoreMLExporter
-
-    from compress.export_options import MlpackageOptions
+    from compress.exporters.coreml import CoreMLExporter, MlpackageOptions
 
     with pytest.raises(InputError, match="Core ML programs compute with fp16 activations"):
         CoreMLExporter().export(int8_acts.model, byte_tokenizer(), MlpackageOptions(max_context=64), tmp_path / "c", QUIET, int8_acts.quantized)

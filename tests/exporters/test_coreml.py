@@ -12,14 +12,14 @@ import torch
 pytest.importorskip("coremltools")
 
 from compress.exporters import coreml
-from compress.exporters.coreml import CoreMLExporter
+from compress.exporters.coreml import ComputeUnits, CoreMLExporter, MlpackageOptions  # noqa: E402
 from compress.exporters.llama import AttentionBackend, ExportLlama
 from compress.runtimes.coreml import CoreMLRuntime
 from compress.runtimes.mil_interpreter import load_program
 
+from compress.artifact import Dtype  # noqa: E402
 from compress.config import parse  # noqa: E402
 from compress.errors import ConfigError, ExportError, InputError  # noqa: E402
-from compress.export_options import ComputeUnits, Dtype, MlpackageOptions  # noqa: E402
 from compress.models.tiny import byte_tokenizer, tiny_llama  # noqa: E402
 from compress.progress import Console  # noqa: E402
 from compress.quantized import Precision, QuantizeConfig

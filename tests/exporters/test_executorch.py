@@ -12,14 +12,13 @@ import yaml
 
 pytest.importorskip("executorch")
 
-from compress.exporters.executorch import ExecuTorchExporter
+from compress.exporters.executorch import ExecuTorchExporter, PteAttention, PteOptions  # noqa: E402
 from compress.exporters.llama import ExportLlama
 from compress.runtimes.executorch import ExecuTorchRuntime
 from compress.runtimes.harness import measure_accuracy, run_reference
 from compress.runtimes.torch_eager import TorchEagerRuntime
 
 from compress.errors import InputError  # noqa: E402
-from compress.export_options import PteAttention, PteOptions  # noqa: E402
 from compress.models.tiny import byte_tokenizer, tiny_llama  # noqa: E402
 from compress.progress import Console  # noqa: E402
 from compress.quantized import Activations, Precision, QuantizeConfig

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 from compress.exporters import gguf as gguf_exporter
-from compress.exporters.gguf import GgufExporter, permute_for_rope, pre_tokenizer_name
+from compress.exporters.gguf import GgufExporter, GgufOptions, GgufType, permute_for_rope, pre_tokenizer_name
 
 from compress import llamacpp_lib as llamacpp
 from compress.errors import ConfigError, ExportError, RuntimeUnavailable
-from compress.export_options import GgufOptions, GgufType
 from compress.models.gguf import convert_gguf
 from compress.models.hf import load_hf_dir
 from compress.models.tiny import GPT2_MERGES, byte_tokenizer, tiny_llama

@@ -13,11 +13,10 @@ import torch
 
 pytest.importorskip("onnxruntime_genai")
 
-from compress.exporters.onnx import OnnxExporter, _check_graph
+from compress.exporters.onnx import OnnxDeploy, OnnxExporter, OnnxOptions, _check_graph
 from compress.runtimes.onnxruntime import KvMode, OnnxRuntimeRuntime
 
 from compress.errors import ExportError, InputError
-from compress.export_options import OnnxDeploy, OnnxOptions
 from compress.metrics import position_kl
 from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console

@@ -5,14 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from compress.exporters.safetensors import SafetensorsExporter
+from compress.exporters.safetensors import SafetensorsExporter, SafetensorsOptions
 from compress.runtimes.harness import measure_accuracy, run_reference
 from compress.runtimes.latency import measure_latency
 from compress.runtimes.torch_eager import TorchEagerRuntime
 
-from compress.artifact import Artifact, Format
+from compress.artifact import Artifact
 from compress.data.corpus import build_eval_set
-from compress.export_options import SafetensorsOptions
 from compress.gate import Budgets, check_budgets
 from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console
@@ -77,13 +76,13 @@ def test_budget_results_carry_value_limit_margin_and_unmeasured_notes():
 def test_latency_is_measured_in_a_child_process(tmp_path: Path):
     model = tiny_llama(seed=0)
     artifact = SafetensorsExporter().export(model, byte_tokenizer(), SafetensorsOptions(), tmp_path / "ckpt", QUIET)
-    assert artifact.format is Format.SAFETENSORS and "model.safetensors" in artifact.files
+    assert artifact.format == "safetensors" and "model.safetensors" in artifact.files
     result = measure_latency("torch_eager", artifact, threads=1, prompt_ids=list(range(32)), decode_tokens=8,
                              warmup=1, repeats=3)
     assert len(result["decode_all_s"]) == 3 and len(result["ttft_all_s"]) == 3
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
     assert result["peak_rss_mb"] >= result["rss_before_load_mb"] > 0
-    missing = Artifact(tmp_path / "gone", Format.SAFETENSORS, ("model.safetensors",))
+    missing = Artifact(tmp_path / "gone", "safetensors", ("model.safetensors",))
     from compress.errors import RuntimeUnavailable
 
     with pytest.raises(RuntimeUnavailable, match="latency run of torch_eager on gone failed: OSError"):

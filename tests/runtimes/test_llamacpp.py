@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from compress.exporters.gguf import GgufExporter
+from compress.exporters.gguf import GgufExporter, GgufOptions, GgufType
 from compress.runtimes.base import ContextOverflow
 from compress.runtimes.llamacpp import LlamaCppRuntime
 
 from compress import llamacpp_lib as llamacpp
 from compress.errors import RuntimeUnavailable
-from compress.export_options import GgufOptions, GgufType
 from compress.models.tiny import GPT2_MERGES, byte_tokenizer, tiny_llama
 from compress.progress import Console
 

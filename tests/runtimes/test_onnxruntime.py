@@ -9,12 +9,11 @@ import pytest
 
 pytest.importorskip("onnxruntime_genai")
 
-from compress.exporters.onnx import OnnxExporter
+from compress.exporters.onnx import OnnxExporter, OnnxOptions
 from compress.runtimes.base import ContextOverflow
 from compress.runtimes.onnxruntime import KvMode, OnnxRuntimeRuntime
 
 from compress.errors import RuntimeUnavailable
-from compress.export_options import OnnxOptions
 from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console
 
