@@ -34,7 +34,7 @@ def measure_latency(runtime: str, artifact: Artifact, threads: int, prompt_ids: 
 
     env = {**os.environ, **process_env(RUNTIMES.get(runtime))}
     try:
-        proc = subprocess.run([sys.executable, "-m", "compress.runtimes.latency"], input=json.dumps(request),
+        proc = subprocess.run([sys.executable, "-P", "-m", "compress.runtimes.latency"], input=json.dumps(request),
                               capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         raise RuntimeUnavailable(f"latency measurement on {runtime} did not finish in {timeout_s:.0f} s") from None

@@ -97,3 +97,16 @@ def test_the_childs_peak_rss_is_its_own_not_the_parents(tmp_path: Path):
     result = measure_latency("torch_eager", artifact, 1, list(range(8)), 2, 0, 1)
     assert result["peak_rss_mb"] < 1200, result["peak_rss_mb"]
     del ballast
+
+
+def test_the_latency_child_runs_the_installed_compress_whatever_the_working_directory(tmp_path: Path, monkeypatch):
+    """`python -m` puts the working directory first on sys.path; a folder named compress there (another
+    checkout, an old copy) must not be what the child imports."""
+    artifact = SafetensorsExporter().export(tiny_llama(seed=0), byte_tokenizer(), SafetensorsOptions(),
+                                            tmp_path / "ckpt", QUIET)
+    decoy = tmp_path / "elsewhere" / "compress"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy compress package was imported')\n")
+    monkeypatch.chdir(decoy.parent)
+    result = measure_latency("torch_eager", artifact, 1, list(range(8)), 2, 0, 1)
+    assert result["decode_tok_s"] > 0
