@@ -42,11 +42,16 @@ BITS_OF = {Precision.FP32: None, Precision.FP16: None, Precision.INT8: 8, Precis
 
 class QuantAlgorithm(enum.StrEnum):
     RTN = "rtn"
-    HQQ = "hqq"
+    HQQ = "hqq"  # no calibration data
+    GPTQ = "gptq"  # calibrated: fits on `fit_windows` of calibration text
     AWQ = "awq"
-    GPTQ = "gptq"
     SCALE_ESTIMATION = "scale_estimation"
     KEEP_GGUF = "keep_gguf"  # keep the source GGUF's codes where the format represents them exactly
+
+
+class Rotation(enum.StrEnum):
+    NONE = "none"
+    HADAMARD = "hadamard"  # residual stream and value heads rotated by randomized Hadamard matrices (QuaRot)
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,10 @@ class QuantizeConfig:
     max_avg_bits: float = setting(4.5, ge=2, le=8, doc="mixed precision: average code bits per linear weight")
     calibration_windows: int = setting(4, ge=1, le=4096, doc="calibration windows the stage measures KL on")
     calibration_len: int = setting(256, ge=16, le=32768)
+    fit_windows: int = setting(32, ge=1, le=4096, doc="further calibration windows a calibrated algorithm (gptq) "
+                                                      "fits the codes on, disjoint from those KL is measured on")
+    rotation: Rotation = setting(Rotation.NONE, doc="rotate the model before quantizing (function-preserving; "
+                                                     "unties the embedding from the lm_head)")
 
     def code_bits(self) -> set[int]:
         """Every code width the stage writes for this config (body, overrides, lm_head and embedding)."""
@@ -88,6 +97,11 @@ class QuantizeConfig:
         extra = []
         if self.group_size is not None and self.group_size & (self.group_size - 1):
             extra.append(Problem("group_size", f"{self.group_size} is not a power of two (e.g. 32, 64, 128)"))
+        if self.rotation is not Rotation.NONE and self.embedding is not Precision.FP32:
+            extra.append(Problem("embedding", f"{self.embedding.value!r} with rotation {self.rotation.value!r}: the "
+                                              f"rotation unties the embedding from the lm_head, and an untied "
+                                              f"embedding is not quantized by the stage; set embedding: fp32 (the "
+                                              f"rotated model carries a float vocab x hidden matrix)"))
         check_fields(self, extra)
 
 

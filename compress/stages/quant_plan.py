@@ -16,7 +16,8 @@ from typing import Any
 from compress.errors import InputError
 from compress.quantized import BITS_OF, QuantAlgorithm, QuantizeConfig, QuantizedWeights, QuantTensor, rtn
 
-AVAILABLE = (QuantAlgorithm.RTN, QuantAlgorithm.HQQ, QuantAlgorithm.KEEP_GGUF)
+AVAILABLE = (QuantAlgorithm.RTN, QuantAlgorithm.HQQ, QuantAlgorithm.GPTQ, QuantAlgorithm.KEEP_GGUF)
+CALIBRATED = (QuantAlgorithm.GPTQ,)  # these fit the codes on calibration text
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,25 @@ def apply(model: Any, tensors: dict[str, QuantTensor]) -> Any:
     return out
 
 
-def quantize_model(model: Any, q: QuantizeConfig, console: Any = None) -> tuple[Any, QuantizedWeights]:
-    """Every planned linear quantized with the configured algorithm, no calibration: (dequantized copy, codes)."""
+def quantize_model(model: Any, q: QuantizeConfig, console: Any = None,
+                   fit: list[list[int]] | None = None) -> tuple[Any, QuantizedWeights]:
+    """Every planned linear quantized with the configured algorithm: (dequantized copy, codes). A calibrated
+    algorithm fits the decoder's linears on the `fit` windows; the lm_head is rounded to nearest."""
+    from compress.progress import Console
+
+    console = console or Console(quiet=True)
     plans = plan(model, q)
     weights = linear_weights(model)
-    items = console.track(plans, f"Quantizing {len(plans)} linears ({q.algorithm.value})") if console else plans
-    tensors = {p.name: quantize_one(weights[p.name], p, q) for p in items}
-    return apply(model, tensors), QuantizedWeights(tensors, q)
+    tensors: dict[str, QuantTensor] = {}
+    if q.algorithm in CALIBRATED:
+        if not fit:
+            raise InputError(f"quantize.algorithm {q.algorithm.value!r} fits the codes on calibration text and got "
+                             f"none")
+        from compress.stages.gptq import gptq_linears
+
+        body = {p.name: (p.bits, p.group) for p in plans if p.name != "lm_head"}
+        tensors.update(gptq_linears(model, fit, body, console))
+    rest = [p for p in plans if p.name not in tensors]
+    for p in console.track(rest, f"Quantizing {len(rest)} linears ({q.algorithm.value})"):
+        tensors[p.name] = quantize_one(weights[p.name], p, q)
+    return apply(model, tensors), QuantizedWeights({p.name: tensors[p.name] for p in plans}, q)

@@ -15,9 +15,9 @@ import hashlib
 import time
 from typing import Any
 
-from compress.quantized import QuantizeConfig, QuantizedWeights
+from compress.quantized import QuantizeConfig, QuantizedWeights, Rotation
 from compress.stages import StageContext, StageResult
-from compress.stages.quant_plan import apply, linear_weights, plan, quantize_model
+from compress.stages.quant_plan import CALIBRATED, apply, linear_weights, plan, quantize_model
 
 
 class QuantizeStage:
@@ -26,14 +26,25 @@ class QuantizeStage:
     def run(self, model: Any, config: QuantizeConfig, ctx: StageContext) -> StageResult:
         from compress.stages import sensitivity
 
+        notes: dict[str, Any] = {}
+        if config.rotation is Rotation.HADAMARD:
+            from compress.stages.rotation import rotate
+
+            with ctx.console.step("Rotating the residual stream and value heads (randomized Hadamard)") as step:
+                model = rotate(model, ctx.seed)
+            notes["rotation"] = {"kind": config.rotation.value, "seed": ctx.seed, "seconds": step["seconds"],
+                                 "untied_lm_head": True}
         plans = plan(model, config)  # refuses what cannot be done as asked, before any work
-        windows = ctx.calibration(config.calibration_windows, config.calibration_len)
+        fits = config.algorithm in CALIBRATED
+        windows = ctx.calibration(config.calibration_windows + (config.fit_windows if fits else 0),
+                                  config.calibration_len)
+        windows, fit = windows[:config.calibration_windows], windows[config.calibration_windows:]
         start = time.perf_counter()
-        quantized, qw = quantize_model(model, config, ctx.console)
+        quantized, qw = quantize_model(model, config, ctx.console, fit)
         seconds = {"quantize": time.perf_counter() - start}
         measure = sensitivity.KlProbe(ctx.reference, windows)
         kl = measure(quantized)
-        notes: dict[str, Any] = {"kl_all_at_weight_bits": kl}
+        notes["kl_all_at_weight_bits"] = kl
         if config.max_kl is not None and kl > config.max_kl:
             start = time.perf_counter()
             tensors = dict(qw.tensors)
@@ -44,7 +55,7 @@ class QuantizeStage:
         total = len(linear_weights(model))
         notes.update(scheme=qw.scheme, kl_vs_unquantized=kl, max_kl=config.max_kl, **qw.bits_summary(),
                      linears_quantized=len(qw.tensors), linears_total=total, seconds=seconds,
-                     calibration=_calibration_record(windows))
+                     calibration=_calibration_record(windows), fit=_calibration_record(fit) if fit else None)
         ctx.console.print(f"  quantized {len(qw.tensors)}/{total} linears, {notes.get('avg_code_bits')} code bits "
                           f"per weight, KL vs unquantized {kl:.4g} on {len(windows)} calibration windows")
         return StageResult(quantized, notes, qw)

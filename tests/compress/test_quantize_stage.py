@@ -137,7 +137,7 @@ def test_mixed_precision_raises_the_most_sensitive_linears_until_the_kl_is_met(t
 
 
 @pytest.mark.parametrize("config, message", [
-    (_config(algorithm=QuantAlgorithm.GPTQ), "'gptq' is not available in the quantize stage; choose one of rtn, hqq"),
+    (_config(algorithm=QuantAlgorithm.AWQ), "'awq' is not available in the quantize stage; choose one of rtn, hqq, gptq"),
     (_config(group_size=128), "group_size 128 does not divide"),
     (_config(overrides=(LayerOverride("layers.*.mlp.nope"),)), "pattern 'layers.*.mlp.nope' matches no linear"),
     (_config(embedding=Precision.FP32), "ties them"),
