@@ -15,6 +15,7 @@ from compress.progress import Console
 from compress.targets import EvalSpec, load_targets
 
 pytestmark = pytest.mark.slow
+OFFGRID_WEB_MAX_KL = 0.1  # measured 0.0818 (GPTQ); docs/results.md
 GOLDEN = Path(__file__).parent / "golden" / "smollm2_greedy.json"
 QUIET = Console(quiet=True)
 
@@ -115,7 +116,7 @@ def test_the_android_target_builds_passes_its_budgets_and_runs_in_the_stock_runn
     manifest = _build(cli, real_home, out, "android")
     coverage = manifest["artifact"]["record"]["coverage"]
     assert coverage["linears_quantized"] == coverage["linears_total"] == 211  # 30 x 7 + lm_head
-    assert coverage["linears_with_offset_correction"] == 210  # HQQ's float offsets, exact on XNNPACK
+    assert coverage["linears_with_offset_correction"] == 210  # the grids' float offsets, exact on XNNPACK
     assert coverage["offset_terms"] == "int8 per channel, int8 dynamic activations"
     assert not any("linear" in op or "mm" in op for op in coverage["non_delegated_ops"])
     # One XNNPACK partition per layer and one for the lm_head: only the cache updates and the attention op are outside.
@@ -124,7 +125,7 @@ def test_the_android_target_builds_passes_its_budgets_and_runs_in_the_stock_runn
     stage = manifest["stages"][0]["notes"]
     assert stage["avg_code_bits"] == 4.0 and stage["kl_vs_unquantized"] < 0.005
     metrics = manifest["verification"]["metrics"]
-    # Measured 0.025 / 0.906: what is left is XNNPACK's int8 activations (export-time RTN measured 0.393).
+    # What is left is XNNPACK's int8 activations (the stage's own KL is under 0.005); docs/results.md has the numbers.
     assert 0.005 < metrics["mean_kl"] < 0.05 and metrics["top1_agreement"] > 0.88
     # The tied 49152 x 576 int8 matrix is stored once (model.ptd), where a single-file program held it twice.
     assert metrics["size_mb"] < 100
@@ -156,7 +157,7 @@ def test_the_web_target_builds_passes_its_budgets_and_answers_in_onnxruntime_gen
     assert coverage["with_offset_correction"] == 150 and coverage["with_integer_zero_points"] == 1
     assert coverage["embedding_op"] == "GatherBlockQuantized"
     metrics = manifest["verification"]["metrics"]
-    # Measured 0.0042 / 0.961 (export-time RTN asymmetric measured 0.262 / 0.745).
+    # docs/results.md has the measured numbers.
     assert metrics["mean_kl"] < 0.02 and metrics["top1_agreement"] > 0.93 and metrics["size_mb"] < 130
     import onnxruntime_genai as og
 
@@ -177,16 +178,45 @@ def test_the_web_target_builds_passes_its_budgets_and_answers_in_onnxruntime_gen
 @pytest.mark.skipif(__import__("importlib").util.find_spec("coremltools") is None, reason="needs compress[coreml]")
 def test_the_ios_target_builds_and_passes_its_budgets_through_the_mil_interpreter(smollm2, real_home: Path,
                                                                                   tmp_path: Path, cli):
-    """Convert, compress, run the package's ML program op by op through the harness, gate (~2 min cold)."""
+    """Convert, lower the stage's codes, run the package's ML program op by op through the harness, gate."""
     out = tmp_path / "ios"
     manifest = _build(cli, real_home, out, "ios")
     coverage = manifest["artifact"]["record"]["coverage"]
     assert coverage["linears_quantized"] == coverage["linears_total"] == 211 and coverage["embedding_compressed"]
     assert coverage["tied_storage"] == "one shared compressed copy"
     metrics = manifest["verification"]["metrics"]
-    # Measured 0.0004 / 0.987 / 102 MB (export-time RTN asymmetric measured 0.260 / 0.753).
+    # docs/results.md has the measured numbers.
     assert metrics["mean_kl"] < 0.01 and metrics["top1_agreement"] > 0.96 and metrics["size_mb"] < 110
     assert coverage["with_float_offsets"] == 210
     budgets = {b["name"]: b for b in manifest["verification"]["budgets"]}
     assert all(b["passed"] for b in budgets.values() if b["metric"] != "decode_tok_s")
     assert "decode_tok_s" not in metrics  # never estimated on Linux
+
+
+def test_the_off_grid_model_has_the_default_s_outputs_and_no_4_bit_grid(smollm2):
+    """smollm2-135m-offgrid: the norm gains folded into the linears; what a bf16 checkpoint looks like to 4 bits."""
+    import torch
+
+    from compress.errors import InputError
+    from compress.quantized import QuantAlgorithm, QuantizeConfig
+    from compress.stages.quant_plan import Plan, linear_weights, quantize_one
+
+    offgrid = models.load_spec("smollm2-135m-offgrid", Console(quiet=True))
+    ids = torch.tensor([smollm2.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)])
+    with torch.no_grad():
+        torch.testing.assert_close(offgrid.model(ids).logits, smollm2.model(ids).logits, atol=2e-3, rtol=1e-3)
+    weights = linear_weights(offgrid.model)
+    keep = QuantizeConfig(algorithm=QuantAlgorithm.KEEP_GGUF)
+    quantize_one(linear_weights(smollm2.model)["layers.0.self_attn.q_proj"], Plan("q", 4, 32), keep)  # on grid
+    with pytest.raises(InputError, match="is not on a 4-bit grid"):
+        quantize_one(weights["layers.0.self_attn.q_proj"], Plan("layers.0.self_attn.q_proj", 4, 32), keep)
+
+
+def test_the_web_target_on_the_off_grid_model_stays_within_its_measured_bound(real_home: Path, tmp_path: Path, cli):
+    """GPTQ's codes on weights that sit on no grid: the number a user with a bf16 checkpoint sees."""
+    out = tmp_path / "web-offgrid"
+    result = cli("build", "--target", "web", "--model", "smollm2-135m-offgrid", "--out", str(out),
+                 env={"COMPRESS_HOME": str(real_home)})
+    assert result.code in (0, 4), result.stderr  # 4: a budget broken (the shipped ones hold on the default model)
+    metrics = json.loads((out / "manifest.json").read_text())["verification"]["metrics"]
+    assert metrics["mean_kl"] < OFFGRID_WEB_MAX_KL, metrics  # HQQ's codes measured 0.227 here
