@@ -100,6 +100,6 @@ def test_gguf_files_are_inspected_before_any_slow_load(tmp_path: Path):
 def test_unknown_catalog_model_lists_the_catalog(cli):
     result = cli("models", "fetch", "smollm3")
     assert result.code == 2
-    assert result.stderr.strip() == "error: unknown model 'smollm3'; catalog: smollm2-135m"
+    assert result.stderr.strip() == "error: unknown model 'smollm3'; catalog: smollm2-135m, smollm2-135m-offgrid"
     listed = cli("models", "list")
     assert listed.code == 0 and "smollm2-135m (default)" in listed.stdout
