@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class AttentionBackend(enum.Enum):
+class AttentionBackend(enum.StrEnum):
     XNNPACK = "xnnpack"  # update_cache custom op + bmm/softmax attention (import the custom ops first)
     CUSTOM = "custom"  # update_cache + custom_sdpa custom ops
     EAGER = "eager"  # plain PyTorch ops only

@@ -24,7 +24,7 @@ BUILTIN = "pydoc"
 DOC_SEPARATOR = "\n\n"
 
 
-class Split(enum.Enum):
+class Split(enum.StrEnum):
     EVAL = "eval"
     CALIBRATION = "calibration"
 

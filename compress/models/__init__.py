@@ -17,7 +17,7 @@ from compress.home import compress_home
 from compress.models import default, gguf, hf
 
 
-class SourceKind(enum.Enum):
+class SourceKind(enum.StrEnum):
     CATALOG = "catalog"
     HF_DIR = "hf_dir"
     GGUF = "gguf"
