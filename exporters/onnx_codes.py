@@ -7,7 +7,7 @@ MatMulNBits as it is. One whose offsets are arbitrary floats (a GGUF's Q4_1, HQQ
 which ONNX Runtime 1.32's CPU kernel accepts but runs 16x slower (measured: 783 us vs 50 us for a 576x1536
 int4 matmul, 2 threads); so those run as signed codes with the default zero point plus an exact correction,
 (x summed over each group) @ residual_offset.T: Reshape -> ReduceSum -> MatMul -> Add, all in the web op set.
-A fused QKV whose parts differ in bits is written at the widest: a 4-bit grid is exactly an 8-bit one.
+A fused QKV whose parts differ in bits is written at the widest, a narrower part's codes centred in the wider grid.
 """
 
 from __future__ import annotations
@@ -37,14 +37,25 @@ def source_names(node_name: str) -> tuple[str, ...] | None:
 
 
 def fuse(parts: list[QuantTensor]) -> QuantTensor:
-    """Stack linears that share an input (rows), widening every part to the widest bit width exactly."""
+    """Stack linears that share an input (rows), widening every part to the widest bit width.
+
+    A narrower part's codes are moved to the middle of the wider grid (codes + shift, offset - shift * scale:
+    the same weights, up to the fp32 rounding of that offset). Left at the bottom of the grid, its signed codes
+    (codes - 2**(bits-1)) would be ~16x the weights' size for 4-bit codes in an 8-bit matrix, and int8 activations
+    (accuracy_level 4) multiply their rounding error by them before the float correction term adds back.
+    """
     import torch
 
     bits = max(t.bits for t in parts)
     groups = {t.group for t in parts}
     if len(groups) != 1:
         raise ExportError(f"fused linears have different group sizes {sorted(groups)}; ONNX's fused QKV needs one")
-    cat = [torch.cat([getattr(t, f) for t in parts]) for f in ("codes", "scale", "offset")]
+    widened = []
+    for t in parts:
+        shift = 2 ** (bits - 1) - 2 ** (t.bits - 1)
+        widened.append(QuantTensor(t.codes + shift, t.scale, t.offset - shift * t.scale, bits, t.group) if shift
+                       else t)
+    cat = [torch.cat([getattr(t, f) for t in widened]) for f in ("codes", "scale", "offset")]
     return QuantTensor(*cat, bits=bits, group=groups.pop())
 
 

@@ -162,6 +162,29 @@ def test_fused_qkv_codes_run_what_separate_projections_run(model, tmp_path):
     assert fuse_qkv_codes(codes, 2) is None
 
 
+def test_onnx_fuses_a_qkv_of_mixed_bits_exactly_and_without_amplifying_int8_activation_error(model, tmp_path):
+    """Mixed precision can leave q at 8 bits and k, v at 4 in the builder's fused QKV MatMulNBits: the 4-bit parts
+    are centred in the 8-bit grid, so fp32 activations give the stage's model and int8 activations cost what
+    they cost without mixed precision (left at the bottom of the grid they cost ~10x more)."""
+    pytest.importorskip("onnxruntime_genai")
+    from compress.exporters.onnx import OnnxExporter
+    from compress.quantized import LayerOverride
+    from compress.runtimes.onnxruntime import OnnxRuntimeRuntime as OnnxRuntime
+
+    q8 = (LayerOverride("layers.0.self_attn.q_proj", 8, 32),)
+    errors = {}
+    for acts in (Activations.NONE, Activations.INT8_DYNAMIC):
+        for overrides in ((), q8):
+            staged = _stage(model, tmp_path, algorithm=QuantAlgorithm.HQQ, activations=acts, overrides=overrides)
+            where = tmp_path / f"{acts.value}-{len(overrides)}"
+            art = OnnxExporter().export(staged.model, byte_tokenizer(), OnnxOptions(max_context=96), where, QUIET,
+                                        staged.quantized)
+            errors[acts, bool(overrides)] = float(np.abs(_run(OnnxRuntime().load(art, threads=2))
+                                                         - _eager(staged.model)).max())
+    assert errors[Activations.NONE, True] < 5e-4 and errors[Activations.NONE, False] < 5e-4
+    assert errors[Activations.INT8_DYNAMIC, True] < 1.5 * errors[Activations.INT8_DYNAMIC, False]
+
+
 def test_the_tied_matrix_is_stored_once_when_the_weights_are_external_data(tmp_path):
     """The embedding gathers the very int8 matrix the lm_head multiplies by, so in model.ptd (one copy of identical
     bytes) the tied matrix is stored once; in a single-file program it is stored twice. Same numbers either way."""
