@@ -130,7 +130,8 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
                     model, quantized = checkpoint.load_stage(cache.path(key))
             continue
         ctx = StageContext(seed=req.seed, work_dir=cache.root / "work", console=console, reference=loaded.model,
-                           calibration=functools.partial(calibration_windows, loaded.tokenizer, calib))
+                           calibration=functools.partial(calibration_windows, loaded.tokenizer, calib),
+                           quantized=quantized)
         with console.step(title) as step:
             start = time.perf_counter()
             result = stages.get(spec.kind.value).run(model, spec.config, ctx)
@@ -183,7 +184,7 @@ def install_artifact(art: Artifact, final: Path) -> Artifact:
 def _finish(out_dir: Path, manifest: Manifest, verification: Any, target: TargetSpec, console: Any) -> Manifest:
     if verification is not None:
         data = verification.to_data()
-        write_reports(out_dir, data, f"compress {target.name}")
+        write_reports(out_dir, data, f"compress {target.name}", manifest.stages)
         manifest.verification = data
         manifest.verdict = gate.verdict(verification.budgets)
     manifest.write(out_dir)

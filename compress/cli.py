@@ -149,7 +149,7 @@ def report(out_dir: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(manifest.verification, indent=2))
     else:
-        click.echo(render_markdown(manifest.verification, f"compress {manifest.target['name']}"))
+        click.echo(render_markdown(manifest.verification, f"compress {manifest.target['name']}", manifest.stages))
 
 
 # ---- targets ---------------------------------------------------------------------------------------

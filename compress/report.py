@@ -34,7 +34,9 @@ def _fmt(value: float | None, pattern: str = "{:.6g}") -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
-def render_markdown(v: dict[str, Any], title: str) -> str:
+def render_markdown(v: dict[str, Any], title: str, stages: list[dict[str, Any]] = ()) -> str:
+    """The verification's tables; `stages` (the manifest's stage records) adds the quantize stage's measured
+    bits-vs-KL points when it searched mixed precision."""
     verdict = "PASS" if v["passed"] else "FAIL"
     m = v["metrics"]
     lines = [f"## {title}: {verdict}", ""]
@@ -60,7 +62,25 @@ def render_markdown(v: dict[str, Any], title: str) -> str:
             lines.append(f"| {_cell(s['prompt'])} | {_cell(s['reference'])} | {_cell(s['candidate'])} | "
                          f"{s['match']} |")
         lines.append("")
+    lines += _bits_vs_kl(stages)
     return "\n".join(lines)
+
+
+def _bits_vs_kl(stages: list[dict[str, Any]]) -> list[str]:
+    notes = next((s["notes"] for s in stages if s["kind"] == "quantize" and "bits_vs_kl" in s["notes"]), None)
+    if notes is None:
+        return []
+    chosen = len(notes["promoted_to_8bit"])
+    reached = "met" if notes["max_kl_reached"] else "**not reached: the whole bits budget is spent**"
+    lines = ["### Quantize stage: average code bits vs KL", "",
+             f"Mixed precision: the most sensitive linears at 8 bits; the stage's KL on its "
+             f"{notes['calibration']['windows']} calibration windows (not the evaluation set above). "
+             f"max_kl {notes['max_kl']}: {reached}.", "",
+             "| linears at 8 bits | average code bits | KL | |", "|---|---|---|---|"]
+    for p in notes["bits_vs_kl"]:
+        mark = "chosen" if p["linears_at_8bit"] == chosen else ""
+        lines.append(f"| {p['linears_at_8bit']} | {p['avg_code_bits']:.3f} | {p['kl']:.4g} | {mark} |")
+    return lines + [""]
 
 
 def _cell(text: str) -> str:
@@ -91,8 +111,9 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_reports(out_dir: Path, verification: dict[str, Any], title: str) -> list[Path]:
-    md = render_markdown(verification, title)
+def write_reports(out_dir: Path, verification: dict[str, Any], title: str,
+                  stages: list[dict[str, Any]] = ()) -> list[Path]:
+    md = render_markdown(verification, title, stages)
     paths = [out_dir / REPORT_MD, out_dir / REPORT_JSON, out_dir / JUNIT]
     _write(paths[0], md)
     _write(paths[1], json.dumps(verification, indent=2) + "\n")

@@ -3,16 +3,18 @@ sensitive at 8 bits until the whole model's KL meets the target, at the smallest
 
 Sensitivity is measured, not guessed: for each linear, the model with only that linear quantized is run over the
 calibration windows and its mean KL against the unquantized model is recorded (one forward per linear). Linears
-are then raised to 8 bits in that order; the smallest prefix whose KL is <= max_kl is found by bisection over
-the prefix length (KL falls, not strictly but nearly, as more linears are raised), within the average-bits budget.
+are then raised to 8 bits in that order. The KL is measured at four levels of the average-bits budget (the
+bits-vs-KL frontier the report shows), then the smallest prefix whose KL is <= max_kl is found by bisection over
+the prefix length (KL falls, not strictly but nearly, as more linears are raised). When even the whole budget
+does not reach max_kl, the whole budget is spent and the stage says so: the build's budgets are the gate.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
-from compress.errors import InputError
 from compress.metrics import kl_per_position
 from compress.quantized import QuantAlgorithm, QuantizeConfig, QuantTensor
 
@@ -73,9 +75,34 @@ def rank(model: Any, tensors: dict[str, QuantTensor], measure: KlProbe, console:
     return sorted(scores, key=lambda s: -s[1])
 
 
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One measured point of the bits-vs-KL trade-off: the `linears_at_8bit` most sensitive linears at 8 bits."""
+
+    linears_at_8bit: int
+    avg_code_bits: float
+    kl: float
+
+
+@dataclass
+class MixedPrecision:
+    """What the search chose: the promoted linears, the KL measured with them, whether `max_kl` was met (else
+    the whole bits budget is spent: best effort), the sensitivity ranking and every point measured."""
+
+    promoted: list[str]
+    kl: float
+    reached: bool
+    ranking: list[tuple[str, float]]
+    frontier: list[FrontierPoint]
+
+
+FRONTIER_STEPS = 4  # bits budget levels measured besides the bisection's points: 1/4, 1/2, 3/4 and all of it
+
+
 def promote_until(model: Any, tensors: dict[str, QuantTensor], plans: list[Any], q: QuantizeConfig,
-                  measure: KlProbe, console: Any) -> tuple[list[str], float, list[tuple[str, float]]]:
-    """Raise the most sensitive linears to 8 bits (in place in `tensors`); returns (promoted, KL, ranking)."""
+                  measure: KlProbe, console: Any, kl_plain: float) -> MixedPrecision:
+    """Raise the most sensitive linears to 8 bits (in place in `tensors`) until the KL is <= `q.max_kl`, within
+    `q.max_avg_bits`; when the budget cannot reach it, spend the whole budget and say so (best effort)."""
     from compress.stages.quant_plan import Plan, apply, linear_weights, quantize_one
 
     ranking = rank(model, tensors, measure, console)
@@ -83,39 +110,47 @@ def promote_until(model: Any, tensors: dict[str, QuantTensor], plans: list[Any],
     body = [n for n in tensors if n != "lm_head"]
     total = sum(weights[n].numel() for n in body)
     code_bits = sum(weights[n].numel() * tensors[n].bits for n in body)
-    allowed = 0  # how many of the ranking fit the average-bits budget
+    bits_at = [code_bits / total]  # average code bits with the k most sensitive at 8 bits
     for name, _ in ranking:
         code_bits += weights[name].numel() * (8 - tensors[name].bits)
         if code_bits / total > q.max_avg_bits:
             break
-        allowed += 1
+        bits_at.append(code_bits / total)
+    allowed = len(bits_at) - 1
     by_name = {p.name: p for p in plans}
     # 8-bit round to nearest (symmetric) for the promoted linears: at 8 bits the algorithm hardly matters, and
     # a symmetric grid is the one every backend's kernels take.
     rtn8 = dataclasses.replace(q, algorithm=QuantAlgorithm.RTN, symmetric=True)
     eight = {name: quantize_one(weights[name], Plan(name, 8, by_name[name].group), rtn8)
              for name, _ in ranking[:allowed]}
+    measured = {0: kl_plain}
 
     def kl_with(k: int) -> float:
-        trial = dict(tensors)
-        trial.update({n: eight[n] for n, _ in ranking[:k]})
-        return measure(apply(model, trial))
+        if k not in measured:
+            trial = dict(tensors)
+            trial.update({n: eight[n] for n, _ in ranking[:k]})
+            measured[k] = measure(apply(model, trial))
+        return measured[k]
 
-    lo, hi = 0, allowed
-    kl_hi = kl_with(hi)
-    if kl_hi > q.max_kl:
-        raise InputError(f"quantize.max_kl {q.max_kl}: not reachable within max_avg_bits {q.max_avg_bits} "
-                         f"(KL {kl_hi:.4g} with the {allowed} most sensitive linears at 8 bits); raise max_avg_bits "
-                         f"or max_kl, or use a better algorithm")
-    with console.step(f"Bisecting the number of 8-bit linears (up to {allowed})") as step:
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            kl_mid = kl_with(mid)
-            if kl_mid <= q.max_kl:
-                hi, kl_hi = mid, kl_mid
-            else:
-                lo = mid
-        step["detail"] = f"{hi} linears at 8 bits, KL {kl_hi:.4g}"
+    levels = [bits_at[0] + (bits_at[-1] - bits_at[0]) * i / FRONTIER_STEPS for i in range(1, FRONTIER_STEPS + 1)]
+    with console.step(f"Measuring bits vs KL (up to {allowed} linears at 8 bits)") as step:
+        for level in levels:
+            kl_with(max(k for k, b in enumerate(bits_at) if b <= level + 1e-9))
+        reached = kl_with(allowed) <= q.max_kl
+        if reached:  # bisect between the last measured point above max_kl and the first at or under it
+            lo = max(k for k, v in measured.items() if v > q.max_kl)
+            hi = min(k for k, v in measured.items() if v <= q.max_kl and k > lo)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if kl_with(mid) <= q.max_kl else (mid, hi)
+        else:
+            hi = allowed
+        step["detail"] = f"{hi} linears at 8 bits ({bits_at[hi]:.3f} code bits), KL {measured[hi]:.4g}"
+    if not reached:
+        console.print(f"  [yellow]quantize.max_kl {q.max_kl} not reached within max_avg_bits {q.max_avg_bits}: "
+                      f"KL {measured[hi]:.4g} with the {allowed} most sensitive linears at 8 bits (the whole "
+                      f"budget, best effort)[/yellow]")
     promoted = [n for n, _ in ranking[:hi]]
     tensors.update({n: eight[n] for n in promoted})
-    return promoted, kl_hi, [(n, round(s, 6)) for n, s in ranking]
+    frontier = [FrontierPoint(k, round(bits_at[k], 4), v) for k, v in sorted(measured.items())]
+    return MixedPrecision(promoted, measured[hi], reached, [(n, round(s, 6)) for n, s in ranking], frontier)

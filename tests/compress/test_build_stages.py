@@ -68,3 +68,23 @@ def test_the_same_build_runs_data_parallel_under_torchrun(tiny_dir, tmp_path):
     assert proc.stderr.count("Built ") == 1  # rank 0 alone exports, verifies and writes the manifest
     distill = json.loads((out / "manifest.json").read_text())["stages"][1]["notes"]
     assert distill["ranks"] == 2 and distill["steps"] == 4
+
+
+def test_a_mixed_precision_build_reports_bits_vs_kl(tiny_dir, tmp_path, cli):
+    """The quantize stage's measured bits-vs-KL points reach report.md and `compress report`."""
+    out = tmp_path / "out"
+    stage = {"quantize": {"algorithm": "rtn", "weight_bits": 4, "group_size": 32, "symmetric": False,
+                          "embedding": "int8", "lm_head": "int8", "max_kl": 1.0e-9, "max_avg_bits": 5.0,
+                          "calibration_windows": 2, "calibration_len": 64}}
+    result = cli("build", "--target", "small", "--model", str(tiny_dir), "--targets", str(_targets(tmp_path, [stage])),
+                 "--out", str(out))
+    assert result.code == 0, result.stderr[-2000:]
+    assert "not reached within max_avg_bits 5.0" in result.stderr
+    notes = json.loads((out / "manifest.json").read_text())["stages"][0]["notes"]
+    assert notes["max_kl_reached"] is False and 4.0 < notes["avg_code_bits"] <= 5.0
+    chosen = len(notes["promoted_to_8bit"])
+    for text in ((out / "report.md").read_text(), cli("report", str(out)).stdout):
+        assert "### Quantize stage: average code bits vs KL" in text and "**not reached" in text
+        rows = [line for line in text.splitlines() if line.endswith("| chosen |")]
+        cells = rows[0].split("|") if len(rows) == 1 else []
+        assert int(cells[1]) == chosen and abs(float(cells[2]) - notes["avg_code_bits"]) < 1.5e-3
