@@ -159,11 +159,13 @@ class TargetSpec:
                 extra.append(Problem("eval.prefill_len", f"prefill_len + decode_tokens = "
                                      f"{self.eval.prefill_len + self.eval.decode_tokens} exceeds "
                                      f"export.max_context {ctx}"))
-        seen = set()
+        seen: set[Any] = set()
         for i, stage in enumerate(self.stages):
-            if stage.kind in seen:
+            # A distill after quantize trains the grids, a different step from a distill before it.
+            key = (stage.kind, StageKind.QUANTIZE in seen) if stage.kind is StageKind.DISTILL else stage.kind
+            if key in seen:
                 extra.append(Problem(f"stages[{i}]", f"stage {stage.kind.value!r} appears twice"))
-            seen.add(stage.kind)
+            seen |= {stage.kind, key}
         extra.extend(self._quantize_stage_problems())
         check_fields(self, extra)
 
@@ -172,10 +174,18 @@ class TargetSpec:
         if StageKind.QUANTIZE not in kinds:
             return []
         out = []
-        if kinds[-1] is not StageKind.QUANTIZE:
-            out.append(Problem("stages", "quantize must be the last stage: later stages would train away its grid"))
-        # What the format's kernels can hold of the stage's codes, declared with its export options.
         index = kinds.index(StageKind.QUANTIZE)
+        for i, stage in enumerate(self.stages[index + 1:], index + 1):
+            if stage.kind is StageKind.QUANTIZE:
+                continue  # reported as appearing twice
+            if stage.kind is not StageKind.DISTILL:
+                out.append(Problem(f"stages[{i}]", f"{stage.kind.value} after quantize would change the quantized "
+                                                   f"linears' shapes or codes; only distill may follow quantize "
+                                                   f"(it trains the grids' scales and offsets, codes fixed)"))
+            elif stage.config.fake_quant is not None:
+                out.append(Problem(f"stages[{i}].fake_quant", "a distill after quantize trains on the quantize "
+                                                              "stage's own grid; remove fake_quant"))
+        # What the format's kernels can hold of the stage's codes, declared with its export options.
         for problem in self.export.options.codes_problems(self.stages[index].config):
             where = f"stages[{index}].{problem.where}" if problem.where.startswith("quantize") else problem.where
             out.append(Problem(where, f"{problem.message} (export.format {self.export.format})"))

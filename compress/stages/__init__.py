@@ -22,6 +22,7 @@ class StageContext:
     calibration: Any  # compress.data.corpus.TokenWindows: disjoint from the evaluation windows
     reference: Any  # the unmodified fp32 model (the teacher / the KL reference)
     console: Any  # compress.progress.Console
+    quantized: QuantizedWeights | None = None  # the input model's codes, when a quantize stage ran before
 
 
 @dataclass

@@ -81,9 +81,13 @@ class DistillConfig:
     threads: int | None = setting(None, ge=1, le=256, doc="torch threads (default: all cores)")
     autocast: bool = setting(False, doc="bf16 autocast for both forward passes (AMX / AVX512-BF16 CPUs, GPUs)")
     fake_quant: FakeQuant | None = setting(None, doc="quantization-aware training (straight-through)")
+    skip_below_kl: float | None = setting(None, gt=0, doc="do not train when the held-out KL is already at or "
+                                                          "below this (e.g. codes that were already on a grid)")
 
     def __post_init__(self) -> None:
         extra = []
+        if self.skip_below_kl is not None and not self.kl_windows:
+            extra.append(Problem("skip_below_kl", "needs held-out windows to measure the KL on; set kl_windows > 0"))
         if self.tokens < self.batch_size * self.seq_len:
             extra.append(Problem("tokens", f"{self.tokens} is less than one batch (batch_size {self.batch_size} x "
                                            f"seq_len {self.seq_len} = {self.batch_size * self.seq_len} tokens): "

@@ -3,7 +3,9 @@
 Loss: T² · KL(softmax(teacher/T) ‖ softmax(student/T)) per position, plus optionally a hidden-state loss
 on the final (normed) hidden states, which exist at equal widths because pruning keeps the embedding.
 Data: calibration windows (the split the harness never scores); when the corpus cannot fill one batch,
-text the teacher samples itself. Budgets: `tokens` and/or `max_minutes`, whichever ends first.
+text the teacher samples itself. After a quantize stage the student keeps its codes and trains their per-group
+scales and offsets and the norm gains (compress.stages.grid_tuning): quantization-aware distillation on exactly
+the grid the exporters write, whose result is again the stage's codes. Budgets: `tokens` and/or `max_minutes`, whichever ends first.
 
 Throughput on a 2-core CPU is the constraint, so: the teacher runs under no_grad and returns hidden
 states only; both models' logits are formed chunk by chunk inside the loss under activation
@@ -34,7 +36,8 @@ from compress.config import to_data
 from compress.errors import InputError
 from compress.hashing import sha256_json
 from compress.metrics import kl_per_position, mean_kl
-from compress.stages import StageContext, StageResult, fake_quant
+from compress.quantized import QuantizedWeights, Rotation
+from compress.stages import StageContext, StageResult, fake_quant, grid_tuning
 from compress.stages.configs import DistillConfig
 from compress.threads import torch_threads
 
@@ -201,7 +204,8 @@ def held_out_kl(reference: Any, model: Any, windows: list[list[int]]) -> float:
     return mean_kl(reference(input_ids=ids, use_cache=False).logits, model(input_ids=ids, use_cache=False).logits)
 
 
-def check(model: Any, cfg: DistillConfig, reference: Any, world: distributed.World) -> None:
+def check(model: Any, cfg: DistillConfig, reference: Any, world: distributed.World,
+          quantized: QuantizedWeights | None = None) -> None:
     """Everything that can be refused before work starts."""
     if cfg.batch_size % world.size:
         raise InputError(f"distill.batch_size: {cfg.batch_size} does not split across {world.size} data-parallel "
@@ -209,24 +213,33 @@ def check(model: Any, cfg: DistillConfig, reference: Any, world: distributed.Wor
     if cfg.hidden_loss_weight and model.config.hidden_size != reference.config.hidden_size:
         raise InputError(f"distill.hidden_loss_weight: the student's hidden size {model.config.hidden_size} differs "
                          f"from the teacher's {reference.config.hidden_size}; set it to 0")
+    if cfg.hidden_loss_weight and quantized is not None and quantized.config.rotation is not Rotation.NONE:
+        raise InputError("distill.hidden_loss_weight: the quantize stage rotated the student's hidden states, so they "
+                         "are not comparable with the teacher's; set it to 0")
     if cfg.fake_quant and not fake_quant.quantizable_linears(model, cfg.fake_quant.group_size):
         raise InputError(f"distill.fake_quant.group_size: {cfg.fake_quant.group_size} divides no linear layer's "
                          f"input width")
 
 
 class DistillStage:
-    version = "1"
+    version = "2"  # 2: after a quantize stage, trains its grids (compress.stages.grid_tuning)
 
     def run(self, model: Any, config: DistillConfig, ctx: StageContext) -> StageResult:
         world = distributed.current_world()
-        check(model, config, ctx.reference, world)
+        check(model, config, ctx.reference, world, ctx.quantized)
         with torch_threads(config.threads or torch.get_num_threads()):
             windows, source = training_windows(ctx, config)
             held_out, train_windows = windows[:config.kl_windows], windows[config.kl_windows:]
             student = copy.deepcopy(model).float()  # the input model stays untouched
             if config.fake_quant:
                 fake_quant.attach(student, config.fake_quant)
+            grids = grid_tuning.attach(student, ctx.quantized) if ctx.quantized is not None else []
             kl_before = held_out_kl(ctx.reference, student, held_out) if held_out else None
+            if config.skip_below_kl is not None and kl_before is not None and kl_before <= config.skip_below_kl:
+                ctx.console.print(f"  held-out KL {kl_before:.4g} <= skip_below_kl {config.skip_below_kl}: not "
+                                  f"training")
+                return StageResult(model, {"skipped": True, "kl_before": kl_before, "kl_after": kl_before},
+                                   ctx.quantized)
             key = sha256_json([to_data(config), ctx.seed, world.size, fingerprint(model), len(train_windows)])
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
             path = ctx.work_dir / f"distill-{key[:16]}.pt"
@@ -237,13 +250,23 @@ class DistillStage:
             kl_after = held_out_kl(ctx.reference, student, held_out) if held_out else None
             if config.fake_quant:
                 fake_quant.detach(student)
+            quantized = grid_tuning.detach(student, ctx.quantized, grids) if ctx.quantized is not None else None
         if world.main:
             path.unlink(missing_ok=True)  # finished: the stage cache holds the result now
         what = f"{len(held_out)} held-out calibration windows x {config.seq_len} tokens" + (
-            f", with {config.fake_quant.weight_bits}-bit fake quantization" if config.fake_quant else "")
+            f", with {config.fake_quant.weight_bits}-bit fake quantization" if config.fake_quant else "") + (
+            f", on the quantize stage's grids ({len(grids)} linears: codes fixed, scales and offsets trained)"
+            if grids else "")
         notes.update({"data": source, "distinct_windows": len(train_windows), "kl_before": kl_before,
                       "kl_after": kl_after, "kl_measured_on": what})
         if kl_before is not None:
             ctx.console.print(f"  distilled: KL {kl_before:.4f} -> {kl_after:.4f} ({what}); "
                               f"{notes['tokens_per_s']} tok/s")
-        return StageResult(student, notes)
+        if quantized is not None:
+            notes.update(grids_trained=len(grids), **quantized.bits_summary())
+            if kl_before is not None and kl_after >= kl_before:  # recovery never hands on a worse model
+                ctx.console.print("  [yellow]training did not lower the held-out KL: the quantize stage's grids are "
+                                  "kept[/yellow]")
+                notes["kept"] = "input"
+                return StageResult(model, notes, ctx.quantized)
+        return StageResult(student, notes, quantized)
