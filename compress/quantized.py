@@ -87,6 +87,9 @@ class QuantizeConfig:
                                                       "fits the codes on, disjoint from those KL is measured on")
     rotation: Rotation = setting(Rotation.NONE, doc="rotate the model before quantizing (function-preserving; "
                                                      "unties the embedding from the lm_head)")
+    smoothing: float | None = setting(None, ge=0, le=1, doc="SmoothQuant's alpha: move per-channel range from the "
+                                                            "normed activations into the linears reading them "
+                                                            "before quantizing (function-preserving)")
 
     def code_bits(self) -> set[int]:
         """Every code width the stage writes for this config (body, overrides, lm_head and embedding)."""
@@ -102,6 +105,9 @@ class QuantizeConfig:
                                               f"rotation unties the embedding from the lm_head, and an untied "
                                               f"embedding is not quantized by the stage; set embedding: fp32 (the "
                                               f"rotated model carries a float vocab x hidden matrix)"))
+        if self.smoothing is not None and self.rotation is not Rotation.NONE:
+            extra.append(Problem("smoothing", f"with rotation {self.rotation.value!r}: the rotation spreads the "
+                                              f"channels the smoothing would scale; choose one"))
         check_fields(self, extra)
 
 

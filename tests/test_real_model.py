@@ -15,7 +15,7 @@ from compress.progress import Console
 from compress.targets import EvalSpec, load_targets
 
 pytestmark = pytest.mark.slow
-OFFGRID_WEB_MAX_KL = 0.1  # measured 0.0818 (GPTQ); docs/results.md
+OFFGRID_WEB_MAX_KL = 0.03  # measured 0.0199 (GPTQ, smoothing kept, mixed precision at 4.475 bits); docs/results.md
 GOLDEN = Path(__file__).parent / "golden" / "smollm2_greedy.json"
 QUIET = Console(quiet=True)
 
@@ -212,11 +212,17 @@ def test_the_off_grid_model_has_the_default_s_outputs_and_no_4_bit_grid(smollm2)
         quantize_one(weights["layers.0.self_attn.q_proj"], Plan("layers.0.self_attn.q_proj", 4, 32), keep)
 
 
-def test_the_web_target_on_the_off_grid_model_stays_within_its_measured_bound(real_home: Path, tmp_path: Path, cli):
-    """GPTQ's codes on weights that sit on no grid: the number a user with a bf16 checkpoint sees."""
+def test_the_web_target_on_the_off_grid_model_passes_its_budgets(real_home: Path, tmp_path: Path, cli):
+    """Weights that sit on no grid, the number a user with a bf16 checkpoint sees: the stage keeps its smoothed
+    codes and spends its bits budget, and the shipped budgets (set from the worse of the two models) hold."""
     out = tmp_path / "web-offgrid"
     result = cli("build", "--target", "web", "--model", "smollm2-135m-offgrid", "--out", str(out),
                  env={"COMPRESS_HOME": str(real_home)})
-    assert result.code in (0, 4), result.stderr  # 4: a budget broken (the shipped ones hold on the default model)
-    metrics = json.loads((out / "manifest.json").read_text())["verification"]["metrics"]
-    assert metrics["mean_kl"] < OFFGRID_WEB_MAX_KL, metrics  # HQQ's codes measured 0.227 here
+    assert result.code == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    notes = manifest["stages"][0]["notes"]
+    assert notes["smoothing"]["kept"] is True and notes["smoothing"]["kl_with"] < notes["smoothing"]["kl_without"]
+    assert 4.0 < notes["avg_code_bits"] <= 4.5 and notes["promoted_to_8bit"]
+    metrics = manifest["verification"]["metrics"]
+    assert metrics["mean_kl"] < OFFGRID_WEB_MAX_KL, metrics  # HQQ's codes measured 0.227 here, plain GPTQ 0.082
+    assert "### Quantize stage: average code bits vs KL" in (out / "report.md").read_text()

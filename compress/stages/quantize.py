@@ -3,14 +3,18 @@
 It plans a (bits, group) per linear (the config's scheme, `overrides` by glob on the export module's names,
 first match wins; the lm_head from `lm_head`), quantizes each weight with the configured algorithm
 (compress.stages.quant_algorithms), optionally raises the most KL-sensitive linears to 8 bits until the
-measured KL meets `max_kl` (compress.stages.sensitivity), and returns the fp32 model with every quantized weight
-replaced by its exact dequantized value (so eager PyTorch runs the quantized model) and, in the StageResult, the
-codes themselves (`QuantizedWeights`, saved beside the stage checkpoint). Its notes record the scheme,
-the average bits, the calibration text it used and the KL it measured against the unquantized model.
+measured KL meets `max_kl` within `max_avg_bits` (compress.stages.sensitivity; the whole budget, best effort,
+when it cannot), and returns the fp32 model with every quantized weight replaced by its exact dequantized value
+(so eager PyTorch runs the quantized model) and, in the StageResult, the codes themselves (`QuantizedWeights`,
+saved beside the stage checkpoint). Its notes record the scheme, the average bits, the calibration text it used,
+the KL it measured against the unquantized model and, with mixed precision, the bits-vs-KL points measured.
+With `smoothing` (compress.stages.smoothing) the smoothed model is quantized too, and its codes are kept only when
+they measure a lower KL (tried only while the KL is above `max_kl`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from typing import Any
@@ -21,7 +25,7 @@ from compress.stages.quant_plan import CALIBRATED, apply, linear_weights, plan, 
 
 
 class QuantizeStage:
-    version = "1"
+    version = "2"  # 2: mixed precision is best effort and measures a bits-vs-KL frontier
 
     def run(self, model: Any, config: QuantizeConfig, ctx: StageContext) -> StageResult:
         from compress.stages import sensitivity
@@ -44,14 +48,36 @@ class QuantizeStage:
         seconds = {"quantize": time.perf_counter() - start}
         measure = sensitivity.KlProbe(ctx.reference, windows)
         kl = measure(quantized)
+        if config.smoothing is not None and (config.max_kl is None or kl > config.max_kl):
+            # Smoothing is a candidate, kept only when its codes measure a lower KL: it rebalances weights that
+            # carry folded norm gains, and moves weights that already sit on a grid off it.
+            from compress.stages.smoothing import smooth
+
+            start = time.perf_counter()
+            with ctx.console.step(f"Smoothing the normed activations (alpha {config.smoothing})") as step:
+                smoothed, info = smooth(model, fit or windows, config.smoothing)
+                step["detail"] = (f"largest channel / median {info['outlier_ratio_before']} -> "
+                                  f"{info['outlier_ratio_after']}")
+            s_quantized, s_qw = quantize_model(smoothed, config, ctx.console, fit)
+            s_kl = measure(s_quantized)
+            info.update(kl_without=kl, kl_with=s_kl, kept=s_kl < kl)
+            ctx.console.print(f"  smoothing: KL {kl:.4g} without, {s_kl:.4g} with: "
+                              f"{'smoothed' if s_kl < kl else 'unsmoothed'} codes kept")
+            if s_kl < kl:
+                model, quantized, qw, kl = smoothed, s_quantized, s_qw, s_kl
+            notes["smoothing"] = info
+            seconds["smoothing"] = time.perf_counter() - start
         notes["kl_all_at_weight_bits"] = kl
         if config.max_kl is not None and kl > config.max_kl:
             start = time.perf_counter()
             tensors = dict(qw.tensors)
-            promoted, kl, ranking = sensitivity.promote_until(model, tensors, plans, config, measure, ctx.console)
+            mixed = sensitivity.promote_until(model, tensors, plans, config, measure, ctx.console, kl)
             seconds["mixed_precision"] = time.perf_counter() - start
-            quantized, qw = apply(model, tensors), QuantizedWeights(tensors, config, tuple(promoted))
-            notes.update(promoted_to_8bit=promoted, sensitivity_top=ranking[:10])
+            kl = mixed.kl
+            quantized, qw = apply(model, tensors), QuantizedWeights(tensors, config, tuple(mixed.promoted))
+            notes.update(promoted_to_8bit=mixed.promoted, max_kl_reached=mixed.reached,
+                         sensitivity_top=mixed.ranking[:10],
+                         bits_vs_kl=[dataclasses.asdict(p) for p in mixed.frontier])
         total = len(linear_weights(model))
         notes.update(scheme=qw.scheme, kl_vs_unquantized=kl, max_kl=config.max_kl, **qw.bits_summary(),
                      linears_quantized=len(qw.tensors), linears_total=total, seconds=seconds,

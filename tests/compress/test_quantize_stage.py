@@ -132,8 +132,33 @@ def test_mixed_precision_raises_the_most_sensitive_linears_until_the_kl_is_met(t
     assert all(bits[n] == 8 for n in notes["promoted_to_8bit"])
     ranked = [n for n, _ in notes["sensitivity_top"]]
     assert set(notes["promoted_to_8bit"]) == set(ranked[:len(notes["promoted_to_8bit"])])  # most sensitive first
-    with pytest.raises(InputError, match="not reachable within max_avg_bits"):
-        STAGES.get("quantize").run(model, _config(algorithm=QuantAlgorithm.RTN, max_kl=1e-9, max_avg_bits=4.2), ctx)
+    assert notes["max_kl_reached"] is True
+    frontier = notes["bits_vs_kl"]  # k = 0, four budget levels and the bisection's points, in order of k
+    assert frontier[0] == {"linears_at_8bit": 0, "avg_code_bits": 4.0, "kl": plain.notes["kl_vs_unquantized"]}
+    assert [p["linears_at_8bit"] for p in frontier] == sorted({p["linears_at_8bit"] for p in frontier})
+    assert all(4.0 <= p["avg_code_bits"] <= 6.0 for p in frontier) and frontier[-1]["kl"] < frontier[0]["kl"]
+    chosen = next(p for p in frontier if p["linears_at_8bit"] == len(notes["promoted_to_8bit"]))
+    assert chosen["kl"] == notes["kl_vs_unquantized"] and chosen["avg_code_bits"] == pytest.approx(
+        notes["avg_code_bits"], abs=1e-3)
+
+
+def test_mixed_precision_that_cannot_reach_max_kl_spends_the_whole_bits_budget(tmp_path):
+    model = tiny_llama(seed=0)
+    ctx = _ctx(model, tmp_path)
+    mixed = STAGES.get("quantize").run(model, _config(algorithm=QuantAlgorithm.RTN, max_kl=1e-9, max_avg_bits=4.5),
+                                       ctx)
+    notes = mixed.notes
+    assert notes["max_kl_reached"] is False and notes["kl_vs_unquantized"] > 1e-9
+    assert 4.0 < notes["avg_code_bits"] <= 4.5
+    # the next linear in the ranking at 8 bits would break the budget
+    weights = linear_weights(model)
+    body = [n for n in mixed.quantized.tensors if n != "lm_head"]
+    total = sum(weights[n].numel() for n in body)
+    left = (4.5 - notes["avg_code_bits"]) * total
+    ranked = [n for n, _ in notes["sensitivity_top"]]
+    nxt = next((n for n in ranked if n not in notes["promoted_to_8bit"]), None)
+    assert nxt is not None and weights[nxt].numel() * 4 > left - 1e-3 * total  # avg_code_bits is rounded
+    assert notes["bits_vs_kl"][-1]["linears_at_8bit"] == len(notes["promoted_to_8bit"])
 
 
 @pytest.mark.parametrize("config, message", [
@@ -168,12 +193,20 @@ def _target(**extra):
 
 @pytest.mark.parametrize("extra, message", [
     ({"export": {"format": "onnx", "quantize": {"weight_bits": 4}}}, r"export.quantize: unknown key"),
-    ({"stages": [{"quantize": {}}, {"distill": {}}]}, "quantize must be the last stage"),
+    ({"stages": [{"quantize": {}}, {"prune": {"mlp_keep": 0.5}}]}, r"stages\[1\]: prune after quantize .* only distill may follow"),
+    ({"stages": [{"quantize": {}}, {"distill": {"fake_quant": {}}}]}, r"stages\[1\].fake_quant: .* remove fake_quant"),
     ({"export": {"format": "gguf"}, "runtime": {"name": "llamacpp"}}, "cannot hold the quantize stage's codes"),
 ])
 def test_targets_refuse_a_stage_the_export_would_undo(extra, message):
     with pytest.raises(ConfigError, match=message):
         _target(**extra)
+
+
+def test_a_distill_may_follow_quantize_and_another_may_precede_it():
+    target = _target(stages=[{"distill": {}}, {"quantize": {"weight_bits": 4}}, {"distill": {}}])
+    assert [s.kind.value for s in target.stages] == ["distill", "quantize", "distill"]
+    with pytest.raises(ConfigError, match=r"stages\[1\]: stage 'distill' appears twice"):
+        _target(stages=[{"distill": {}}, {"distill": {}}, {"quantize": {}}])
 
 
 def test_quantized_tensor_refuses_inconsistent_shapes():
@@ -212,7 +245,8 @@ def test_every_shipped_quantized_target_holds_its_codes():
     quantized = [t for t in shipped.targets.values() if any(s.kind is StageKind.QUANTIZE for s in t.stages)]
     assert {t.name for t in quantized} == {"android", "android-small", "ios", "web", "desktop"}
     for t in quantized:
-        assert t.export.options.codes_problems(t.stages[-1].config) == [], t.name
+        stage = next(s for s in t.stages if s.kind is StageKind.QUANTIZE)
+        assert t.export.options.codes_problems(stage.config) == [], t.name
 
 
 def test_reading_targets_does_not_import_torch():
@@ -223,7 +257,7 @@ def test_reading_targets_does_not_import_torch():
     code = "import sys, compress.targets, compress.stages; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
-    assert STAGES.get("quantize").version == "1"
+    assert STAGES.get("quantize").version == "2"
 
 
 @pytest.mark.slow

@@ -1,0 +1,91 @@
+"""SmoothQuant-style smoothing in the quantize stage: the same function, smaller activation outliers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from compress.errors import ConfigError
+from compress.models.tiny import tiny_llama
+from compress.quantized import QuantizeConfig, Rotation
+from compress.stages.smoothing import smooth
+
+
+def _windows(count: int, length: int) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(256) for _ in range(length)] for _ in range(count)]
+
+
+def test_smoothing_keeps_the_function_and_shrinks_the_outlier_channels():
+    model = tiny_llama(0, num_hidden_layers=2, intermediate_size=128)
+    with torch.no_grad():
+        for layer in model.model.layers:  # a few channels always large, as massive activations are
+            layer.input_layernorm.weight[3] = 40.0
+            layer.post_attention_layernorm.weight[7] = -25.0
+    ids = torch.tensor(_windows(2, 32))
+    smoothed, info = smooth(model, _windows(4, 32), alpha=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert info["sites"] == 4 and info["alpha"] == 0.5
+    assert info["outlier_ratio_after"] < 0.5 * info["outlier_ratio_before"]
+    assert float(smoothed.model.layers[0].input_layernorm.weight[3].abs()) < 40.0  # range moved into the weights
+    assert model.model.layers[0].input_layernorm.weight[3] == 40.0  # the input model is untouched
+    nothing, _ = smooth(model, _windows(4, 32), alpha=0.0)  # alpha 0: scales follow the weights only
+    with torch.no_grad():
+        torch.testing.assert_close(nothing(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_smoothing_and_rotation_together_are_refused():
+    with pytest.raises(ConfigError, match="smoothing: with rotation 'hadamard'"):
+        QuantizeConfig(smoothing=0.5, rotation=Rotation.HADAMARD)
+
+
+def _stage_ctx(reference, tmp_path):
+    from compress.progress import Console
+    from compress.stages import StageContext
+
+    return StageContext(0, tmp_path, _windows, reference, Console(quiet=True))
+
+
+def test_the_quantize_stage_keeps_smoothing_only_when_it_measures_better(tmp_path):
+    from compress.quantized import Activations, Precision, QuantAlgorithm
+    from compress.stages import STAGES
+
+    model = tiny_llama(0, num_hidden_layers=2, intermediate_size=128)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # fold wildly uneven gains into the weights: same function, columns far apart in size
+        for layer in model.model.layers:
+            for norm, linears in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                           layer.self_attn.v_proj)),
+                                  (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))):
+                g = torch.exp(2.0 * torch.randn(norm.weight.shape, generator=gen))
+                norm.weight.div_(g)
+                for lin in linears:
+                    lin.weight.mul_(g)
+    base = dict(weight_bits=4, group_size=32, symmetric=False, activations=Activations.NONE, embedding=Precision.INT8,
+                lm_head=Precision.INT8, algorithm=QuantAlgorithm.RTN, calibration_windows=2, calibration_len=32)
+    plain = STAGES.get("quantize").run(model, QuantizeConfig(**base), _stage_ctx(model, tmp_path))
+    smoothed = STAGES.get("quantize").run(model, QuantizeConfig(**base, smoothing=0.5), _stage_ctx(model, tmp_path))
+    info = smoothed.notes["smoothing"]
+    assert info["kept"] is True and info["kl_without"] == plain.notes["kl_vs_unquantized"]
+    assert smoothed.notes["kl_vs_unquantized"] == info["kl_with"] < 0.5 * info["kl_without"]
+    ids = torch.tensor(_windows(2, 32))
+    from compress.stages.quant_plan import linear_weights
+
+    weights = linear_weights(smoothed.model)  # the kept model is the smoothed one, holding the codes exactly
+    for name, t in smoothed.quantized.tensors.items():
+        assert torch.equal(weights[name].detach(), t.dequantize()), name
+    with torch.no_grad():
+        assert not torch.equal(smoothed.model(ids).logits, plain.model(ids).logits)
+    # A KL already under max_kl: smoothing is not even tried.
+    loose = STAGES.get("quantize").run(model, QuantizeConfig(**base, smoothing=0.5, max_kl=10.0),
+                                       _stage_ctx(model, tmp_path))
+    assert "smoothing" not in loose.notes
+    # Weights already on the grid (the plain stage's output, as its own reference): smoothing moves them off it.
+    on_grid = plain.model
+    again = STAGES.get("quantize").run(on_grid, QuantizeConfig(**base, smoothing=0.5), _stage_ctx(on_grid, tmp_path))
+    assert again.notes["smoothing"]["kept"] is False
+    assert again.notes["smoothing"]["kl_without"] < again.notes["smoothing"]["kl_with"]
+    assert all(torch.equal(t.codes, plain.quantized.tensors[n].codes) for n, t in again.quantized.tensors.items())
