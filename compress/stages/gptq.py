@@ -71,9 +71,9 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int) -> QuantTensor
     w[:, dead] = 0.0
     order = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, order], h[order][:, order]
-    h += DAMP * torch.mean(torch.diag(h)) * torch.eye(cols)
+    h += DAMP * torch.mean(torch.diag(h)) * torch.eye(cols, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (in, in)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=w.device)
     top = 2 ** bits - 1
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     for start in range(0, cols, BLOCK):
@@ -105,7 +105,7 @@ def _first_layer_inputs(model: Any, windows: list[list[int]]) -> tuple[torch.Ten
     handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            model(input_ids=torch.tensor(windows), use_cache=False)
+            model(input_ids=torch.tensor(windows, device=model.device), use_cache=False)
     except _Stop:
         pass
     finally:
@@ -116,7 +116,7 @@ def _first_layer_inputs(model: Any, windows: list[list[int]]) -> tuple[torch.Ten
 
 def _hessians(layer: Any, linears: dict[str, Any], hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
     """X^T X of each linear's input over every calibration token, from one forward pass of the layer."""
-    sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
+    sums = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in linears.items()}
     handles = []
     for name, m in linears.items():
         def hook(_m: Any, args: tuple, _out: Any, name: str = name) -> None:

@@ -23,7 +23,7 @@ def hqq(w: torch.Tensor, bits: int, group: int) -> QuantTensor:
     from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
 
     q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
-        w.float(), nbits=bits, group_size=group, axis=1, compute_dtype=torch.float32, device="cpu", raw_output=True)
+        w.float(), nbits=bits, group_size=group, axis=1, compute_dtype=torch.float32, device=str(w.device), raw_output=True)
     scale = scale.reshape(w.shape[0], -1).float()  # w = (q - zero) * scale, zero a float
     zero = zero.reshape(w.shape[0], -1).float()
     return QuantTensor(q.reshape(w.shape).to(torch.uint8), scale, -zero * scale, bits, group)

@@ -27,7 +27,7 @@ class KlProbe:
     def __init__(self, reference: Any, windows: list[list[int]]):
         import torch
 
-        self.windows = [torch.tensor([w], dtype=torch.long) for w in windows]
+        self.windows = [torch.tensor([w], dtype=torch.long, device=reference.device) for w in windows]
         with torch.inference_mode():
             self.ref = [reference(w).logits.float() for w in self.windows]  # (1, seq, vocab) each
 

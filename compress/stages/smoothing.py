@@ -63,7 +63,7 @@ def _input_maxima(model: Any, linears: list[Any], windows: list[list[int]]) -> l
     try:
         with torch.inference_mode():
             for w in windows:
-                model(torch.tensor([w]))
+                model(torch.tensor([w], device=model.device))
     finally:
         for h in handles:
             h.remove()
