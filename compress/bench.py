@@ -101,6 +101,7 @@ class Entry:
     error: str = ""  # why this entry has no (or incomplete) numbers
     latency_note: str = ""  # why latency is not measured here (not an error: e.g. Core ML on Linux)
     peer: str = ""  # the --peers name, for a peer
+    runtime_settings: dict[str, Any] = field(default_factory=dict)  # the runtime's deviations from its defaults
 
     def latency(self) -> dict[str, float]:
         """Median over the rounds of each latency metric."""
@@ -245,6 +246,7 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
                                                                GgufOptions(file_type=e.gguf_type),
                                                                Path(work) / f"{e.gguf_type.value}.gguf", quiet)
                         session = runtimes.get(e.runtime).load(e.artifact, req.threads)
+                        e.runtime_settings = dict(getattr(session, "settings", {}))
                         e.metrics, _ = measure_accuracy(session, ref, eval_set, spec.greedy_tokens, stops, decode,
                                                         quiet)
                         del session

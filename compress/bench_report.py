@@ -42,7 +42,8 @@ def rows(entries: Sequence[Entry], baseline: str = BASELINE) -> list[dict[str, A
                     "top1_agreement": e.metrics.get("top1_agreement"),
                     "perplexity_ratio": e.metrics.get("perplexity_ratio"),
                     "greedy_match_mean": e.metrics.get("greedy_match_mean"),
-                    "latency_rounds": e.rounds, "note": e.latency_note, "error": e.error})
+                    "latency_rounds": e.rounds, "note": e.latency_note, "error": e.error,
+                    "runtime_settings": e.runtime_settings})
     base = next((r for r in out if r["peer"] == baseline), None)
     for r in out:
         for key, ratio in (("prefill_tok_s", "prefill_vs_q4_0"), ("decode_tok_s", "decode_vs_q4_0")):
@@ -93,6 +94,8 @@ def render_markdown(table: list[dict[str, Any]], protocol: dict[str, Any]) -> st
             cells[0] += " ⚠"
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {r['name']}: {r['note']}" for r in table if r["note"]]
+    notes += [f"- {r['name']}: {key} = {s['value']} ({s['why']})" for r in table
+              for key, s in r.get("runtime_settings", {}).items()]
     notes += [f"- ⚠ {r['name']}: FAILED: {r['error']}" for r in table if r["error"]]
     if notes:
         lines += [""] + notes

@@ -20,7 +20,7 @@ from compress import __version__, checkpoint, distributed, gate, models
 from compress.artifact import Artifact
 from compress.cache import StageCache, code_version
 from compress.config import to_data
-from compress.data.corpus import calibration_windows
+from compress.data.corpus import build_eval_set, calibration_windows, load_documents
 from compress.errors import BudgetBroken, InputError, NotAvailableYet, RuntimeUnavailable
 from compress.exporters import EXPORTERS
 from compress.gate import Verdict
@@ -73,12 +73,24 @@ def check_available(target: TargetSpec, verify: bool) -> None:
                                      f"(use --no-verify to build without verifying)")
 
 
-def prepare_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out the build may not write into, writing nothing."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / BUILD_MARKER).exists():
         raise InputError(f"--out {out_dir}: exists, is not empty and is not a compress build directory; "
                          f"choose another --out")
+
+
+def check_text(req: BuildRequest, tokenizer: Any) -> None:
+    """The calibration and evaluation text read, decoded and long enough, before any stage or export runs."""
+    load_documents(req.eval_data or req.target.eval.data)
+    if req.verify:
+        build_eval_set(tokenizer, req.target.eval, req.eval_data)
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / BUILD_MARKER).touch()
     # From here until the new manifest is written, the directory is an incomplete build.
@@ -205,7 +217,7 @@ def build(req: BuildRequest, console: Any) -> Manifest | None:
 
         console = Console(quiet=True)
     else:
-        prepare_out_dir(req.out_dir)
+        check_out_dir(req.out_dir)
     cache = StageCache(compress_home() / "cache")
     if world.main and (swept := cache.sweep()):
         console.print(f"  removed {swept} incomplete cache entr{'y' if swept == 1 else 'ies'} from an interrupted run")
@@ -214,6 +226,9 @@ def build(req: BuildRequest, console: Any) -> Manifest | None:
         step["detail"] = f"{source.kind.value}, sha256 {source.sha256[:12]}"
     with console.step("Loading the fp32 reference"):
         loaded = models.load(source)
+    check_text(req, loaded.tokenizer)
+    if world.main:  # nothing is written to --out until the inputs have been checked
+        prepare_out_dir(req.out_dir)
     staged = run_stages(req, loaded, cache, console, world=world)
     if not world.main:
         return None

@@ -255,13 +255,17 @@ def load_targets(path: Path | str | None = None) -> TargetsFile:
     if not path.is_file():
         raise ConfigError(f"targets file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        targets = parse_targets(data, path.name)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path.name}: not UTF-8 text (byte {err.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path.name}: nested too deeply to be a targets file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         loc = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path.name}: not valid YAML{loc}: {problem}") from None
-    targets = parse_targets(data, path.name)
     return TargetsFile(path=path, version=data["version"], targets=targets)
 
 

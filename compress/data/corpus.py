@@ -46,17 +46,24 @@ def load_documents(source: str) -> list[Document]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise InputError(f"evaluation data {source!r}: no such file (use {BUILTIN!r} or a .txt/.jsonl path)")
+    if path.suffix not in (".jsonl", ".txt", ".md", ".text"):
+        raise InputError(f"evaluation data {source!r}: unsupported extension {path.suffix!r}; use .txt or .jsonl")
+    try:
+        text = path.read_text(encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as err:
+        raise InputError(f"evaluation data {source!r}: not UTF-8 text (byte {err.start})") from None
     if path.suffix == ".jsonl":
-        return _jsonl_documents(path)
-    if path.suffix in (".txt", ".md", ".text"):
-        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8", errors="strict").split("\n\n")]
-        return [Document(f"{i}", p) for i, p in enumerate(paragraphs) if p]
-    raise InputError(f"evaluation data {source!r}: unsupported extension {path.suffix!r}; use .txt or .jsonl")
+        docs = _jsonl_documents(path, text)
+    else:
+        docs = [Document(f"{i}", p) for i, p in enumerate(p.strip() for p in text.split("\n\n")) if p]
+    if not docs:
+        raise InputError(f"evaluation data {source!r}: no text in it")
+    return docs
 
 
-def _jsonl_documents(path: Path) -> list[Document]:
+def _jsonl_documents(path: Path, text: str) -> list[Document]:
     docs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

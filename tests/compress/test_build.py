@@ -137,3 +137,48 @@ def test_an_occupied_output_directory_is_not_overwritten(tiny_dir: Path, tmp_pat
                  "--out", str(occupied))
     assert result.code == 2 and "is not a compress build directory" in result.stderr
     assert (occupied / "thesis.tex").read_text() == "precious"
+
+
+def _quantized_targets(tmp_path: Path) -> Path:
+    """A target whose first stage would take real time: bad input must stop before it."""
+    path = tmp_path / "targets-q.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "targets": {"q": {
+        "stages": [{"quantize": {"algorithm": "rtn", "weight_bits": 8, "group_size": 32, "symmetric": True}}],
+        "export": {"format": "safetensors"}, "runtime": {"name": "torch_eager", "threads": 1}, "eval": FAST_EVAL}}}))
+    return path
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (bytes(range(256)) * 8, "not UTF-8 text"),
+    (b"", "no text in it"),
+    (b"too short to hold the evaluation windows", "evaluation split"),
+])
+def test_bad_eval_data_is_refused_before_any_stage_and_writes_nothing(content, fragment, tiny_dir: Path,
+                                                                      tmp_path: Path, cli):
+    data = tmp_path / "data.txt"
+    data.write_bytes(content)
+    out = tmp_path / "out"
+    result = cli("build", "--target", "q", "--model", str(tiny_dir), "--targets", str(_quantized_targets(tmp_path)),
+                 "--out", str(out), "--eval-data", str(data))
+    assert result.code == 2, result.stderr
+    assert fragment in result.stderr and "Traceback" not in result.stderr and "Stage 1/1" not in result.stderr
+    assert not out.exists()
+
+
+def test_a_model_that_cannot_be_resolved_writes_nothing(tmp_path: Path, cli):
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 12)
+    for model in (str(bad), str(tmp_path / "missing")):
+        out = tmp_path / "out"
+        result = cli("build", "--target", "q", "--model", model, "--targets", str(_quantized_targets(tmp_path)),
+                     "--out", str(out))
+        assert result.code == 2 and "Traceback" not in result.stderr, result.stderr
+        assert not out.exists()
+
+
+def test_a_targets_file_nested_without_end_is_one_line_exit_2(tmp_path: Path, cli):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("version: 1\ntargets: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    result = cli("targets", "check", str(deep))
+    assert result.code == 2, result.stderr
+    assert "nested too deeply" in result.stderr and "Traceback" not in result.stderr

@@ -176,3 +176,43 @@ def test_real_model_f32_gguf_on_llama_cpp_matches_the_reference(real_home: Path,
         assert llama_cpp_tokenize(art.path, text) == encode_prompt(loaded.tokenizer, prompt)
     digits = "In 2024, 1,234,567 items cost $89.10 each."
     assert llama_cpp_tokenize(art.path, digits) == loaded.tokenizer(digits)["input_ids"]
+
+
+def test_a_probe_that_dies_turns_off_only_the_extra_buffer_types_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision behind llama.cpp's settings, without llama.cpp: a child killed by a signal (the AMX repacking
+    crash) turns the extra buffer types off with the signal named; a clean child leaves the defaults alone."""
+    import subprocess
+
+    from compress.runtimes import llamacpp as module
+
+    seen: list[list[str]] = []
+
+    def fake_run(code: int):
+        def run(cmd: list[str], **_: object) -> subprocess.CompletedProcess:
+            seen.append(cmd)
+            return subprocess.CompletedProcess(cmd, code, "", "")
+        return run
+
+    module.default_buffer_types_work.cache_clear()
+    monkeypatch.setattr(module.subprocess, "run", fake_run(-11))
+    ok, why = module.default_buffer_types_work("/x/crashes.gguf", 2)
+    assert not ok and "SIGSEGV" in why and "extra buffer types off" in why
+    assert seen[-1][1:] == ["-m", "compress.runtimes.llamacpp", "/x/crashes.gguf", "2"]
+    monkeypatch.setattr(module.subprocess, "run", fake_run(0))
+    assert module.default_buffer_types_work("/x/works.gguf", 2) == (True, "")
+    assert module.default_buffer_types_work("/x/crashes.gguf", 2)[0] is False  # once per file and process
+    assert len(seen) == 2
+    module.default_buffer_types_work.cache_clear()
+
+
+@needs_llamacpp
+def test_the_probe_child_runs_llama_cpp_with_its_defaults(ggufs) -> None:
+    """The real child process on a real Q4_0 GGUF (a type llama.cpp repacks): on a machine where the defaults
+    work, nothing is turned off."""
+    from compress.runtimes import llamacpp as module
+
+    art = ggufs["q4_0"]
+    module.default_buffer_types_work.cache_clear()
+    ok, why = module.default_buffer_types_work(str(art.path), 2)
+    assert ok, why
+    assert LlamaCppRuntime().load(art, 2).settings == {}
