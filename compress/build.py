@@ -204,6 +204,9 @@ def _finish(out_dir: Path, manifest: Manifest, verification: Any, target: Target
         raise BudgetBroken(f"target {target.name!r}: budget broken ({gate.broken_summary(verification.budgets)}); "
                            f"see {out_dir / REPORT_MD}")
     said = {Verdict.PASS: "all budgets met", Verdict.UNVERIFIED: "not verified"}[manifest.verdict]
+    unmeasured = [b.name for b in verification.budgets if b.passed is None] if verification is not None else []
+    if unmeasured:  # a budget this machine cannot measure is not a met one
+        said = f"every measured budget met; not measured here: {', '.join(unmeasured)}"
     console.print(f"[bold green]Built[/bold green] {out_dir} ({said}; manifest written last)")
     return manifest
 
@@ -261,7 +264,7 @@ def verify_build(out_dir: Path, console: Any, targets_file: Path | None = None, 
                          f"{artifact.format!r}; rebuild instead")
     check_available(target, verify=True)
     with console.step("Resolving the reference model") as step:
-        source = models.resolve(manifest.model["reopen"], console)
+        source = models.resolve(manifest.model["reopen"], console, fresh=True)
         if source.sha256 != manifest.model["sha256"]:
             raise InputError(f"reference model {manifest.model['spec']!r} changed since the build (sha256 "
                              f"{source.sha256[:12]} != {manifest.model['sha256'][:12]}); rebuild instead")

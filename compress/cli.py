@@ -139,6 +139,8 @@ def bench(build_dirs: tuple[Path, ...], peers: str, threads: int, rounds: int, r
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the Markdown table.")
 def report(out_dir: Path, as_json: bool) -> None:
     """Print the verification report of a finished build."""
+    from compress.errors import BudgetBroken
+    from compress.gate import Verdict
     from compress.manifest import Manifest
     from compress.report import render_markdown
 
@@ -150,6 +152,8 @@ def report(out_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(manifest.verification, indent=2))
     else:
         click.echo(render_markdown(manifest.verification, f"compress {manifest.target['name']}", manifest.stages))
+    if manifest.verdict is Verdict.FAIL:  # the same gate as the build: CI can run `compress report` alone
+        raise BudgetBroken(f"{out_dir}: the build failed its budgets (verdict: fail)")
 
 
 # ---- targets ---------------------------------------------------------------------------------------

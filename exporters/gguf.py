@@ -133,6 +133,7 @@ def write_gguf(model: Any, tokenizer: Any, file_type: GgufType, path: Path) -> l
     config = model.config
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_hparams(writer, config, getattr(gguf.LlamaFileType, _FILE_TYPE[file_type]))
+    _add_identity(writer, model)
     _add_tokenizer(writer, tokenizer, config)
     fallbacks = []
     for name, data in llama_cpp_tensors(model):
@@ -186,6 +187,28 @@ def permute_for_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
             .reshape(weight.shape))
 
 
+def _add_identity(writer: Any, model: Any) -> None:
+    """general.name, basename, size_label and license: the source GGUF's own when the checkpoint was converted
+    from one (compress.models.gguf records them); else the checkpoint directory's name (its parent's, for a
+    cache directory named `hf`) and a size label computed from the parameter count, as llama.cpp's converter
+    does."""
+    import gguf
+
+    from compress.models.gguf import source_general
+
+    where = Path(model.config.name_or_path or "llama")
+    general = source_general(where) if where.is_dir() else {}
+    name = where.parent.name if where.name == "hf" else where.name
+    size = gguf.size_label(sum(p.numel() for p in model.parameters()), 0, 0, 0)  # a tied matrix counted once
+    writer.add_name(general.get("name") or name)
+    writer.add_basename(general.get("basename") or name.removesuffix(f"-{size.lower()}").removesuffix(f"-{size}"))
+    writer.add_size_label(general.get("size_label") or size)
+    for key, add in (("license", writer.add_license), ("organization", writer.add_organization),
+                     ("finetune", writer.add_finetune)):
+        if general.get(key):
+            add(general[key])
+
+
 def _add_hparams(writer: Any, config: Any, file_type: int) -> None:
     rope = dict(getattr(config, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", "default")
@@ -194,8 +217,6 @@ def _add_hparams(writer: Any, config: Any, file_type: int) -> None:
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ExportError("Llamas with attention_bias or mlp_bias are not supported by the GGUF exporter")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    # A GGUF-converted checkpoint keeps the GGUF's own name; otherwise the checkpoint directory's name.
-    writer.add_name(getattr(config, "_model_name_or_path", None) or Path(config.name_or_path or "llama").name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

