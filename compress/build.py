@@ -48,6 +48,7 @@ class BuildRequest:
     verify: bool = True
     threads: int | None = None
     seed: int = 0
+    strict: bool = False  # a budget that cannot be measured here fails the gate
 
 
 def check_available(target: TargetSpec, verify: bool) -> None:
@@ -193,15 +194,17 @@ def install_artifact(art: Artifact, final: Path) -> Artifact:
     return art.at(final)
 
 
-def _finish(out_dir: Path, manifest: Manifest, verification: Any, target: TargetSpec, console: Any) -> Manifest:
+def _finish(out_dir: Path, manifest: Manifest, verification: Any, target: TargetSpec, console: Any,
+            strict: bool = False) -> Manifest:
     if verification is not None:
         data = verification.to_data()
         write_reports(out_dir, data, f"compress {target.name}", manifest.stages)
         manifest.verification = data
-        manifest.verdict = gate.verdict(verification.budgets)
+        manifest.verdict = gate.verdict(verification.budgets, strict)
     manifest.write(out_dir)
     if manifest.verdict is Verdict.FAIL:
-        raise BudgetBroken(f"target {target.name!r}: budget broken ({gate.broken_summary(verification.budgets)}); "
+        broken = gate.broken_summary(verification.budgets, strict)
+        raise BudgetBroken(f"target {target.name!r}: budget broken ({broken}); "
                            f"see {out_dir / REPORT_MD}")
     said = {Verdict.PASS: "all budgets met", Verdict.UNVERIFIED: "not verified"}[manifest.verdict]
     unmeasured = [b.name for b in verification.budgets if b.passed is None] if verification is not None else []
@@ -247,11 +250,11 @@ def build(req: BuildRequest, console: Any) -> Manifest | None:
     verification = None
     if req.verify:
         verification = verify_artifact(req.target, artifact, loaded, console, req.eval_data, req.threads)
-    return _finish(req.out_dir, manifest, verification, req.target, console)
+    return _finish(req.out_dir, manifest, verification, req.target, console, req.strict)
 
 
 def verify_build(out_dir: Path, console: Any, targets_file: Path | None = None, eval_data: str | None = None,
-                 threads: int | None = None) -> Manifest:
+                 threads: int | None = None, strict: bool = False) -> Manifest:
     """Re-run verification of a finished build: same protocol, same gate, same exit codes."""
     manifest = Manifest.read(out_dir)
     with console.step("Checking artifact files against the manifest"):
@@ -272,4 +275,4 @@ def verify_build(out_dir: Path, console: Any, targets_file: Path | None = None, 
         loaded = models.load(source)
     verification = verify_artifact(target, artifact, loaded, console, eval_data, threads)
     (out_dir / MANIFEST).unlink()
-    return _finish(out_dir, manifest, verification, target, console)
+    return _finish(out_dir, manifest, verification, target, console, strict)

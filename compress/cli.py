@@ -64,8 +64,10 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option("--eval-data", default=None, help="Evaluation/calibration text: a .txt or .jsonl file.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Override the target's threads.")
 @click.option("--no-verify", is_flag=True, help="Export only; skip verification and the budget gate.")
+@click.option("--strict", is_flag=True, help="A budget this machine cannot measure fails the gate (exit 4) "
+                                              "instead of being reported as not measured.")
 def build(target_name: str, model: str, targets_file: Path | None, out_dir: Path | None, eval_data: str | None,
-          threads: int | None, no_verify: bool) -> None:
+          threads: int | None, no_verify: bool, strict: bool) -> None:
     """Run the target's pipeline, export, verify on its runtime, gate on its budgets."""
     from compress.build import BuildRequest
     from compress.build import build as run_build
@@ -74,7 +76,8 @@ def build(target_name: str, model: str, targets_file: Path | None, out_dir: Path
     targets = load_targets(targets_file)
     target = targets.get(target_name)
     req = BuildRequest(target=target, model=model, out_dir=out_dir or Path(DEFAULT_OUT) / target_name,
-                       targets_file=targets.path, eval_data=eval_data, verify=not no_verify, threads=threads)
+                       targets_file=targets.path, eval_data=eval_data, verify=not no_verify, threads=threads,
+                       strict=strict)
     run_build(req, _State.console)
 
 
@@ -84,11 +87,13 @@ def build(target_name: str, model: str, targets_file: Path | None, out_dir: Path
               help="Re-gate with this file's budgets for the build's target (default: the manifest's spec).")
 @click.option("--eval-data", default=None, help="Evaluation text: a .txt or .jsonl file.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
-def verify(out_dir: Path, targets_file: Path | None, eval_data: str | None, threads: int | None) -> None:
+@click.option("--strict", is_flag=True, help="A budget this machine cannot measure fails the gate (exit 4) "
+                                              "instead of being reported as not measured.")
+def verify(out_dir: Path, targets_file: Path | None, eval_data: str | None, threads: int | None, strict: bool) -> None:
     """Re-run verification of an existing build (same protocol, same exit codes)."""
     from compress.build import verify_build
 
-    verify_build(out_dir, _State.console, targets_file, eval_data, threads)
+    verify_build(out_dir, _State.console, targets_file, eval_data, threads, strict)
 
 
 @cli.command()

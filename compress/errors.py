@@ -71,3 +71,8 @@ class RuntimeUnavailable(CompressError):
 
 class BudgetBroken(CompressError):
     exit_code = ExitCode.BUDGET_BROKEN
+
+
+class VerificationFailed(BudgetBroken):
+    """The artifact's own runtime refused it (a damaged file that still matches its manifest, say): gated like a
+    broken budget."""

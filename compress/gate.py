@@ -96,10 +96,16 @@ def check_budgets(budgets: Budgets, metrics: dict[str, float], unmeasured: dict[
     return results
 
 
-def verdict(results: list[BudgetResult]) -> Verdict:
-    return Verdict.FAIL if any(r.passed is False for r in results) else Verdict.PASS
+def verdict(results: list[BudgetResult], strict: bool = False) -> Verdict:
+    """FAIL when a budget is broken, or (`strict`) when one could not be measured here."""
+    failed = any(r.passed is False or (strict and r.passed is None) for r in results)
+    return Verdict.FAIL if failed else Verdict.PASS
 
 
-def broken_summary(results: list[BudgetResult]) -> str:
-    """`name: metric = value, limit L` for every broken budget, joined: the one-line failure message."""
-    return "; ".join(f"{b.name}: {b.metric} = {b.value:.4g}, limit {b.limit:.4g}" for b in results if b.passed is False)
+def broken_summary(results: list[BudgetResult], strict: bool = False) -> str:
+    """`name: metric = value, limit L` for every broken budget (and, `strict`, every unmeasured one), joined: the
+    one-line failure message."""
+    broken = [f"{b.name}: {b.metric} = {b.value:.4g}, limit {b.limit:.4g}" for b in results if b.passed is False]
+    if strict:
+        broken += [f"{b.name}: not measured here ({b.note}; --strict)" for b in results if b.passed is None]
+    return "; ".join(broken)

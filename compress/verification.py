@@ -9,7 +9,7 @@ from typing import Any
 
 from compress.artifact import Artifact
 from compress.data.corpus import build_eval_set
-from compress.errors import InputError, RuntimeUnavailable
+from compress.errors import CompressError, InputError, RuntimeUnavailable, VerificationFailed
 from compress.gate import check_budgets
 from compress.models import LoadedModel
 from compress.runtimes import RUNTIMES
@@ -51,7 +51,14 @@ def verify_artifact(target: TargetSpec, artifact: Artifact, reference: LoadedMod
                 ref_session = TorchEagerRuntime.session_for(reference.model, max_context)
                 ref = run_reference(ref_session, eval_set, spec.greedy_tokens, stops, console)
             with console.step(f"Loading the artifact on {runtime_name} ({threads} threads)"):
-                session = runtime.load(artifact, threads)
+                try:
+                    session = runtime.load(artifact, threads)
+                except CompressError:
+                    raise
+                except Exception as err:  # noqa: BLE001  whatever the runtime raises, it refused the artifact
+                    first = (str(err).strip().splitlines() or [""])[0]
+                    raise VerificationFailed(f"{runtime_name} refused to load the artifact: "
+                                             f"{type(err).__name__}: {first}") from None
             with console.step(f"Measuring accuracy on {runtime_name}") as step:
                 decode = lambda ids: reference.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
                 metrics, samples = measure_accuracy(session, ref, eval_set, spec.greedy_tokens, stops, decode,

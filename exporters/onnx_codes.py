@@ -72,7 +72,7 @@ def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int
     for node in [n for n in graph.node if n.op_type == "MatMulNBits"]:
         names = source_names(node.name)
         if names is None or not all(n in weights.tensors for n in names):
-            continue  # left as the builder quantized it; coverage reports it
+            continue  # not a matrix of the stage's (or not all of it): the coverage check below decides
         t = fuse([weights.tensors[n] for n in names])
         used.update(names)
         zero = t.integer_zero_points()
@@ -106,6 +106,9 @@ def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int
         for offset, new in enumerate(new_nodes):
             graph.node.insert(index + 1 + offset, new)
     missing = sorted(set(weights.tensors) - used)
+    if missing:  # the builder's own round-to-nearest weights would ship in their place: a silent partial lowering
+        raise ExportError(f"{len(missing)} of the quantize stage's tensors have no MatMulNBits node to carry them in "
+                          f"the ONNX graph (e.g. {', '.join(missing[:3])}); nothing was written")
     data = model_path.with_name(model_path.name + ".data")
     data.unlink(missing_ok=True)
     onnx.save(m, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,

@@ -84,6 +84,36 @@ def test_verify_reruns_on_an_existing_build_and_catches_tampering(built, tmp_pat
     assert "changed since the build" in tampered.stderr
 
 
+def test_an_artifact_its_runtime_refuses_is_a_failed_verification(built, cli):
+    """Damaged and re-hashed into the manifest, so the file check passes: the runtime's refusal is gated like a
+    broken budget (exit 4, the runtime's message), not an internal error."""
+    out, _ = built
+    weights = out / "checkpoint" / "model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])  # a header length no file can have
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["artifact"]["file_hashes"]:
+        if entry["path"] == weights.name:
+            entry["sha256"] = sha256_file(weights)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("verify", str(out))
+    assert result.code == 4, result.stderr
+    assert "torch_eager refused to load the artifact" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_strict_turns_a_budget_this_machine_cannot_measure_into_a_failure(tiny_dir: Path, tmp_path: Path, cli):
+    targets = _targets(tmp_path, budgets={"max_mean_kl": 1e-6, "min_decode_tok_s": 1.0})
+    spec = yaml.safe_load(targets.read_text())
+    spec["targets"]["ref"]["eval"] = {**FAST_EVAL, "latency": False}
+    targets.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    result = cli("build", "--target", "ref", "--model", str(tiny_dir), "--targets", str(targets), "--out", str(out),
+                 "--strict")
+    assert result.code == 4, result.stderr
+    assert "min_decode_tok_s: not measured here" in result.stderr and "--strict" in result.stderr
+    assert json.loads((out / "manifest.json").read_text())["verdict"] == "fail"
+    assert cli("verify", str(out)).code == 0  # without --strict the same build passes
+
+
 def test_a_damaged_artifact_breaks_the_budget_gate_with_exit_4(tiny_dir: Path, tmp_path: Path, cli):
     # bfloat16 weights are a real, small degradation; the reference budgets refuse it.
     out = tmp_path / "bf16"
@@ -203,6 +233,7 @@ def test_verify_hashes_a_converted_checkpoint_again(tmp_path: Path, isolated_hom
     """A GGUF source is converted once into the cache; a change to that conversion after the build is caught by
     `verify` (which hashes its files again), not trusted from the hash recorded at conversion."""
     from compress.exporters.gguf import GgufExporter, GgufOptions, GgufType
+
     from compress.models.tiny import GPT2_MERGES, byte_tokenizer, tiny_llama
     from compress.progress import Console
 

@@ -249,3 +249,25 @@ def test_formats_refuse_activations_their_kernels_cannot_run_before_converting(m
     with pytest.raises(ExportError, match="XNNPACK runs int4 weights only with int8 dynamic activations"):
         ExecuTorchExporter().export(fp_acts.model, byte_tokenizer(), PteOptions(max_context=96), tmp_path / "p", QUIET, fp_acts.quantized)
     assert not (tmp_path / "c").exists() and not (tmp_path / "p").exists()
+
+
+def test_a_stage_tensor_without_a_node_to_carry_it_fails_the_onnx_export(tmp_path):
+    """Coverage is a post-condition: a quantize-stage tensor the graph has no MatMulNBits for (a builder that named
+    a node differently, say) fails the export instead of shipping the builder's own weights in its place."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from compress.errors import ExportError
+    from compress.exporters.onnx_codes import lower_codes
+    from compress.quantized import QuantizedWeights, rtn
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"], name="/model/identity")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    tensors = {"layers.0.mlp.down_proj": rtn(torch.randn(64, 64), 4, 32, False)}
+    weights = QuantizedWeights(tensors, QuantizeConfig(weight_bits=4, group_size=32), ())
+    with pytest.raises(ExportError, match=r"1 of the quantize stage's tensors have no MatMulNBits node .* "
+                                          r"layers\.0\.mlp\.down_proj"):
+        lower_codes(path, weights, 4)
