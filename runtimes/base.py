@@ -9,12 +9,17 @@ A Session holds one sequence's KV cache:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from compress.artifact import Artifact, Availability
+from compress.home import compress_home
 
 
 class Session(Protocol):
@@ -40,6 +45,32 @@ def process_env(runtime: object) -> dict[str, str]:
     """Environment a runtime's native libraries read only at process start (a runtime class may declare
     `process_env`; none by default). Processes that time a runtime start with it (runtimes/latency.py)."""
     return dict(getattr(runtime, "process_env", {}))
+
+
+def native_log_path(runtime_name: str) -> Path:
+    """Where a runtime's native (C/C++) log lines go instead of the user's console."""
+    return compress_home() / "logs" / f"{runtime_name}.log"
+
+
+@contextmanager
+def native_stderr_to(path: Path) -> Iterator[None]:
+    """Send standard error to `path` (appended) for the block, at both levels: file descriptor 2, where C/C++
+    libraries write, and Python's `sys.stderr`, through which some bindings (ExecuTorch's) route their native log."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved_fd, saved_stream = os.dup(2), sys.stderr
+    try:
+        with open(path, "a", encoding="utf-8", errors="replace", buffering=1) as log:
+            os.dup2(log.fileno(), 2)
+            sys.stderr = log
+            try:
+                yield
+            finally:
+                sys.stderr = saved_stream
+                log.flush()
+                os.dup2(saved_fd, 2)
+    finally:
+        os.close(saved_fd)
 
 
 class ContextOverflow(ValueError):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from compress.runtimes.base import ContextOverflow
+from compress.runtimes.base import ContextOverflow, native_log_path, native_stderr_to
 
 from compress.artifact import Artifact, Availability
 from compress.errors import InputError
@@ -60,19 +60,21 @@ class ExecuTorchRuntime:
         return Availability(True)
 
     def load(self, artifact: Artifact, threads: int) -> ExecuTorchSession:
-        # Kernel libraries the program calls outside XNNPACK: quantized embedding, llama custom ops.
-        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
-        import executorch.kernels.quantized  # noqa: F401
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-        from executorch.runtime import Runtime
-
         data = artifact.data  # the weights file (model.ptd) when the program keeps them outside
         if data and not (artifact.path / data).is_file():
             raise InputError(f"{artifact.path / data} is missing: the program keeps its weights there; copy it "
                              f"beside {artifact.main}")
-        _unsafe_reset_threadpool(threads)
-        program = Runtime.get().load_program(artifact.path / artifact.main,
-                                             data_path=artifact.path / data if data else None)
-        method = program.load_method("forward")
-        vocab = int(program.load_method("get_vocab_size").execute([])[0])
+        # ExecuTorch's C++ logs ([cpuinfo_utils.cpp], [threadpool.cpp], ...) go to $COMPRESS_HOME/logs.
+        with native_stderr_to(native_log_path(self.name)):
+            # Kernel libraries the program calls outside XNNPACK: quantized embedding, llama custom ops.
+            import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+            import executorch.kernels.quantized  # noqa: F401
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+            from executorch.runtime import Runtime
+
+            _unsafe_reset_threadpool(threads)
+            program = Runtime.get().load_program(artifact.path / artifact.main,
+                                                 data_path=artifact.path / data if data else None)
+            method = program.load_method("forward")
+            vocab = int(program.load_method("get_vocab_size").execute([])[0])
         return ExecuTorchSession(method, vocab, int(artifact.max_context))

@@ -206,3 +206,14 @@ def test_a_weight_matmul_left_outside_xnnpack_fails_the_export_unless_allowed(op
     else:
         ExecuTorchExporter._check_delegation(delegation, PteOptions())
     ExecuTorchExporter._check_delegation(delegation, PteOptions(allow_unquantized_linears=True))
+
+
+def test_executorch_native_log_stays_out_of_the_console(exported, capfd, isolated_home):
+    """ExecuTorch's C++ log lines ([threadpool.cpp] at every load) land in $COMPRESS_HOME/logs, not on stderr."""
+    _, fp32, _ = exported
+    capfd.readouterr()
+    session = ExecuTorchRuntime().load(fp32, threads=2)
+    assert session.prefill([1, 2, 3]).shape[0] == 3
+    err = capfd.readouterr().err
+    assert ".cpp:" not in err, err
+    assert "threadpool.cpp" in (isolated_home / "logs" / "executorch.log").read_text()
