@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.bench import BASELINE, Entry
+from compress.report import append_step_summary
 
 # (key, header, format) in table order; keys index a row dict.
 COLUMNS = (
@@ -127,6 +128,7 @@ def write_outputs(out_dir: Path, table: list[dict[str, Any]], protocol: dict[str
     _write_atomic(out_dir / "bench.md", md)
     _write_atomic(out_dir / "bench.json", json.dumps({"protocol": protocol, "rows": table}, indent=2, default=float))
     _write_atomic(out_dir / "bench.csv", render_csv(table))
+    append_step_summary(md)
     return {name: out_dir / name for name in FILES}
 
 

@@ -118,8 +118,13 @@ def write_reports(out_dir: Path, verification: dict[str, Any], title: str,
     _write(paths[0], md)
     _write(paths[1], json.dumps(verification, indent=2) + "\n")
     _write(paths[2], render_junit(verification, title))
+    append_step_summary(md)
+    return paths
+
+
+def append_step_summary(md: str) -> None:
+    """Append Markdown to the CI job summary when GITHUB_STEP_SUMMARY names one (GitHub Actions, Forgejo)."""
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
-        with open(summary, "a") as f:
+        with open(summary, "a", encoding="utf-8") as f:
             f.write(md + "\n")
-    return paths

@@ -246,3 +246,11 @@ def test_the_table_names_the_stage_quantized_weights():
         "float32"
     assert quant_detail(parse_target({"export": {"format": "gguf", "file_type": "q8_0"}, "runtime": "llamacpp"},
                                      "g")) == "q8_0"
+
+
+def test_the_bench_table_goes_to_the_ci_job_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    entries = [_entry("android", 96, 0.02, 200), _entry("q4_0", 90, 0.28, 40, peer=BASELINE)]
+    md = write_outputs(tmp_path / "bench", rows(entries), PROTOCOL)["bench.md"].read_text()
+    assert summary.read_text() == md + "\n"
