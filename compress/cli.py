@@ -86,7 +86,7 @@ def build(target_name: str, model: str, targets_file: Path | None, out_dir: Path
 @click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None,
               help="Re-gate with this file's budgets for the build's target (default: the manifest's spec).")
 @click.option("--eval-data", default=None, help="Evaluation text: a .txt or .jsonl file.")
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Override the target's threads.")
 @click.option("--strict", is_flag=True, help="A budget this machine cannot measure fails the gate (exit 4) "
                                               "instead of being reported as not measured.")
 def verify(out_dir: Path, targets_file: Path | None, eval_data: str | None, threads: int | None, strict: bool) -> None:
@@ -169,8 +169,10 @@ def targets() -> None:
 
 
 @targets.command("list")
-@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None)
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None,
+              help="targets.yaml to read (default: the shipped one).")
 def targets_list(targets_file: Path | None) -> None:
+    """One line per target: format, runtime, stages, description."""
     from compress.targets import load_targets
 
     tf = load_targets(targets_file)
@@ -182,7 +184,8 @@ def targets_list(targets_file: Path | None) -> None:
 
 @targets.command("show")
 @click.argument("name")
-@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None)
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None,
+              help="targets.yaml to read (default: the shipped one).")
 def targets_show(name: str, targets_file: Path | None) -> None:
     """Print one target fully resolved (defaults filled in) as YAML."""
     import yaml
@@ -212,6 +215,7 @@ def models() -> None:
 
 @models.command("list")
 def models_list() -> None:
+    """The catalog's models, which is the default, and whether each is in the cache."""
     from compress.models.default import CATALOG, DEFAULT_MODEL
 
     for entry in CATALOG.values():
