@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress import __version__, checkpoint, distributed, gate, models
+from compress import __version__, checkpoint, distributed, gate, memory, models
 from compress.artifact import Artifact
 from compress.cache import StageCache, code_version
 from compress.config import to_data
 from compress.data.corpus import build_eval_set, calibration_windows, load_documents
-from compress.errors import BudgetBroken, InputError, NotAvailableYet, RuntimeUnavailable
+from compress.errors import BudgetBroken, ConfigError, InputError, NotAvailableYet, Problem, RuntimeUnavailable
 from compress.exporters import EXPORTERS
 from compress.gate import Verdict
 from compress.hashing import sha256_file
@@ -32,6 +32,7 @@ from compress.registry import Registry
 from compress.report import JUNIT, REPORT_JSON, REPORT_MD, write_reports
 from compress.runtimes import RUNTIMES
 from compress.stages import STAGES, Stage, StageContext
+from compress.stages.configs import StageKind
 from compress.targets import TargetSpec, load_targets, parse_target
 from compress.verification import verify_artifact
 
@@ -49,6 +50,7 @@ class BuildRequest:
     threads: int | None = None
     seed: int = 0
     strict: bool = False  # a budget that cannot be measured here fails the gate
+    memory_check: bool = True  # refuse a model whose estimated peak exceeds the memory available
 
 
 def check_available(target: TargetSpec, verify: bool) -> None:
@@ -72,6 +74,30 @@ def check_available(target: TargetSpec, verify: bool) -> None:
         if not runtime_ok.ok:
             raise RuntimeUnavailable(f"runtime {target.runtime.name!r} is unavailable: {runtime_ok.reason} "
                                      f"(use --no-verify to build without verifying)")
+
+
+def check_model(req: BuildRequest, checkpoint: Path, console: Any) -> None:
+    """From the model's config alone, before its weights are read: what the target's format cannot hold (RoPE
+    scaling, context, block sizes) and whether the build fits this machine's memory."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig.from_pretrained(checkpoint)
+    target = req.target
+    quantize = next((s.config for s in target.stages if s.kind is StageKind.QUANTIZE), None)
+    problems = target.export.options.model_problems(config, quantize)
+    if problems:
+        raise ConfigError([Problem(f"target {target.name!r} (export.format {target.export.format}): {p.where}",
+                                   p.message) for p in problems])
+    trains = any(s.kind in (StageKind.PRUNE, StageKind.DISTILL) for s in target.stages)
+    need, have = memory.estimate(config, trains), memory.available_bytes()
+    if have is None:
+        return
+    if need.peak_bytes > have and req.memory_check:
+        raise InputError(f"target {target.name!r} on this model needs {need.describe()}; this machine has "
+                         f"{have / memory.GB:.1f} GB available (--no-memory-check to try anyway)")
+    if need.peak_bytes > 0.8 * have:
+        console.print(f"  [yellow]memory[/yellow]: the build needs {need.describe()}, close to the "
+                      f"{have / memory.GB:.1f} GB available")
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -230,6 +256,7 @@ def build(req: BuildRequest, console: Any) -> Manifest | None:
     with console.step(f"Resolving model {req.model!r}") as step:
         source = models.resolve(req.model, console)
         step["detail"] = f"{source.kind.value}, sha256 {source.sha256[:12]}"
+    check_model(req, source.checkpoint, console)
     with console.step("Loading the fp32 reference"):
         loaded = models.load(source)
     check_text(req, loaded.tokenizer)

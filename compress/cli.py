@@ -66,8 +66,10 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option("--no-verify", is_flag=True, help="Export only; skip verification and the budget gate.")
 @click.option("--strict", is_flag=True, help="A budget this machine cannot measure fails the gate (exit 4) "
                                               "instead of being reported as not measured.")
+@click.option("--no-memory-check", is_flag=True, help="Build even when the estimated peak memory exceeds what "
+                                                       "this machine has available (exit 2 otherwise).")
 def build(target_name: str, model: str, targets_file: Path | None, out_dir: Path | None, eval_data: str | None,
-          threads: int | None, no_verify: bool, strict: bool) -> None:
+          threads: int | None, no_verify: bool, strict: bool, no_memory_check: bool) -> None:
     """Run the target's pipeline, export, verify on its runtime, gate on its budgets."""
     from compress.build import BuildRequest
     from compress.build import build as run_build
@@ -77,7 +79,7 @@ def build(target_name: str, model: str, targets_file: Path | None, out_dir: Path
     target = targets.get(target_name)
     req = BuildRequest(target=target, model=model, out_dir=out_dir or Path(DEFAULT_OUT) / target_name,
                        targets_file=targets.path, eval_data=eval_data, verify=not no_verify, threads=threads,
-                       strict=strict)
+                       strict=strict, memory_check=not no_memory_check)
     run_build(req, _State.console)
 
 

@@ -16,12 +16,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from compress.artifact import Artifact, Availability
+from compress.errors import Problem
 from compress.quantized import QuantizedWeights
+from compress.rope import RopeType, rope_problems
 
 
 class Exporter(Protocol):
     format: str  # the name targets.yaml's export.format uses, and the registry key
-    options: type  # its options dataclass: parsed from export.{...}; `codes_problems(q)` says what it can hold
+    # its options dataclass, parsed from export.{...}: `codes_problems(q)` says which quantize configs it can hold,
+    # `model_problems(config, q)` what of a model (from its HF config alone) it cannot, before any work
+    options: type
     runtimes: tuple[str, ...]  # names of the runtimes that run this format
     artifact_name: str  # the artifact's name in the build directory
     version: str  # part of the cache key: bump when the output for a given input changes
@@ -30,6 +34,16 @@ class Exporter(Protocol):
 
     def export(self, model: Any, tokenizer: Any, options: Any, out_dir: Path, console: Any,
                quantized: QuantizedWeights | None = None) -> Artifact: ...
+
+
+def model_problems(config: Any, max_context: int, rope: tuple[RopeType, ...], who: str) -> list[Problem]:
+    """What every exporter checks of a model's config: the context it bakes, the RoPE scaling it lowers."""
+    out = rope_problems(config, rope, who)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_context > limit:
+        out.append(Problem("export.max_context", f"{max_context} exceeds the model's max_position_embeddings "
+                                                 f"{limit}"))
+    return out
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.exporters.base import atomic_dir
+from compress.exporters.base import atomic_dir, model_problems
 from compress.exporters.coreml_codes import lower_codes
 
 from compress.artifact import Artifact, Availability, Dtype
@@ -29,6 +29,7 @@ from compress.config import check_fields, setting
 from compress.errors import ExportError, InputError, Problem
 from compress.hashing import files_under
 from compress.quantized import BITS_OF, Activations, QuantizeConfig, QuantizedWeights
+from compress.rope import STATIC_ROPE
 
 PACKAGE = "model.mlpackage"
 SIDECAR = "compress-mlpackage.json"
@@ -78,6 +79,10 @@ class MlpackageOptions:
                                                       f"Engine (compute_units: cpu_and_ne), which wants per-channel "
                                                       f"scales; use group_size: null or compute_units: cpu_and_gpu"))
         return out
+
+    def model_problems(self, config: Any, q: QuantizeConfig | None) -> list[Problem]:
+        """What of the model (its HF config) this format cannot hold: checked before any work."""
+        return model_problems(config, self.max_context, STATIC_ROPE, "the mlpackage exporter")
 
 
 class CoreMLExporter:

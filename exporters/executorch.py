@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from compress.exporters.base import atomic_dir
+from compress.exporters.base import atomic_dir, model_problems
 
 from compress.artifact import Artifact, Availability
 from compress.config import check_fields, setting
 from compress.errors import ExportError, InputError, Problem
 from compress.hashing import files_under
 from compress.quantized import Activations, QuantizeConfig, QuantizedWeights
+from compress.rope import STATIC_ROPE
 
 PROGRAM = "model.pte"
 DATA_TAG = "model"  # external data (export.external_data) goes to DATA_TAG + ".ptd"
@@ -67,6 +68,10 @@ class PteOptions:
                                                     f"weights only with int8 dynamic activations; use int8_dynamic")]
         return []
 
+    def model_problems(self, config: Any, q: QuantizeConfig | None) -> list[Problem]:
+        """What of the model (its HF config) this format cannot hold: checked before any work."""
+        return model_problems(config, self.max_context, STATIC_ROPE, "the pte exporter")
+
 
 class ExecuTorchExporter:
     format = "pte"  # targets.yaml's export.format
@@ -88,10 +93,8 @@ class ExecuTorchExporter:
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers llama::update_cache/custom_sdpa
         import torch
 
-        limit = model.config.max_position_embeddings
-        if options.max_context > limit:
-            raise InputError(f"export.max_context {options.max_context} exceeds the model's "
-                             f"max_position_embeddings {limit}")
+        if problems := options.model_problems(model.config, None):
+            raise InputError(str(problems[0]))
         backend = {PteAttention.XNNPACK: AttentionBackend.XNNPACK,
                    PteAttention.CUSTOM_SDPA: AttentionBackend.CUSTOM}[options.attention]
         codes = quantized

@@ -27,7 +27,9 @@ from compress import llamacpp_lib as llamacpp
 from compress.artifact import Artifact, Availability
 from compress.config import check_fields, setting
 from compress.errors import ExportError, Problem, RuntimeUnavailable
+from compress.exporters.base import model_problems
 from compress.quantized import QuantizeConfig, QuantizedWeights
+from compress.rope import STATIC_ROPE, RopeType, freq_factors, rope_parameters, rope_problems
 
 class GgufType(enum.StrEnum):
     F32 = "f32"
@@ -50,6 +52,10 @@ class GgufOptions:
         return [Problem("stages", "the gguf exporter writes its own file_type (gguf-py / llama.cpp's quantizer) and "
                                   "cannot hold the quantize stage's codes; remove the quantize stage or choose pte, "
                                   "onnx or mlpackage")]
+
+    def model_problems(self, config: Any, q: QuantizeConfig | None) -> list[Problem]:
+        """What of the model (its HF config) this format cannot hold: checked before any work."""
+        return model_problems(config, self.max_context, STATIC_ROPE, "the GGUF exporter")
 
 
 # What each file type is written as: a numpy dtype or GGML type for 2-D weights, or llama.cpp's quantizer.
@@ -172,6 +178,12 @@ def llama_cpp_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
         elif hf_name.endswith("k_proj.weight"):
             data = permute_for_rope(data, config.num_key_value_heads)
         out.append((name, np.ascontiguousarray(data)))
+    if rope_parameters(config)["rope_type"] == RopeType.LLAMA3:
+        # llama.cpp divides each default frequency by `rope_freqs` (as convert_hf_to_gguf writes Llama 3.1+):
+        # the factors are the default frequencies over transformers' scaled ones.
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                    freq_factors(config, head_dim).numpy()))
     return out
 
 
@@ -210,10 +222,12 @@ def _add_identity(writer: Any, model: Any) -> None:
 
 
 def _add_hparams(writer: Any, config: Any, file_type: int) -> None:
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise ExportError(f"rope_type {rope_type!r} is not supported by the GGUF exporter yet; supported: default")
+    import gguf
+
+    problems = rope_problems(config, STATIC_ROPE, "the GGUF exporter")
+    if problems:
+        raise ExportError(str(problems[0]))
+    rope = rope_parameters(config)
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ExportError("Llamas with attention_bias or mlp_bias are not supported by the GGUF exporter")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -227,7 +241,10 @@ def _add_hparams(writer: Any, config: Any, file_type: int) -> None:
     if head_dim * config.num_attention_heads != config.hidden_size:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == RopeType.LINEAR:  # llama3's scaling travels as the rope_freqs tensor instead
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)

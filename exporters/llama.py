@@ -4,7 +4,7 @@ Why our own module (see DESIGN.md): HF's class carries machinery no phone needs,
 partially to ExecuTorch and did not trace for Core ML. This one has:
   - a static KV cache held as buffers, shape (1, max_context, n_kv_heads, head_dim), updated in place;
   - RoPE tables precomputed for max_context (HF's non-interleaved "rotate half" convention, so HF's
-    q/k weights load unpermuted);
+    q/k weights load unpermuted), with the checkpoint's RoPE scaling (default, linear, llama3) applied;
   - attention that an exporter can swap for its backend's fused op (`AttentionBackend`):
       "xnnpack": ExecuTorch's in-place `llama::update_cache` into (n_kv, ctx, 1, d) caches, then attention
         as bmm/softmax over the written prefix only (start + seq positions, sliced out of the cache) with an
@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from compress.rope import STATIC_ROPE, RopeType, default_inv_freq, inv_freq, rope_parameters, rope_problems, rope_theta
+
 
 class AttentionBackend(enum.StrEnum):
     XNNPACK = "xnnpack"  # update_cache custom op + bmm/softmax attention (import the custom ops first)
@@ -59,6 +61,7 @@ class LlamaDims:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     head_dim_override: int | None = None  # config.head_dim when it is not hidden_size // num_heads (head-pruned)
+    scaled_inv_freq: tuple[float, ...] | None = None  # RoPE scaling's frequencies (compress/rope.py); None: default
 
     @property
     def head_dim(self) -> int:
@@ -66,15 +69,17 @@ class LlamaDims:
 
     @classmethod
     def from_hf(cls, config: Any) -> LlamaDims:
-        rope = getattr(config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"RoPE scaling {rope_type!r} is not supported by the export module; supported: default")
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        problems = rope_problems(config, STATIC_ROPE, "the export module")
+        if problems:
+            raise ValueError(str(problems[0]))
         eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+        head_dim = getattr(config, "head_dim", None)
+        scaled = None
+        if rope_parameters(config)["rope_type"] != RopeType.DEFAULT:
+            scaled = tuple(inv_freq(config, head_dim or config.hidden_size // config.num_attention_heads).tolist())
         return cls(config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                   config.num_key_value_heads, config.intermediate_size, float(config.rms_norm_eps), float(theta),
-                   bool(config.tie_word_embeddings), config.bos_token_id, eos, getattr(config, "head_dim", None))
+                   config.num_key_value_heads, config.intermediate_size, float(config.rms_norm_eps),
+                   rope_theta(config), bool(config.tie_word_embeddings), config.bos_token_id, eos, head_dim, scaled)
 
 
 class RMSNorm(nn.Module):
@@ -109,9 +114,11 @@ def fused_qkv_names(num_layers: int) -> dict[str, tuple[str, str, str]]:
 
 
 def rope_tables(dims: LlamaDims, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    d = dims.head_dim
-    inv_freq = 1.0 / (dims.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))  # (d/2,)
-    freqs = torch.outer(torch.arange(max_context, dtype=torch.float64), inv_freq)  # (ctx, d/2)
+    if dims.scaled_inv_freq is not None:
+        freq = torch.tensor(dims.scaled_inv_freq, dtype=torch.float64)  # (d/2,)
+    else:
+        freq = default_inv_freq(dims.rope_theta, dims.head_dim)
+    freqs = torch.outer(torch.arange(max_context, dtype=torch.float64), freq)  # (ctx, d/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (ctx, d)
     return emb.cos().float(), emb.sin().float()
 

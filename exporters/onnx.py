@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.exporters.base import atomic_dir
+from compress.exporters.base import atomic_dir, model_problems
 from compress.exporters.onnx_codes import CORRECTION_SUFFIX, lower_codes
 
 from compress.artifact import Artifact, Availability, CacheShape
@@ -36,6 +36,7 @@ from compress.config import check_fields, setting
 from compress.errors import ExportError, InputError, Problem
 from compress.hashing import files_under
 from compress.quantized import BITS_OF, Activations, Precision, QuantizeConfig, QuantizedWeights
+from compress.rope import STATIC_ROPE
 
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
@@ -99,6 +100,24 @@ class OnnxOptions:
             out.append(Problem("quantize.overrides", f"{odd[0].pattern!r} sets group_size {odd[0].group_size}: the "
                                                      f"builder's fused QKV and gate/up MatMulNBits hold one block "
                                                      f"size; set group_size: {q.group_size} in the override"))
+        return out
+
+    def model_problems(self, config: Any, q: QuantizeConfig | None) -> list[Problem]:
+        """What of the model (its HF config) the builder and our codes pass cannot hold: checked before any work."""
+        out = model_problems(config, self.max_context, STATIC_ROPE, "the onnx exporter")
+        if q is None:
+            return out
+        widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size}
+        bad = {name: w for name, w in widths.items() if w % q.group_size}
+        if bad:
+            fits = [b for b in ONNX_BLOCK_SIZES if all(w % b == 0 for w in widths.values())]
+            out.append(Problem("quantize.group_size", f"{q.group_size} does not divide the model's "
+                                                      f"{', '.join(f'{k} {v}' for k, v in bad.items())}; block "
+                                                      f"sizes that fit: {fits}"))
+        if q.embedding is not Precision.FP32 and not config.tie_word_embeddings:
+            out.append(Problem("quantize.embedding", f"{q.embedding.value!r} needs tied embeddings (the ONNX export "
+                                                     f"shares the output layer's quantized matrix); this model's are "
+                                                     f"untied: use embedding: fp32"))
         return out
 
 
@@ -169,21 +188,8 @@ def _head_dim(config: Any) -> int:
 
 
 def _check_model(config: Any, options: OnnxOptions, q: QuantizeConfig | None) -> None:
-    limit = config.max_position_embeddings
-    if options.max_context > limit:
-        raise InputError(f"export.max_context {options.max_context} exceeds the model's max_position_embeddings "
-                         f"{limit}")
-    if q is None:
-        return
-    widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size}
-    bad = {name: w for name, w in widths.items() if w % q.group_size}
-    if bad:
-        fits = [b for b in (16, 32, 64, 128, 256) if all(w % b == 0 for w in widths.values())]
-        raise InputError(f"quantize.group_size {q.group_size} does not divide the model's "
-                         f"{', '.join(f'{k} {v}' for k, v in bad.items())}; block sizes that fit: {fits}")
-    if q.embedding is not Precision.FP32 and not config.tie_word_embeddings:
-        raise InputError(f"quantize.embedding {q.embedding.value!r} needs tied embeddings (the ONNX export shares "
-                         f"the output layer's quantized matrix); this model's are untied: use embedding: fp32")
+    if problems := options.model_problems(config, q):
+        raise InputError(str(problems[0]))
 
 
 def builder_arguments(q: QuantizeConfig | None, config: Any) -> dict[str, str]:

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.exporters.base import atomic_dir
+from compress.exporters.base import atomic_dir, model_problems
 
 from compress.artifact import Artifact, Availability, Dtype
 from compress.config import check_fields, setting
 from compress.errors import Problem
 from compress.hashing import files_under
 from compress.quantized import QuantizeConfig, QuantizedWeights
+from compress.rope import RopeType
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class SafetensorsOptions:
 
     def codes_problems(self, q: QuantizeConfig) -> list[Problem]:
         return []  # the checkpoint holds the codes' exact dequantized values
+
+    def model_problems(self, config: Any, q: QuantizeConfig | None) -> list[Problem]:
+        """transformers runs the checkpoint, so any RoPE it reads is fine; only the context is checked."""
+        return model_problems(config, self.max_context, tuple(RopeType), "the safetensors exporter")
 
 
 class SafetensorsExporter:

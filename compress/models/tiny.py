@@ -48,8 +48,10 @@ def byte_tokenizer(merges: Sequence[tuple[str, str]] = ()) -> Any:
 def tiny_llama(seed: int = 0, *, hidden_size: int = 64, num_hidden_layers: int = 2,
                num_attention_heads: int = 4, num_key_value_heads: int = 2, intermediate_size: int = 128,
                vocab_size: int = 259, max_position_embeddings: int = 2048,
-               tie_word_embeddings: bool = True, rope_theta: float = 10000.0) -> Any:
-    """A deterministic random LlamaForCausalLM (fp32, eval mode). Same seed and dims, same weights."""
+               tie_word_embeddings: bool = True, rope_theta: float = 10000.0,
+               rope_scaling: dict[str, Any] | None = None) -> Any:
+    """A deterministic random LlamaForCausalLM (fp32, eval mode). Same seed and dims, same weights.
+    `rope_scaling`: RoPE scaling parameters (rope_type, factor, ...) besides rope_theta; None: default RoPE."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,7 +59,7 @@ def tiny_llama(seed: int = 0, *, hidden_size: int = 64, num_hidden_layers: int =
         hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, bos_token_id=vocab_size - 3,
+        rope_parameters={"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}, bos_token_id=vocab_size - 3,
         eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1,
     )
     model = LlamaForCausalLM(config).to(torch.float32).eval()

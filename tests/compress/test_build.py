@@ -249,3 +249,60 @@ def test_verify_hashes_a_converted_checkpoint_again(tmp_path: Path, isolated_hom
     weights.write_bytes(bytes(data))
     result = cli("verify", str(out))
     assert result.code == 2 and "changed since the build" in result.stderr, result.stderr
+
+
+def _pte_targets(tmp_path: Path) -> Path:
+    path = tmp_path / "targets-pte.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "targets": {"p": {
+        "stages": [{"quantize": {"algorithm": "rtn", "weight_bits": 8, "group_size": 32, "symmetric": True}}],
+        "export": {"format": "pte", "max_context": 64}, "runtime": {"name": "executorch", "threads": 1},
+        "eval": FAST_EVAL}}}))
+    return path
+
+
+def test_a_rope_scaling_no_format_can_lower_is_refused_before_any_stage(tmp_path: Path, cli):
+    pytest.importorskip("executorch")
+    from compress.models.tiny import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "dynamic", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    out = tmp_path / "out"
+    result = cli("build", "--target", "p", "--model", str(model), "--targets", str(_pte_targets(tmp_path)),
+                 "--out", str(out))
+    assert result.code == 2, result.stderr
+    assert ("target 'p' (export.format pte): model: RoPE scaling 'dynamic' is not supported by the pte exporter; "
+            "supported: default, linear, llama3") in result.stderr
+    assert "Traceback" not in result.stderr and "Loading the fp32 reference" not in result.stderr
+    assert not out.exists()
+
+
+def test_a_model_larger_than_memory_is_refused_before_loading(tmp_path: Path, tiny_dir: Path, cli):
+    """A Llama 3.1 405B config beside tiny weights: the estimate alone refuses it (no machine here has ~4.9 TB)."""
+    import shutil
+
+    model = tmp_path / "huge"
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_size=16384, num_hidden_layers=126, num_attention_heads=128, num_key_value_heads=8,
+                  intermediate_size=53248, vocab_size=128256, tie_word_embeddings=False, head_dim=128)
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    result = cli("build", "--target", "q", "--model", str(model), "--targets", str(_quantized_targets(tmp_path)),
+                 "--out", str(out))
+    assert result.code == 2, result.stderr
+    assert "needs ~4" in result.stderr and "405.85B parameters" in result.stderr
+    assert "GB available (--no-memory-check to try anyway)" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_the_parameter_count_behind_the_memory_estimate_is_the_models():
+    from compress.memory import estimate, parameter_count
+
+    from compress.models.tiny import tiny_llama
+
+    for tied in (True, False):
+        model = tiny_llama(0, tie_word_embeddings=tied, num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
+        counted = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        assert parameter_count(model.config) == counted
+    small = estimate(model.config, trains=False)
+    assert small.peak_bytes == 2e9 + 3 * 4 * small.parameters
+    assert estimate(model.config, trains=True).peak_bytes > small.peak_bytes

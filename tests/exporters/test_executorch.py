@@ -156,7 +156,7 @@ def test_the_latency_child_runs_mkl_single_threaded(exported):
 
 def test_max_context_beyond_the_model_is_refused_before_work(tmp_path: Path):
     model = tiny_llama(seed=0, max_position_embeddings=64)
-    with pytest.raises(InputError, match="max_context 128 exceeds the model's max_position_embeddings 64"):
+    with pytest.raises(InputError, match="max_context: 128 exceeds the model's max_position_embeddings 64"):
         ExecuTorchExporter().export(model, byte_tokenizer(), PteOptions(max_context=128), tmp_path / "x", QUIET)
     assert not (tmp_path / "x").exists()
 

@@ -229,3 +229,23 @@ def test_general_metadata_names_the_source_model(f32, tmp_path: Path):
     params = sum(p.numel() for p in plain.parameters())
     assert fields["general.name"] == "my-llama" and fields["general.size_label"] == f"{params / 1e3:.0f}K"
     assert "general.license" not in fields
+
+
+def test_llama3_rope_is_written_as_llama_cpp_frequency_factors(tmp_path: Path):
+    from compress.rope import default_inv_freq
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    model, art = export(tmp_path, "f32", hidden_size=128, num_attention_heads=4, rope_scaling=scaling)
+    _, fields, tensors = read(art.path)
+    factors = np.asarray(tensors["rope_freqs.weight"].data)  # (head_dim / 2,)
+    hf_freq = model.model.rotary_emb.inv_freq.double().numpy()
+    np.testing.assert_allclose(default_inv_freq(10000.0, 32).numpy() / factors, hf_freq, rtol=1e-6)
+    assert factors[0] == 1.0 and factors[-1] == 32.0  # high frequencies kept, the lowest divided by the factor
+    assert "llama.rope.scaling.type" not in fields
+
+
+def test_an_unsupported_rope_scaling_is_an_export_error(tmp_path: Path):
+    with pytest.raises(ExportError, match="RoPE scaling 'dynamic' is not supported by the GGUF exporter"):
+        export(tmp_path, "f32", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert not (tmp_path / "f32.gguf").exists()

@@ -49,8 +49,26 @@ def test_tied_embeddings_become_two_deliberate_copies():
     torch.testing.assert_close(module.lm_head.weight, hf.model.embed_tokens.weight)
 
 
+# Llama 3.2's scaling with a short original context, so that most of a tiny head's frequencies are rescaled.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3_ROPE, {"rope_type": "linear", "factor": 4.0}], ids=["llama3", "linear"])
+def test_rope_scaling_matches_hf(scaling):
+    hf = tiny_llama(seed=2, rope_scaling=scaling, hidden_size=128, num_attention_heads=4)  # head_dim 32
+    plain = tiny_llama(seed=2, hidden_size=128, num_attention_heads=4)
+    tokens = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        ours = ExportLlama.from_hf(hf, max_context=128)(tokens, torch.tensor([0]))
+        unscaled = ExportLlama.from_hf(plain, max_context=128)(tokens, torch.tensor([0]))
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    assert (unscaled - expected).abs().max() > 1e-2  # the scaling changes the outputs: the test can fail
+
+
 def test_unsupported_rope_scaling_is_refused():
-    hf = tiny_llama(seed=0)
-    hf.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0}
-    with pytest.raises(ValueError, match="RoPE scaling 'llama3' is not supported"):
+    hf = tiny_llama(seed=0, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="RoPE scaling 'dynamic' is not supported by the export module; "
+                                         "supported: default, linear, llama3"):
         ExportLlama.from_hf(hf, max_context=32)

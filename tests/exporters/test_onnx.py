@@ -149,7 +149,7 @@ def test_an_opset_the_deploying_runtime_cannot_run_fails_and_leaves_nothing(mode
 
 
 def test_context_beyond_the_model_is_refused(model, tmp_path):
-    with pytest.raises(InputError, match="max_context 4096 exceeds the model's max_position_embeddings 2048"):
+    with pytest.raises(InputError, match="max_context: 4096 exceeds the model's max_position_embeddings 2048"):
         OnnxExporter().export(model, byte_tokenizer(), OnnxOptions(max_context=4096), tmp_path / "x", QUIET)
 
 

@@ -216,3 +216,20 @@ def test_the_probe_child_runs_llama_cpp_with_its_defaults(ggufs) -> None:
     ok, why = module.default_buffer_types_work(str(art.path), 2)
     assert ok, why
     assert LlamaCppRuntime().load(art, 2).settings == {}
+
+
+SCALINGS = {"llama3": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 64},
+            "linear": {"rope_type": "linear", "factor": 4.0}}
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("kind", sorted(SCALINGS))
+def test_scaled_rope_runs_in_llama_cpp_like_eager(kind: str, tmp_path: Path):
+    # llama3 travels as the rope_freqs tensor, linear as rope.scaling.*: either mistake moves logits far past 1e-4.
+    model = tiny_llama(1, vocab_size=VOCAB, hidden_size=128, num_attention_heads=4, rope_scaling=SCALINGS[kind])
+    art = GgufExporter().export(model, byte_tokenizer(GPT2_MERGES), GgufOptions(file_type=GgufType.F32,
+                                                                                max_context=256),
+                                tmp_path / "m.gguf", QUIET)
+    session = LlamaCppRuntime(exact=True).load(art, threads=2)
+    np.testing.assert_allclose(session.prefill(TOKENS[:200]), eager(model, TOKENS[:200]), atol=2e-4, rtol=1e-4)

@@ -1,0 +1,59 @@
+"""How much memory a build will need, estimated from the model's config before anything is loaded.
+
+peak ≈ BASE + copies × fp32 weight bytes, where BASE is the interpreter with torch, transformers and the runtimes
+imported, and `copies` how many fp32-sized copies of the weights the heaviest step holds at once. Both come
+from measured builds (docs/results.md, `/usr/bin/time`, 2-core AMD EPYC, 24 GiB): android on SmolLM2-135M
+(0.54 GB of fp32 weights) peaked at 3.4 GB; web on a random Llama 3.2 1B shape (4.94 GB) at 15.7 GB, i.e.
+~2.8 copies; android-small (prune and distill: teacher, student, gradients and Adam's two moments) at 5.4 GB on
+135M. The estimate rounds those up; it refuses a build only when the machine clearly lacks the memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GB = 1e9
+BASE_BYTES = 2.0 * GB
+COPIES_EXPORT = 3.0  # quantize stage and exporters: the fp32 reference, the quantized copy, the exporter's own
+COPIES_TRAINING = 7.0  # a prune/distill stage: teacher + student + gradients + Adam's two moments + activations
+
+
+def parameter_count(config: Any) -> int:
+    """Parameters of a Llama from its config (tied output matrix counted once)."""
+    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = hidden * (2 * q + 2 * kv) + 3 * hidden * config.intermediate_size + 2 * hidden
+    embeddings = vocab * hidden * (1 if config.tie_word_embeddings else 2)
+    return embeddings + layers * per_layer + hidden
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parameters: int
+    peak_bytes: float
+    copies: float
+
+    def describe(self) -> str:
+        return (f"~{self.peak_bytes / GB:.1f} GB ({self.parameters / 1e9:.2f}B parameters: "
+                f"{self.copies:g} fp32 copies of {self.parameters * 4 / GB:.1f} GB plus {BASE_BYTES / GB:.0f} GB)")
+
+
+def estimate(config: Any, trains: bool) -> MemoryEstimate:
+    """The peak of a build of `config`; `trains`: the target has a prune or distill stage."""
+    params = parameter_count(config)
+    copies = COPIES_TRAINING if trains else COPIES_EXPORT
+    return MemoryEstimate(params, BASE_BYTES + copies * 4 * params, copies)
+
+
+def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> float | None:
+    """MemAvailable (what can be allocated without swapping), or None where the kernel does not say."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
