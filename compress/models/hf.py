@@ -55,7 +55,29 @@ def check_hf_dir(path: Path) -> dict[str, Any]:
                          f"checkpoint (convert with `save_pretrained(..., safe_serialization=True)`)")
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
         raise InputError(f"{path}: no tokenizer (tokenizer.json or tokenizer.model) beside the weights")
+    check_vocabulary(path, config)
     return config
+
+
+def check_vocabulary(path: Path, config: dict[str, Any]) -> None:
+    """Every id the tokenizer produces from text must have a row in the embedding (a larger model vocabulary is
+    padding)."""
+    tokenizer = path / "tokenizer.json"
+    if not tokenizer.is_file() or not isinstance(config.get("vocab_size"), int):
+        return
+    try:
+        spec = json.loads(tokenizer.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{tokenizer}: not valid JSON") from None
+    vocab = (spec.get("model") or {}).get("vocab")
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or [])))
+    # Special added tokens are left out: converters append some (transformers' GGUF reader adds <|endoftext|>) that
+    # text never produces.
+    ids += [t.get("id", -1) for t in spec.get("added_tokens") or [] if not t.get("special")]
+    top = max((i for i in ids if isinstance(i, int)), default=-1)
+    if top >= config["vocab_size"]:
+        raise InputError(f"{path}: the tokenizer produces ids up to {top} but the model's vocab_size is "
+                         f"{config['vocab_size']}: a tokenizer from another model?")
 
 
 def load_hf_dir(path: Path) -> tuple[Any, Any]:

@@ -115,13 +115,18 @@ def _first_layer_inputs(model: Any, windows: list[list[int]]) -> tuple[torch.Ten
 
 
 def _hessians(layer: Any, linears: dict[str, Any], hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
-    """X^T X of each linear's input over every calibration token, from one forward pass of the layer."""
-    sums = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in linears.items()}
+    """X^T X of each linear's input over every calibration token, from one forward pass of the layer. Linears that
+    read the same tensor (q/k/v, gate/up) share one product: the same numbers, computed once."""
+    sums: dict[str, torch.Tensor] = {}
+    # id of an input tensor -> (the tensor, its X^T X); holding the tensor keeps its id from being reused
+    by_input: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for name, m in linears.items():
         def hook(_m: Any, args: tuple, _out: Any, name: str = name) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            sums[name] += x.T @ x
+            if id(args[0]) not in by_input:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+                by_input[id(args[0])] = (args[0], x.T @ x)
+            sums[name] = by_input[id(args[0])][1]
         handles.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -129,6 +134,9 @@ def _hessians(layer: Any, linears: dict[str, Any], hidden: torch.Tensor, kwargs:
     finally:
         for h in handles:
             h.remove()
+    missing = [name for name in linears if name not in sums]
+    if missing:
+        raise RuntimeError(f"no calibration input reached {missing[:3]}")
     return sums
 
 

@@ -53,6 +53,9 @@ class QuantizeStage:
             # carry folded norm gains, and moves weights that already sit on a grid off it.
             from compress.stages.smoothing import smooth
 
+            # The dequantized copy is apply(model, qw.tensors): dropped while the smoothed candidate exists and
+            # rebuilt if it is kept, so at most three fp32 copies (reference, smoothed, its quantized copy) live.
+            del quantized
             start = time.perf_counter()
             with ctx.console.step(f"Smoothing the normed activations (alpha {config.smoothing})") as step:
                 smoothed, info = smooth(model, fit or windows, config.smoothing)
@@ -65,12 +68,16 @@ class QuantizeStage:
                               f"{'smoothed' if s_kl < kl else 'unsmoothed'} codes kept")
             if s_kl < kl:
                 model, quantized, qw, kl = smoothed, s_quantized, s_qw, s_kl
+            else:
+                del smoothed, s_quantized, s_qw
+                quantized = apply(model, qw.tensors)
             notes["smoothing"] = info
             seconds["smoothing"] = time.perf_counter() - start
         notes["kl_all_at_weight_bits"] = kl
         if config.max_kl is not None and kl > config.max_kl:
             start = time.perf_counter()
             tensors = dict(qw.tensors)
+            del quantized  # rebuilt below from the promoted codes; the search measures its own trial copies
             mixed = sensitivity.promote_until(model, tensors, plans, config, measure, ctx.console, kl)
             seconds["mixed_precision"] = time.perf_counter() - start
             kl = mixed.kl

@@ -103,3 +103,19 @@ def test_unknown_catalog_model_lists_the_catalog(cli):
     assert result.stderr.strip() == "error: unknown model 'smollm3'; catalog: smollm2-135m, smollm2-135m-offgrid"
     listed = cli("models", "list")
     assert listed.code == 0 and "smollm2-135m (default)" in listed.stdout
+
+
+def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(tiny_dir: Path, tmp_path: Path):
+    import json
+    import shutil
+
+    from compress.errors import InputError
+    from compress.models.hf import check_hf_dir
+
+    model = tmp_path / "mismatch"
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = 200  # the byte tokenizer has 259 ids
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="the tokenizer produces ids up to 258 but the model's vocab_size is 200"):
+        check_hf_dir(model)

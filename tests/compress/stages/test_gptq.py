@@ -73,3 +73,30 @@ def test_the_stage_fits_gptq_on_windows_apart_from_those_it_measures_and_beats_r
     assert fitted.notes["calibration"]["token_ids_sha256"] != fitted.notes["fit"]["token_ids_sha256"]
     assert len(fitted.quantized.tensors) == 15
     assert fitted.notes["kl_vs_unquantized"] < rounded.notes["kl_vs_unquantized"]
+
+
+def test_linears_reading_one_input_share_one_hessian_equal_to_its_own():
+    from compress.stages.gptq import _first_layer_inputs, _hessians
+
+    from compress.models.tiny import tiny_llama
+
+    model = tiny_llama(seed=1)
+    layer = model.model.layers[0]
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    windows = [[int(t) for t in torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i))]
+               for i in range(3)]
+    hidden, kwargs = _first_layer_inputs(model, windows)
+    inputs = {}
+    handles = [m.register_forward_hook(lambda _m, args, _o, n=n: inputs.__setitem__(n, args[0].reshape(-1, args[0]
+                                                                                                          .shape[-1])))
+               for n, m in linears.items()]
+    with torch.no_grad():
+        layer(hidden, **kwargs)
+    for h in handles:
+        h.remove()
+    sums = _hessians(layer, linears, hidden, kwargs)
+    for name, x in inputs.items():
+        torch.testing.assert_close(sums[name], x.T @ x)
+    assert sums["self_attn.q_proj"] is sums["self_attn.k_proj"] is sums["self_attn.v_proj"]
+    assert sums["mlp.gate_proj"] is sums["mlp.up_proj"] and sums["mlp.down_proj"] is not sums["mlp.up_proj"]
+    assert sums["self_attn.o_proj"] is not sums["self_attn.q_proj"]
