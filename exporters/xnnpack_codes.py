@@ -1,4 +1,8 @@
-"""Lower the quantize stage's codes into the export module for ExecuTorch/XNNPACK, exactly, without re-rounding.
+"""Lower the quantize stage's codes into the export module for ExecuTorch/XNNPACK; the codes are never re-rounded.
+
+Two things are rounded again, because XNNPACK's int8 kernels are per output channel: an 8-bit lm_head with
+per-group codes is re-rounded per channel, and with int8 dynamic activations the offset correction R below is
+stored in int8 per channel. Both are listed in the artifact's coverage record (`requantized`, `offset_terms`).
 
 Each quantized linear becomes a `CodesLinear`: the stage's codes as signed int8 (out, in) with one fp32 scale per
 group (or per output channel), dequantized in the graph by PyTorch's `quantized_decomposed` ops and, with int8
@@ -10,10 +14,11 @@ partitioner's sub-graphs) runs their Python bodies op by op under fake tensors; 
 export (py-spy). PyTorch's quantized_decomposed ops have meta kernels.
 
 XNNPACK's dynamically quantized linears take symmetric weights only (zero point 0). Codes with a per-group offset
-(asymmetric round to nearest, a GGUF's Q4_1, HQQ's float zero points) are therefore lowered as signed codes plus an
-exact correction: y = linear(x) + sums(x) @ R.T, where sums(x) adds up each group of inputs and R (out, groups)
-holds the residual offsets. Both are small linears that XNNPACK runs (the sums as an fp32 row of ones over the
-input viewed in groups; R in int8 per channel when the activations are int8 dynamic, fp32 otherwise). The tied
+(asymmetric round to nearest, a GGUF's Q4_1, HQQ's float zero points) are therefore lowered as signed codes plus a
+correction, exact in real arithmetic: y = linear(x) + sums(x) @ R.T, where sums(x) adds up each group of inputs
+and R (out, groups) holds the residual offsets. Both are small linears that XNNPACK runs (the sums as an fp32 row
+of ones over the input viewed in groups; R in int8 per channel when the activations are int8 dynamic, fp32
+otherwise). The tied
 embedding gathers the codes the lm_head runs with through ExecuTorch's quantized embedding kernel (integer zero
 points): the same bytes, which the exporter's external data stores once.
 """

@@ -39,6 +39,9 @@ class NpzOptions:
     def codes_problems(self, q: QuantizeConfig) -> list[Problem]:
         return [Problem("stages", "npz holds float weights only")]
 
+    def model_problems(self, config: Any, q: QuantizeConfig | None) -> list[Problem]:
+        return []  # the eager runtime runs whatever transformers loads
+
 
 class NpzExporter:
     format = "npz"

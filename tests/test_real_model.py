@@ -33,6 +33,14 @@ def _build(cli, real_home: Path, out: Path, target: str) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
+def _answers_paris(cli, real_home: Path, out: Path) -> None:
+    """`compress generate` streams the answer from the artifact on its own runtime, with the chat template."""
+    result = cli("generate", str(out), "--prompt", "What is the capital of France?", "--max-tokens", "12",
+                 env={"COMPRESS_HOME": str(real_home)})
+    assert result.code == 0, result.stderr[-2000:]
+    assert "Paris" in result.stdout and "tok/s" in result.stderr
+
+
 def test_the_default_model_is_the_expected_llama(smollm2):
     config = smollm2.model.config
     assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576,
@@ -143,6 +151,7 @@ def test_the_android_target_builds_passes_its_budgets_and_runs_in_the_stock_runn
     runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0),
                     token_callback=pieces.append)
     assert "Paris" in "".join(pieces)
+    _answers_paris(cli, real_home, out)
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("onnxruntime_genai") is None, reason="needs compress[onnx]")
@@ -173,6 +182,7 @@ def test_the_web_target_builds_passes_its_budgets_and_answers_in_onnxruntime_gen
         generator.generate_next_token()
         answer.append(tokenizer.decode(generator.get_next_tokens()))
     assert "Paris" in "".join(answer)
+    _answers_paris(cli, real_home, out)
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("coremltools") is None, reason="needs compress[coreml]")
@@ -191,6 +201,7 @@ def test_the_ios_target_builds_and_passes_its_budgets_through_the_mil_interprete
     budgets = {b["name"]: b for b in manifest["verification"]["budgets"]}
     assert all(b["passed"] for b in budgets.values() if b["metric"] != "decode_tok_s")
     assert "decode_tok_s" not in metrics  # never estimated on Linux
+    _answers_paris(cli, real_home, out)
 
 
 def test_the_off_grid_model_has_the_default_s_outputs_and_no_4_bit_grid(smollm2):

@@ -3,8 +3,10 @@
 The forward pass sees weights rounded to `weight_bits` codes with one scale (and, asymmetric, one zero
 point) per `group_size` consecutive inputs of a row, as the int4 exporters store them; the backward pass
 treats the rounding as the identity (straight-through estimator), so the fp32 latent weights learn to
-sit where rounding costs least. The stage returns the latent weights: an exporter that quantizes with
-the same scheme reproduces exactly the weights the student was trained with.
+sit where rounding costs least. The stage returns the latent weights. The grid trained here is round to
+nearest's; the quantize stage that follows picks its own (HQQ's or GPTQ's scales and offsets), so the shipped
+weights are near, not equal to, the ones trained. A distill after quantize (grid_tuning.py) trains the shipped
+grid itself.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -63,8 +64,14 @@ def test_a_rebuild_reuses_the_cached_export(built, tiny_dir: Path, tmp_path: Pat
     again = cli("build", "--target", "ref", "--model", str(tiny_dir), "--targets", str(_targets(tmp_path)),
                 "--out", str(out))
     assert again.code == 0, again.stderr
-    assert json.loads((out / "manifest.json").read_text())["export"]["cached"] is True
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export"]["cached"] is True
     assert "Export to safetensors (cached)" in again.stderr
+    # The versions that wrote the reused artifact come from its cache entry, not from what verified it.
+    cache = Path(os.environ["COMPRESS_HOME"]) / "cache"
+    key = manifest["export"]["cache_key"]
+    info = json.loads((cache / key[:2] / key / "entry.json").read_text())
+    assert manifest["export"]["tools"] == info["tools"] and "torch" in info["tools"]
 
 
 def test_verify_reruns_on_an_existing_build_and_catches_tampering(built, tmp_path: Path, cli):
@@ -289,7 +296,7 @@ def test_a_model_larger_than_memory_is_refused_before_loading(tmp_path: Path, ti
     result = cli("build", "--target", "q", "--model", str(model), "--targets", str(_quantized_targets(tmp_path)),
                  "--out", str(out))
     assert result.code == 2, result.stderr
-    assert "needs ~4" in result.stderr and "405.85B parameters" in result.stderr
+    assert "needs ~7" in result.stderr and "405.85B parameters" in result.stderr
     assert "GB available (--no-memory-check to try anyway)" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
 
@@ -304,5 +311,112 @@ def test_the_parameter_count_behind_the_memory_estimate_is_the_models():
         counted = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         assert parameter_count(model.config) == counted
     small = estimate(model.config, trains=False)
-    assert small.peak_bytes == 2e9 + 3 * 4 * small.parameters
+    assert small.peak_bytes == 2e9 + 4.5 * 4 * small.parameters
     assert estimate(model.config, trains=True).peak_bytes > small.peak_bytes
+
+
+def _greedy(model_dir: Path, prompt_ids: list[int], n: int) -> list[int]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+def test_generate_streams_the_artifact_s_greedy_tokens_with_and_without_the_chat_template(built, tiny_dir: Path,
+                                                                                           cli):
+    from transformers import AutoTokenizer
+
+    out, _ = built
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    raw = cli("generate", str(out), "--prompt", "the cat", "--raw", "--max-tokens", "6")
+    assert raw.code == 0, raw.stderr
+    expected = _greedy(tiny_dir, tokenizer("the cat").input_ids, 6)
+    stop = expected.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in expected else len(expected)
+    assert raw.stdout == tokenizer.decode(expected[:stop], skip_special_tokens=True) + "\n"
+    assert f"torch_eager: {len(tokenizer('the cat').input_ids)} prompt tokens" in raw.stderr and "tok/s" in raw.stderr
+    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                             tokenize=False)
+    templated = cli("generate", str(out), "--prompt", "hi", "--max-tokens", "6")
+    expected = _greedy(tiny_dir, tokenizer(chat_ids).input_ids, 6)
+    stop = expected.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in expected else len(expected)
+    assert templated.code == 0 and templated.stdout == tokenizer.decode(expected[:stop], skip_special_tokens=True) + "\n"
+    bad = cli("generate", str(out), "--prompt", "hi", "--top-p", "0")
+    assert bad.code == 2 and "--top-p 0.0: must be in (0, 1]" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_chat_answers_turn_after_turn_and_resets(built, tiny_dir: Path, cli):
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    out, _ = built
+    proc = subprocess.run([sys.executable, "-m", "compress.cli", "chat", str(out), "--max-tokens", "4"],
+                          input="hello\nand again\n/reset\nhello\n/exit\nnever read\n", capture_output=True,
+                          text=True, env=dict(os.environ), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    # The tiny model's answers are arbitrary bytes (newlines included): compare with `generate` on one turn.
+    first = cli("generate", str(out), "--prompt", "hello", "--max-tokens", "4").stdout
+    assert proc.stdout.startswith(first) and proc.stdout.endswith(first)  # after /reset, the same answer again
+    assert len(proc.stdout) > 2 * len(first)
+    assert proc.stderr.count("prompt tokens at") == 3 and "(conversation reset)" in proc.stderr
+    # The second turn prefilled only what the cache did not hold: the new user turn, not the whole conversation.
+    turns = [int(line.split(" prompt tokens")[0].rsplit(" ", 1)[1]) for line in proc.stderr.splitlines()
+             if "prompt tokens" in line]
+    conversation = AutoTokenizer.from_pretrained(tiny_dir).apply_chat_template(
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first[:-1]},
+         {"role": "user", "content": "and again"}], add_generation_prompt=True, tokenize=False)
+    whole = len(AutoTokenizer.from_pretrained(tiny_dir)(conversation).input_ids)
+    assert turns[1] <= whole - turns[0] and turns[2] == turns[0]
+
+
+def test_a_build_that_stops_after_its_inputs_were_checked_still_writes_a_failing_junit(tiny_dir: Path, tmp_path: Path,
+                                                                                      isolated_home: Path,
+                                                                                      monkeypatch: pytest.MonkeyPatch):
+    from compress.build import BuildRequest, build
+    from compress.errors import ExportError
+    from compress.exporters.safetensors import SafetensorsExporter
+    from compress.progress import Console
+    from compress.targets import load_targets
+
+    def refuse(*args, **kwargs):
+        raise ExportError("the exporter gave up\nsecond line")
+
+    monkeypatch.setattr(SafetensorsExporter, "export", refuse)
+    targets = load_targets(_targets(tmp_path))
+    out = tmp_path / "out"
+    req = BuildRequest(targets.get("ref"), str(tiny_dir), out, targets.path)
+    with pytest.raises(ExportError):
+        build(req, Console(quiet=True))
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    assert suite.get("errors") == "1" and suite.get("name") == "compress ref"
+    error = suite.find("testcase[@name='export']/error")
+    assert error.get("type") == "ExportError" and error.get("message") == "the exporter gave up"
+    assert not (out / "manifest.json").exists()
+
+
+def test_several_targets_build_in_one_command_with_one_table_and_the_first_failure_s_exit_code(tiny_dir: Path,
+                                                                                                tmp_path: Path, cli):
+    spec = {"export": {"format": "safetensors"}, "runtime": {"name": "torch_eager", "threads": 1}, "eval": FAST_EVAL}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "targets": {
+        "a": {**spec, "budgets": {"max_mean_kl": 1e-6}},
+        "b": {**spec, "budgets": {"max_size_mb": 0.001}}}}))  # b's checkpoint cannot be that small
+    out = tmp_path / "out"
+    result = cli("build", "--all", "--model", str(tiny_dir), "--targets", str(path), "--out", str(out))
+    assert result.code == 4, result.stderr
+    table = result.stdout.splitlines()
+    assert table[0].startswith("a  ok  pass, KL 0") and table[1].startswith("b  exit 4  target 'b': budget broken")
+    assert "1 of 2 targets failed; the first, b:" in result.stderr
+    assert json.loads((out / "a" / "manifest.json").read_text())["verdict"] == "pass"
+    assert json.loads((out / "b" / "manifest.json").read_text())["verdict"] == "fail"
+    only_a = cli("build", "--target", "a,a", "--model", str(tiny_dir), "--targets", str(path))
+    assert only_a.code == 2 and "a target is named twice" in only_a.stderr
+    neither = cli("build", "--model", str(tiny_dir), "--targets", str(path))
+    assert neither.code == 2 and "give --target NAME[,NAME...] or --all" in neither.stderr
