@@ -130,6 +130,7 @@ class CoreMLExporter:
             if codes is not None:
                 notes["quantization"] = f"quantize stage ({codes.config.algorithm}): int{q.weight_bits} " \
                                         f"per-block {q.group_size}, codes lowered as they are"
+            _describe(mlmodel, model, module.dims, options, notes)
             with console.step("Saving the package") as step:
                 mlmodel.save(str(tmp / PACKAGE))
             timings["save"] = step["seconds"]
@@ -185,6 +186,35 @@ class CoreMLExporter:
             step["detail"] = f"query lengths {lengths}, {len(states)} states"
         timings["convert"] = step["seconds"]
         return mlmodel
+
+
+def _describe(mlmodel: Any, model: Any, dims: Any, options: MlpackageOptions, notes: dict[str, Any]) -> None:
+    """What Xcode's model page shows: author, license, version, a short description (the source GGUF's own
+    `general.*` where the checkpoint was converted from one), and a description of every input, output and state."""
+    from compress import __version__
+    from compress.models.gguf import source_general
+
+    where = Path(model.config.name_or_path or "llama")
+    general = source_general(where) if where.is_dir() else {}
+    name = general.get("name") or (where.parent.name if where.name == "hf" else where.name)
+    lengths = sorted(set(options.query_lengths))
+    weights = notes.get("quantization") or f"{options.compute_precision.value} weights"
+    mlmodel.short_description = (f"{name}: a Llama causal LM ({dims.num_layers} layers, vocabulary "
+                                 f"{dims.vocab_size}, a {options.max_context}-position KV cache as states); "
+                                 f"{weights}; written by compress {__version__}")
+    mlmodel.author = general.get("organization") or "the source model's authors (see its license)"
+    mlmodel.license = general.get("license") or "the source model's license"
+    mlmodel.version = __version__
+    mlmodel.input_description["tokens"] = (f"Token ids, shape (1, q), q in {lengths}: q = 1 decodes one token, "
+                                           f"longer calls prefill a prompt in chunks")
+    mlmodel.input_description["input_pos"] = "Cache position of the first of this call's tokens, shape (1,)"
+    mlmodel.output_description["logits"] = "Next-token logits for each of the q positions, shape (1, q, vocabulary)"
+    for state in mlmodel._spec.description.state:  # coremltools has no setter for states' descriptions
+        layer, kind = state.name.split("_")[1], "keys" if state.name.endswith("k_cache") else "values"
+        state.shortDescription = f"Layer {layer}'s cached {kind}, fp16 (1, kv heads, positions, head dim)"
+    mlmodel.user_defined_metadata.update({"compress.max_context": str(options.max_context),
+                                          "compress.query_lengths": ",".join(map(str, lengths)),
+                                          "compress.eos_token_id": str(dims.eos_token_id)})
 
 
 def _codes_by_const(mlmodel: Any, codes: Any, share: bool) -> dict[str, Any]:

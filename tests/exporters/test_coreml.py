@@ -86,6 +86,15 @@ def test_the_package_records_what_an_app_needs(packages):
     assert spec.specificationVersion >= 9  # iOS 18 / macOS 15: states
     inputs = program.functions["main"].inputs
     assert [n for n in inputs][:2] == ["tokens", "input_pos"] and len(inputs) == 2 + 4
+    # What Xcode's model page reads, from the saved package.
+    meta = spec.description.metadata
+    assert "a Llama causal LM (2 layers, vocabulary 259" in meta.shortDescription
+    assert "a 64-position KV cache as states" in meta.shortDescription and meta.versionString == "0.1.0"
+    assert meta.author and meta.license and meta.userDefined["compress.query_lengths"] == "1,8"
+    described = {d.name: d.shortDescription for d in [*spec.description.input, *spec.description.output,
+                                                       *spec.description.state]}
+    assert len(described) == 2 + 1 + 4 and all(described.values())
+    assert described["layers_1_self_attn_v_cache"].startswith("Layer 1's cached values")
 
 
 def test_int4_per_block_compresses_every_linear_and_shares_the_tied_matrix(packages):
