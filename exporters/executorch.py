@@ -159,7 +159,7 @@ class ExecuTorchExporter:
             if options.external_data:
                 _tag_external_constants(exported)
         timings["torch_export"] = step["seconds"]
-        with console.step("Lowering to XNNPACK") as step, _prefix_shapes_delegable():
+        with console.step("Lowering to XNNPACK") as step, _prefix_shapes_delegable(), _quiet_deprecation():
             # One greedy partitioner: the dynamic-quant-only one makes a partition per linear, and ExecuTorch
             # re-legalizes the whole graph for every partition (quadratic: >6 min on 2 cores for 30 layers).
             partitioner = _partitioner()
@@ -295,6 +295,21 @@ def _merge_common_subexpressions(exported: Any) -> None:
     if result.modified:
         exported.graph_module.graph = result.graph_module.graph
         exported.graph_module.recompile()
+
+
+@contextlib.contextmanager
+def _quiet_deprecation() -> Iterator[None]:
+    """The partitioner logs a deprecation warning for to_edge + to_backend (why this exporter keeps that route:
+    `_lower`); it would land in the user's console on every android build, so that one logger is held to errors."""
+    import logging
+
+    logger = logging.getLogger("executorch.backends.xnnpack.partition.xnnpack_partitioner")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -217,3 +217,15 @@ def test_executorch_native_log_stays_out_of_the_console(exported, capfd, isolate
     err = capfd.readouterr().err
     assert ".cpp:" not in err, err
     assert "threadpool.cpp" in (isolated_home / "logs" / "executorch.log").read_text()
+
+
+def test_the_lowering_puts_no_deprecation_warning_in_the_console(tmp_path: Path, caplog):
+    """The XNNPACK partitioner warns about the to_edge + to_backend route the exporter keeps on purpose; a user
+    would see it on every android build."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    ExecuTorchExporter().export(tiny_llama(seed=0, num_hidden_layers=1), byte_tokenizer(), PteOptions(max_context=32),
+                                tmp_path / "pte", QUIET)
+    assert not [r.getMessage() for r in caplog.records if "DEPRECATION" in r.getMessage()]
+    assert logging.getLogger("executorch.backends.xnnpack.partition.xnnpack_partitioner").level == logging.NOTSET
