@@ -7,6 +7,11 @@ point z (offset = -z * scale), and GGUF's Q4_1 or HQQ's float zero points (offse
 codes as they are, without re-rounding; `integer_zero_points` and `residual_offset` give them the two forms their
 kernels take (a zero point, or signed codes plus a per-group correction).
 
+The quantize stage's scales are fp16 values held in fp32, and so are its float offsets' residuals
+(`fp16_grid`; a GGUF's own grid keeps Q4_1's fp16 d and m instead): the codes are chosen on that grid, so a format
+that stores scales, or the signed codes' per-group correction, in fp16 (ONNX's MatMulNBits and its correction,
+Core ML's scales) stores them exactly. `fp16_scales` and `fp16_residuals` say whether a tensor's are.
+
 On disk (beside a stage's HF checkpoint): one safetensors file, `<name>.codes|scale|offset` per tensor, with
 bits/group per tensor and the stage's scheme in its metadata.
 """
@@ -164,6 +169,19 @@ class QuantTensor:
 
         return bool(torch.all(self.residual_offset().abs() <= 1e-6 * self.scale.abs()))
 
+    def fp16_scales(self) -> bool:
+        """Every scale is exactly an fp16 value (what the quantize stage writes), so fp16 storage is lossless."""
+        import torch
+
+        return bool(torch.equal(self.scale.half().float(), self.scale))
+
+    def fp16_residuals(self) -> bool:
+        """Every residual offset is exactly an fp16 value (float offsets as the quantize stage writes them)."""
+        import torch
+
+        r = self.residual_offset()
+        return bool(torch.equal(r.half().float(), r))
+
     def integer_zero_points(self) -> torch.Tensor | None:
         """Zero points z with w = scale * (codes - z), when every one is an integer in range; else None."""
         import torch
@@ -241,13 +259,13 @@ class QuantizedWeights:
                               activations=c.activations, embedding=c.embedding, lm_head=c.lm_head)
 
     def bits_summary(self) -> dict[str, Any]:
-        """Average code bits and stored bits (codes + fp32 scale and offset) per weight, lm_head apart."""
+        """Average code bits and stored bits (codes + fp16 scale and offset) per weight, lm_head apart."""
         body = {n: t for n, t in self.tensors.items() if n != "lm_head"}
         weights = sum(t.codes.numel() for t in body.values())
         if not weights:
             return {"linear_weights": 0}
         code_bits = sum(t.codes.numel() * t.bits for t in body.values())
-        meta_bits = sum(t.scale.numel() * 32 * 2 for t in body.values())
+        meta_bits = sum(t.scale.numel() * 16 * 2 for t in body.values())
         return {"linear_weights": weights, "avg_code_bits": round(code_bits / weights, 3),
                 "avg_stored_bits": round((code_bits + meta_bits) / weights, 3),
                 "bits_histogram": {str(b): sum(1 for t in body.values() if t.bits == b)
@@ -265,8 +283,33 @@ def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> QuantTensor:
     block = (1, group)
     scale, zero = choose_qparams_affine(w, mapping, block, torch.int8, qmin, qmax, eps=1e-12,
                                         scale_dtype=torch.float32, zero_point_dtype=torch.int32)
+    scale = snap_fp16(scale, away=True)  # the codes are chosen on the fp16 grid (see the module docstring)
     q = quantize_affine(w, block, scale, zero, torch.int8, qmin, qmax)  # (out, in) int8, w = (q - zero) * scale
     scale = scale.reshape(w.shape[0], -1).float()
     zero = zero.reshape(w.shape[0], -1).float()
     codes = (q.to(torch.int16) - qmin).to(torch.uint8)
     return QuantTensor(codes, scale, (qmin - zero) * scale, bits, group)
+
+
+def snap_fp16(x: torch.Tensor, away: bool = False) -> torch.Tensor:
+    """The nearest fp16 value of each element (`away`: the nearest at least as far from zero), held in fp32; an
+    element fp16 cannot hold (overflow, or a nonzero value that underflows to zero) keeps its fp32 value, and the
+    tensor then reports `fp16_scales()` False."""
+    import torch
+
+    snapped = x.half().float()
+    if away:  # a min-max grid's scale: never narrower than its range, so no extreme weight is clamped
+        short = snapped.abs() < x.abs()
+        bumped = torch.nextafter(snapped.half(), torch.sign(x).half() * torch.inf).float()
+        snapped = torch.where(short, bumped, snapped)
+    keep = torch.isfinite(snapped) & ((snapped != 0) | (x == 0))
+    return torch.where(keep, snapped, x)
+
+
+def fp16_grid(scale: torch.Tensor, offset: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) moved to the nearest grid whose scale and residual offset (offset + 2**(bits-1) * scale)
+    are fp16 values; a symmetric offset (-2**(bits-1) * scale) stays symmetric. Choose the codes after this."""
+    mid = 2 ** (bits - 1)
+    residual = snap_fp16(offset + mid * scale)  # w = scale * (codes - mid) + residual, before and after
+    scale = snap_fp16(scale)
+    return scale, residual - mid * scale

@@ -2,7 +2,8 @@
 
 iOS 18's op computes w = scale * (data - offset) per block, with uint4/uint8 data, an fp16 scale and an offset
 that is either integer (exact: symmetric and round-to-nearest asymmetric codes) or fp16 (float offsets: a GGUF's
-Q4_1, HQQ). Scale and a float offset take the weight's own float type; in an fp16 program the offset is
+Q4_1, HQQ). Scale and a float offset take the weight's own float type (the stage's scales are fp16 values, so
+an fp16 program holds them exactly: compress.quantized); in an fp16 program the offset is
 -offset/scale rounded to fp16, so the weight moves by at most scale * |offset/scale| * 2**-11 (under 1% of one
 grid step for 4-bit codes): far below the fp16 arithmetic the program computes in anyway. The manifest records which tensors took which form.
 """

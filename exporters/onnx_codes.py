@@ -8,6 +8,13 @@ which ONNX Runtime 1.32's CPU kernel accepts but runs 16x slower (measured: 783 
 int4 matmul, 2 threads); so those run as signed codes with the default zero point plus an exact correction,
 (x summed over each group) @ residual_offset.T: Reshape -> ReduceSum -> MatMul -> Add, all in the web op set.
 A fused QKV whose parts differ in bits is written at the widest, a narrower part's codes centred in the wider grid.
+
+Storage: the stage's scales are fp16 values (compress.quantized), so they are stored as fp16 initializers and a
+Cast gives MatMulNBits its fp32 scales, exactly (ONNX Runtime folds the Cast when the session is created). The
+correction's residual offsets (offset + 2**(bits-1) * scale) are fp16 values too for the stage's float offsets,
+and are then stored in fp16 with a Cast; a tensor whose scales or residuals fp16 cannot hold exactly (a GGUF's
+own grid, codes from elsewhere) keeps them in fp32. Zero points equal to MatMulNBits' default (2**(bits-1)) are
+not stored, except where a GatherBlockQuantized shares the matrix.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int
     m = onnx.load(str(model_path))
     graph = m.graph
     inits = {t.name: t for t in graph.initializer}
-    used, exact, corrected, extra_nodes = set(), 0, 0, []
+    used, exact, corrected, extra_nodes, casts, residuals_half = set(), 0, 0, [], {}, 0
     for node in [n for n in graph.node if n.op_type == "MatMulNBits"]:
         names = source_names(node.name)
         if names is None or not all(n in weights.tensors for n in names):
@@ -79,8 +86,7 @@ def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int
         width = t.codes.shape[1]
         _set_attrs(node, bits=t.bits, block_size=t.group, accuracy_level=accuracy_level, K=width, N=t.codes.shape[0])
         _replace(graph, inits, node.input[1], numpy_helper.from_array(_pack_b(t), node.input[1]))
-        _replace(graph, inits, node.input[2], numpy_helper.from_array(t.scale.numpy().astype(np.float32),
-                                                                      node.input[2]))
+        _store_float(graph, inits, casts, node.input[2], t.scale.numpy(), half=t.fp16_scales())
         zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else f"{node.input[1]}_zp"
         shared = [c for c in graph.node if c.op_type == "GatherBlockQuantized" and c.input[2] == node.input[2]]
         if zero is None and shared:
@@ -90,13 +96,17 @@ def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int
         if zero is None:  # signed codes around the default zero point, plus the exact per-group correction
             zero = np.full(t.scale.shape, t.midpoint, dtype=np.uint8)
             extra_nodes.append((node, _correction(node, t, helper, numpy_helper, graph)))
+            residuals_half += int(t.fp16_residuals())
             corrected += 1
         else:
             zero = zero.numpy()
             exact += 1
-        _replace(graph, inits, zp_name, numpy_helper.from_array(_pack_zero(zero, t.bits), zp_name))
-        if len(node.input) < 4:
-            node.input.append(zp_name)
+        if not shared and bool((zero == t.midpoint).all()):  # MatMulNBits' default zero point: nothing to store
+            _drop_zero_points(graph, inits, node)
+        else:
+            _replace(graph, inits, zp_name, numpy_helper.from_array(_pack_zero(zero, t.bits), zp_name))
+            if len(node.input) < 4:
+                node.input.append(zp_name)
         for consumer in shared:  # the embedding's GatherBlockQuantized reads the same tied matrix
             _set_attrs(consumer, bits=t.bits, block_size=t.group)
             if len(consumer.input) < 4:
@@ -105,6 +115,8 @@ def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int
         index = list(graph.node).index(node)
         for offset, new in enumerate(new_nodes):
             graph.node.insert(index + 1 + offset, new)
+    for index, cast in enumerate(casts.values()):  # before every consumer
+        graph.node.insert(index, cast)
     missing = sorted(set(weights.tensors) - used)
     if missing:  # the builder's own round-to-nearest weights would ship in their place: a silent partial lowering
         raise ExportError(f"{len(missing)} of the quantize stage's tensors have no MatMulNBits node to carry them in "
@@ -114,7 +126,8 @@ def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int
     onnx.save(m, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
               size_threshold=1024)
     return {"matmuls_lowered_from_codes": exact + corrected, "with_integer_zero_points": exact,
-            "with_offset_correction": corrected, "stage_tensors_not_in_graph": missing}
+            "with_offset_correction": corrected, "scales_stored_fp16": len(casts),
+            "residuals_stored_fp16": residuals_half, "stage_tensors_not_in_graph": missing}
 
 
 def _set_attrs(node: Any, **values: int) -> None:
@@ -130,6 +143,33 @@ def _replace(graph: Any, inits: dict[str, Any], name: str, tensor: Any) -> None:
         graph.initializer.remove(inits[name])
     graph.initializer.append(tensor)
     inits[name] = tensor
+
+
+def _store_float(graph: Any, inits: dict[str, Any], casts: dict[str, Any], name: str, values: Any,
+                 half: bool) -> None:
+    """Initializer `name` as fp32 values: stored as they are, or (`half`) as fp16 plus a Cast to fp32 named
+    `name`, replacing any initializer of that name."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not half:
+        _replace(graph, inits, name, numpy_helper.from_array(values.astype(np.float32), name))
+        return
+    if name in inits:
+        graph.initializer.remove(inits.pop(name))
+    _replace(graph, inits, f"{name}_fp16", numpy_helper.from_array(values.astype(np.float16), f"{name}_fp16"))
+    casts[name] = helper.make_node("Cast", [f"{name}_fp16"], [name], to=TensorProto.FLOAT, name=f"{name}_Cast")
+
+
+def _drop_zero_points(graph: Any, inits: dict[str, Any], node: Any) -> None:
+    if len(node.input) <= 3 or not node.input[3]:
+        return
+    if node.input[3] in inits and not any(node.input[3] in other.input for other in graph.node if other is not node):
+        graph.initializer.remove(inits.pop(node.input[3]))
+    if len(node.input) == 4:
+        del node.input[3]
+    else:
+        node.input[3] = ""  # optional inputs after it (g_idx, bias) keep their positions
 
 
 def _pack_b(t: QuantTensor) -> Any:
@@ -154,8 +194,10 @@ def _pack_zero(zero: Any, bits: int) -> Any:
 
 
 def _correction(node: Any, t: QuantTensor, helper: Any, numpy_helper: Any, graph: Any) -> list[Any]:
-    """out = MatMulNBits(x) + ReduceSum(Reshape(x, (.., groups, block)), -1) @ residual.T, renaming the output."""
+    """out = MatMulNBits(x) + ReduceSum(Reshape(x, (.., groups, block)), -1) @ residual.T, renaming the output;
+    the residual in fp16 where that is exact (see the module docstring)."""
     import numpy as np
+    from onnx import TensorProto
 
     base = node.name
     x, out = node.input[0], node.output[0]
@@ -164,12 +206,19 @@ def _correction(node: Any, t: QuantTensor, helper: Any, numpy_helper: Any, graph
     groups = t.codes.shape[1] // t.group
     shape = numpy_helper.from_array(np.array([0, 0, groups, t.group], np.int64), f"{base}/offset_shape")
     axes = numpy_helper.from_array(np.array([-1], np.int64), f"{base}/offset_axes")
-    residual = numpy_helper.from_array(t.residual_offset().T.contiguous().numpy().astype(np.float32),
-                                       f"{base}/offset_weight")  # (groups, N)
+    exact = t.residual_offset()  # (N, groups), fp32
+    nodes = []
+    if t.fp16_residuals():
+        residual = numpy_helper.from_array(exact.half().T.contiguous().numpy(), f"{base}/offset_weight_fp16")
+        nodes.append(helper.make_node("Cast", [residual.name], [f"{base}/offset_weight"], to=TensorProto.FLOAT,
+                                      name=f"{base}/offset_Cast"))
+    else:
+        residual = numpy_helper.from_array(exact.T.contiguous().numpy(), f"{base}/offset_weight")  # (groups, N)
     graph.initializer.extend([shape, axes, residual])
-    return [helper.make_node("Reshape", [x, shape.name], [f"{base}/offset_x"], name=f"{base}/offset_Reshape"),
+    return nodes + [
+            helper.make_node("Reshape", [x, shape.name], [f"{base}/offset_x"], name=f"{base}/offset_Reshape"),
             helper.make_node("ReduceSum", [f"{base}/offset_x", axes.name], [f"{base}/offset_sum"], keepdims=0,
                              name=f"{base}/offset_ReduceSum"),
-            helper.make_node("MatMul", [f"{base}/offset_sum", residual.name], [f"{base}/offset_out"],
+            helper.make_node("MatMul", [f"{base}/offset_sum", f"{base}/offset_weight"], [f"{base}/offset_out"],
                              name=f"{base}{CORRECTION_SUFFIX}"),
             helper.make_node("Add", [main, f"{base}/offset_out"], [out], name=f"{base}/offset_Add")]

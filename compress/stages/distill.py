@@ -222,7 +222,7 @@ def check(model: Any, cfg: DistillConfig, reference: Any, world: distributed.Wor
 
 
 class DistillStage:
-    version = "2"  # 2: after a quantize stage, trains its grids (compress.stages.grid_tuning)
+    version = "3"  # 2: after a quantize stage, trains its grids (compress.stages.grid_tuning); 3: onto fp16 values
 
     def run(self, model: Any, config: DistillConfig, ctx: StageContext) -> StageResult:
         world = distributed.current_world()

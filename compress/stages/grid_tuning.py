@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.quantized import QuantizedWeights, QuantTensor
+from compress.quantized import QuantizedWeights, QuantTensor, fp16_grid
 
 
 class GridLinear(nn.Module):
@@ -55,9 +55,9 @@ class GridLinear(nn.Module):
 
     def to_tensor(self) -> QuantTensor:
         with torch.no_grad():
-            scale, offset = self.grid()
-            return QuantTensor(self.codes.clone(), scale.detach().clone(), offset.detach().clone(), self.bits,
-                               self.group)
+            scale, offset = self.grid()  # onto fp16 values, as the quantize stage writes them (compress.quantized)
+            scale, offset = fp16_grid(scale.detach(), offset.detach(), self.bits)
+            return QuantTensor(self.codes.clone(), scale, offset, self.bits, self.group)
 
 
 def _module(root: nn.Module, name: str) -> tuple[nn.Module, str]:

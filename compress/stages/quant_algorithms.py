@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.quantized import QuantTensor
+from compress.quantized import QuantTensor, fp16_grid, snap_fp16
 
 
 def hqq(w: torch.Tensor, bits: int, group: int) -> QuantTensor:
@@ -24,9 +24,19 @@ def hqq(w: torch.Tensor, bits: int, group: int) -> QuantTensor:
 
     q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
         w.float(), nbits=bits, group_size=group, axis=1, compute_dtype=torch.float32, device=str(w.device), raw_output=True)
+    del q  # HQQ's codes on its fp32 grid; chosen again below on the fp16 one (compress.quantized)
     scale = scale.reshape(w.shape[0], -1).float()  # w = (q - zero) * scale, zero a float
-    zero = zero.reshape(w.shape[0], -1).float()
-    return QuantTensor(q.reshape(w.shape).to(torch.uint8), scale, -zero * scale, bits, group)
+    scale, offset = fp16_grid(scale, -zero.reshape(w.shape[0], -1).float() * scale, bits)
+    return QuantTensor(_codes_on(w, scale, offset, bits, group), scale, offset, bits, group)
+
+
+def _codes_on(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Round to nearest onto a given per-group grid w = scale * codes + offset."""
+    out, width = w.shape
+    g = w.float().reshape(out, width // group, group)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = ((g - offset.unsqueeze(-1)) / safe.unsqueeze(-1)).round().clamp(0, 2 ** bits - 1)
+    return codes.reshape(out, width).to(torch.uint8)
 
 
 def recover_grid(w: torch.Tensor, bits: int, group: int) -> tuple[QuantTensor | None, float]:
@@ -47,7 +57,8 @@ def _asymmetric_grid(w: torch.Tensor, bits: int, group: int) -> QuantTensor:
     out, width = w.shape
     g = w.reshape(out, width // group, group)  # (out, groups, group)
     low, high = g.amin(-1), g.amax(-1)
-    step = _snap_fp16((high - low) / (2 ** bits - 1))
+    step = snap_fp16((high - low) / (2 ** bits - 1))
+    low = snap_fp16(low)
     safe = torch.where(step == 0, torch.ones_like(step), step)
     codes = ((g - low.unsqueeze(-1)) / safe.unsqueeze(-1)).round().clamp(0, 2 ** bits - 1)
     return QuantTensor(codes.reshape(out, width).to(torch.uint8), step, low, bits, group)
@@ -58,17 +69,11 @@ def _symmetric_grid(w: torch.Tensor, bits: int, group: int) -> QuantTensor:
     out, width = w.shape
     g = w.reshape(out, width // group, group)
     top = 2 ** (bits - 1) - 1
-    step = _snap_fp16(g.abs().amax(-1) / top)
+    step = snap_fp16(g.abs().amax(-1) / top)
     safe = torch.where(step == 0, torch.ones_like(step), step)
     signed = (g / safe.unsqueeze(-1)).round().clamp(-top, top)
     codes = (signed + 2 ** (bits - 1)).reshape(out, width).to(torch.uint8)
     return QuantTensor(codes, step, -(2 ** (bits - 1)) * step, bits, group)
-
-
-def _snap_fp16(step: torch.Tensor) -> torch.Tensor:
-    """GGUF stores the step as fp16: snapping to it makes the reconstruction bit-exact, not just close."""
-    snapped = step.half().float()
-    return torch.where(torch.isfinite(snapped), snapped, step)
 
 
 def _grid_error(w: torch.Tensor, t: QuantTensor) -> float:

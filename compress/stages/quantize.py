@@ -25,7 +25,7 @@ from compress.stages.quant_plan import CALIBRATED, apply, linear_weights, plan, 
 
 
 class QuantizeStage:
-    version = "2"  # 2: mixed precision is best effort and measures a bits-vs-KL frontier
+    version = "3"  # 2: mixed precision is best effort and measures a bits-vs-KL frontier; 3: fp16 scales, offsets
 
     def run(self, model: Any, config: QuantizeConfig, ctx: StageContext) -> StageResult:
         from compress.stages import sensitivity

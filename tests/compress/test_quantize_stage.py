@@ -93,6 +93,33 @@ def test_residual_offset_is_exact_for_signed_codes():
     torch.testing.assert_close(signed.reshape(8, 64), t.dequantize(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("make", [lambda w: rtn(w, 4, 32, True), lambda w: rtn(w, 4, 32, False),
+                                  lambda w: rtn(w, 8, 32, True), lambda w: hqq(w, 4, 32), lambda w: hqq(w, 8, 32)],
+                         ids=["rtn4-sym", "rtn4-asym", "rtn8-sym", "hqq4", "hqq8"])
+def test_scales_and_residual_offsets_are_fp16_values_and_the_codes_are_chosen_on_them(make):
+    """What lets ONNX (and any fp16-storing format) hold the stage's grid exactly: every scale and every float
+    offset's residual is an fp16 value, and each code is still the nearest on that grid (within half a step)."""
+    w = torch.randn(64, 128) * 0.02
+    w[3, 5] = 0.9  # an outlier: its group's grid is coarse
+    t = make(w)
+    # Integer zero points are what formats store for round to nearest; float offsets go in as residuals.
+    assert t.fp16_scales() and (t.fp16_residuals() or t.integer_zero_points() is not None)
+    step = t.scale.abs().repeat_interleave(32, dim=1)
+    inside = (t.codes > 0) & (t.codes < 2 ** t.bits - 1)  # clamped codes may sit further away
+    assert torch.all(((t.dequantize() - w).abs() <= step * 0.5 + 1e-7)[inside])
+    off_grid = torch.full_like(t.scale, 1.0001)  # not an fp16 value: the checks can fail
+    assert not QuantTensor(t.codes, off_grid, t.offset, t.bits, 32).fp16_scales()
+    assert not QuantTensor(t.codes, t.scale, t.offset + 1e-5 * t.scale, t.bits, 32).fp16_residuals()
+
+
+def test_gptq_codes_are_on_fp16_values_too():
+    from compress.stages.gptq import gptq
+
+    x = torch.randn(512, 128)
+    t = gptq(torch.randn(32, 128), x.T @ x, 4, 32)
+    assert t.fp16_scales() and t.fp16_residuals()
+
+
 def test_stage_output_runs_its_own_codes_and_survives_the_cache(tmp_path):
     model = tiny_llama(seed=0)
     result = STAGES.get("quantize").run(model, _config(algorithm=QuantAlgorithm.HQQ), _ctx(model, tmp_path))
@@ -257,7 +284,7 @@ def test_reading_targets_does_not_import_torch():
     code = "import sys, compress.targets, compress.stages; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
-    assert STAGES.get("quantize").version == "2"
+    assert STAGES.get("quantize").version == "3"
 
 
 @pytest.mark.slow

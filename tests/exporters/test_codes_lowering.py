@@ -64,6 +64,17 @@ def test_onnx_runs_the_stage_codes_exactly(model, tmp_path, algorithm, bits, cor
     assert coverage["matmuls_quantized"] == coverage["matmuls_total"] == 11  # 2 x (qkv, o, gate, up, down) + head
     assert coverage["with_offset_correction"] == corrected  # HQQ's float zero points: every body matmul
     assert coverage["stage_tensors_not_in_graph"] == []
+    # The stage's scales and residual offsets are fp16 values, so they are stored in fp16, exactly (below).
+    assert coverage["scales_stored_fp16"] == 11 and coverage["residuals_stored_fp16"] == corrected
+    import onnx
+
+    graph = onnx.load(str(art.path / "model.onnx"), load_external_data=False).graph
+    halves = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    assert sum(n.endswith("_fp16") for n in halves) == 11 + corrected
+    # Default zero points are not stored: only the lm_head shared with the embedding's gather, and, for
+    # asymmetric round-to-nearest, its integer zero points.
+    with_zero = [n.name for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
+    assert len(with_zero) == (11 if algorithm is QuantAlgorithm.RTN else 1)
     got = _run(OnnxRuntime().load(art, threads=2))
     np.testing.assert_allclose(got, _eager(staged.model), atol=2e-4, rtol=1e-4)
     assert np.abs(got - _eager(model)).max() > 1e-2  # it really is the staged model, not the fp32 one

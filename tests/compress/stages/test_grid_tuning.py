@@ -71,6 +71,7 @@ def test_distilling_a_quantized_model_trains_its_grids_and_keeps_its_codes(symme
         old = before.quantized.tensors[name]
         assert torch.equal(t.codes, old.codes) and (t.bits, t.group) == (old.bits, old.group), name
         assert torch.equal(weights[name].detach(), t.dequantize()), name  # the model is exactly the codes
+        assert t.fp16_scales() and (t.fp16_residuals() or t.integer_zero_points() is not None), name  # fp16 values
         if name == "lm_head":
             assert torch.equal(t.scale, old.scale) and torch.equal(t.offset, old.offset)  # frozen
         else:
