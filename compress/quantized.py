@@ -283,7 +283,13 @@ def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> QuantTensor:
     block = (1, group)
     scale, zero = choose_qparams_affine(w, mapping, block, torch.int8, qmin, qmax, eps=1e-12,
                                         scale_dtype=torch.float32, zero_point_dtype=torch.int32)
-    scale = snap_fp16(scale, away=True)  # the codes are chosen on the fp16 grid (see the module docstring)
+    # The codes are chosen on the fp16 grid (see the module docstring). A symmetric scale is rounded away from
+    # zero, so the largest magnitude still lands within half a step; an asymmetric one to nearest, its zero point
+    # derived again from it as torchao derives it (the group's minimum then takes code 0).
+    scale = snap_fp16(scale, away=symmetric)
+    if not symmetric:
+        low = w.reshape(w.shape[0], -1, group).amin(-1).clamp(max=0).reshape(scale.shape)
+        zero = (qmin - torch.round(low / scale)).clamp(qmin, qmax).to(zero.dtype)
     q = quantize_affine(w, block, scale, zero, torch.int8, qmin, qmax)  # (out, in) int8, w = (q - zero) * scale
     scale = scale.reshape(w.shape[0], -1).float()
     zero = zero.reshape(w.shape[0], -1).float()
@@ -298,7 +304,7 @@ def snap_fp16(x: torch.Tensor, away: bool = False) -> torch.Tensor:
     import torch
 
     snapped = x.half().float()
-    if away:  # a min-max grid's scale: never narrower than its range, so no extreme weight is clamped
+    if away:
         short = snapped.abs() < x.abs()
         bumped = torch.nextafter(snapped.half(), torch.sign(x).half() * torch.inf).float()
         snapped = torch.where(short, bumped, snapped)

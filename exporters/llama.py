@@ -331,7 +331,7 @@ class ExportLlama(nn.Module):
         if fuse_qkv:
             for name, parts in fused_qkv_names(dims.num_layers).items():
                 state[name + ".weight"] = torch.cat([state.pop(p + ".weight") for p in parts])
-        state = {k: v.detach().clone().float() for k, v in state.items()}
+        state = {k: v.detach().float() for k, v in state.items()}  # load_state_dict copies: no clone
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"weights do not fit the export module: missing {missing[:4]}, unexpected {unexpected[:4]}")

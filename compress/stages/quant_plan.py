@@ -94,14 +94,18 @@ def quantize_one(w: Any, p: Plan, q: QuantizeConfig) -> QuantTensor:
 def apply(model: Any, tensors: dict[str, QuantTensor]) -> Any:
     """A copy of `model` whose quantized weights hold their exact dequantized values (eager PyTorch then runs
     the quantized model)."""
+    return load_codes(copy.deepcopy(model), tensors)
+
+
+def load_codes(model: Any, tensors: dict[str, QuantTensor]) -> Any:
+    """`model` itself (returned), its named weights overwritten in place with the tensors' dequantized values."""
     import torch
 
-    out = copy.deepcopy(model)
-    weights = linear_weights(out)
+    weights = linear_weights(model)
     with torch.no_grad():
         for name, t in tensors.items():
             weights[name].copy_(t.dequantize())
-    return out
+    return model
 
 
 def quantize_model(model: Any, q: QuantizeConfig, console: Any = None,

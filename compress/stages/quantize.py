@@ -31,6 +31,7 @@ class QuantizeStage:
         from compress.stages import sensitivity
 
         notes: dict[str, Any] = {}
+        given = model  # the caller's (the fp32 reference, or an earlier stage's result): never overwritten here
         if config.rotation is Rotation.HADAMARD:
             from compress.stages.rotation import rotate
 
@@ -77,11 +78,14 @@ class QuantizeStage:
         if config.max_kl is not None and kl > config.max_kl:
             start = time.perf_counter()
             tensors = dict(qw.tensors)
-            del quantized  # rebuilt below from the promoted codes; the search measures its own trial copies
-            mixed = sensitivity.promote_until(model, tensors, plans, config, measure, ctx.console, kl)
+            # The search sets its trials in one model in place and hands it back holding the chosen codes: the
+            # smoothed (or rotated) copy is the stage's own, so it becomes that model, no third fp32 copy.
+            del quantized
+            mixed = sensitivity.promote_until(model, tensors, plans, config, measure, ctx.console, kl,
+                                              work=None if model is given else model)
             seconds["mixed_precision"] = time.perf_counter() - start
             kl = mixed.kl
-            quantized, qw = apply(model, tensors), QuantizedWeights(tensors, config, tuple(mixed.promoted))
+            quantized, qw = mixed.model, QuantizedWeights(tensors, config, tuple(mixed.promoted))
             notes.update(promoted_to_8bit=mixed.promoted, max_kl_reached=mixed.reached,
                          sensitivity_top=mixed.ranking[:10],
                          bits_vs_kl=[dataclasses.asdict(p) for p in mixed.frontier])

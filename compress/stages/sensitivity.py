@@ -94,16 +94,24 @@ class MixedPrecision:
     reached: bool
     ranking: list[tuple[str, float]]
     frontier: list[FrontierPoint]
+    model: Any  # the model holding the chosen codes' dequantized values (the search's `work` model)
 
 
 FRONTIER_STEPS = 4  # bits budget levels measured besides the bisection's points: 1/4, 1/2, 3/4 and all of it
 
 
 def promote_until(model: Any, tensors: dict[str, QuantTensor], plans: list[Any], q: QuantizeConfig,
-                  measure: KlProbe, console: Any, kl_plain: float) -> MixedPrecision:
+                  measure: KlProbe, console: Any, kl_plain: float, work: Any = None) -> MixedPrecision:
     """Raise the most sensitive linears to 8 bits (in place in `tensors`) until the KL is <= `q.max_kl`, within
-    `q.max_avg_bits`; when the budget cannot reach it, spend the whole budget and say so (best effort)."""
-    from compress.stages.quant_plan import Plan, apply, linear_weights, quantize_one
+    `q.max_avg_bits`; when the budget cannot reach it, spend the whole budget and say so (best effort).
+
+    Every trial is measured on one `work` model whose quantized weights are set in place (only those that change
+    between trials), never on a fresh copy: one fp32-sized copy fewer at the search's peak. `work` may be `model`
+    itself when the caller owns it (overwritten once the ranking and the 8-bit codes no longer need its float
+    weights); None makes a copy. It is returned as MixedPrecision.model, holding the chosen codes."""
+    import copy
+
+    from compress.stages.quant_plan import Plan, linear_weights, load_codes, quantize_one
 
     ranking = rank(model, tensors, measure, console)
     weights = linear_weights(model)
@@ -124,12 +132,22 @@ def promote_until(model: Any, tensors: dict[str, QuantTensor], plans: list[Any],
     eight = {name: quantize_one(weights[name], Plan(name, 8, by_name[name].group), rtn8)
              for name, _ in ranking[:allowed]}
     measured = {0: kl_plain}
+    work = load_codes(copy.deepcopy(model) if work is None else work, tensors)
+    work_weights, at_eight = linear_weights(work), [False] * allowed
+
+    def hold(k: int) -> None:  # the k most sensitive at 8 bits in `work`, the rest at their own codes
+        import torch
+
+        with torch.no_grad():
+            for i, (name, _) in enumerate(ranking[:allowed]):
+                if at_eight[i] != (i < k):
+                    work_weights[name].copy_((eight[name] if i < k else tensors[name]).dequantize())
+                    at_eight[i] = i < k
 
     def kl_with(k: int) -> float:
         if k not in measured:
-            trial = dict(tensors)
-            trial.update({n: eight[n] for n, _ in ranking[:k]})
-            measured[k] = measure(apply(model, trial))
+            hold(k)
+            measured[k] = measure(work)
         return measured[k]
 
     levels = [bits_at[0] + (bits_at[-1] - bits_at[0]) * i / FRONTIER_STEPS for i in range(1, FRONTIER_STEPS + 1)]
@@ -152,5 +170,6 @@ def promote_until(model: Any, tensors: dict[str, QuantTensor], plans: list[Any],
                       f"budget, best effort)[/yellow]")
     promoted = [n for n, _ in ranking[:hi]]
     tensors.update({n: eight[n] for n in promoted})
+    hold(hi)
     frontier = [FrontierPoint(k, round(bits_at[k], 4), v) for k, v in sorted(measured.items())]
-    return MixedPrecision(promoted, measured[hi], reached, [(n, round(s, 6)) for n, s in ranking], frontier)
+    return MixedPrecision(promoted, measured[hi], reached, [(n, round(s, 6)) for n, s in ranking], frontier, work)
