@@ -1,12 +1,13 @@
 """How much memory a build will need, estimated from the model's config before anything is loaded.
 
-peak ≈ BASE + copies × fp32 weight bytes, where BASE is the interpreter with torch, transformers and the runtimes
-imported, and `copies` how many fp32-sized copies of the weights the heaviest step holds at once. Both come
-from measured builds (docs/scale.md; `/usr/bin/time -v`, 2-core AMD EPYC, 24 GiB): on smollm2-360m-shape (1.45 GB
-of fp32 weights) android (pte) peaked at 7.82 GB and web (onnx) at 7.96 GB, 4.0-4.1 copies, the GPTQ quantize
-stage with its smoothed candidate and mixed-precision search being the heaviest step for both; android-small
-(prune and distill: teacher, student, gradients and Adam's two moments) at 5.4 GB on 135M. The estimate rounds
-those up.
+peak ≈ BASE + copies × fp32 weight bytes + logits, where BASE is the interpreter with torch, transformers and the
+runtimes imported, `copies` how many fp32-sized copies of the weights the heaviest step holds at once, and
+`logits` the fp32 logits the harness and the quantize stage's KL probe hold (rows × vocabulary). They come from
+measured builds (docs/scale.md; `/usr/bin/time -v`, 2-core AMD EPYC, 24 GiB): on smollm2-360m-shape (1.45 GB of
+fp32 weights) android (pte) peaked at 6.53 GB, 3.1 copies, in the quantize stage's mixed-precision search (the
+reference, the smoothed model the search overwrites with its trials, the probe); web's export and verification
+after the same (cached) stage at 5.06 GB; android-small (prune and distill: teacher, student, gradients and
+Adam's two moments) at 5.4 GB on 135M. The estimate rounds those up.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 
 GB = 1e9
 BASE_BYTES = 2.0 * GB
-COPIES_EXPORT = 4.5  # quantize stage and exporter: the fp32 reference, the stage's candidates, the export module
+COPIES_EXPORT = 3.5  # quantize stage and exporter: the fp32 reference, the stage's candidate, the export module
 COPIES_TRAINING = 7.0  # a prune/distill stage: teacher + student + gradients + Adam's two moments + activations
+LOGIT_ROWS = 3 * 8 * 256  # reference and candidate over the default eval set (8 x 256), and the stage's probe
 
 
 def parameter_count(config: Any) -> int:
@@ -36,17 +38,20 @@ class MemoryEstimate:
     parameters: int
     peak_bytes: float
     copies: float
+    logits_bytes: float
 
     def describe(self) -> str:
         return (f"~{self.peak_bytes / GB:.1f} GB ({self.parameters / 1e9:.2f}B parameters: "
-                f"{self.copies:g} fp32 copies of {self.parameters * 4 / GB:.1f} GB plus {BASE_BYTES / GB:.0f} GB)")
+                f"{self.copies:g} fp32 copies of {self.parameters * 4 / GB:.1f} GB, {self.logits_bytes / GB:.1f} GB "
+                f"of logits, plus {BASE_BYTES / GB:.0f} GB)")
 
 
 def estimate(config: Any, trains: bool) -> MemoryEstimate:
     """The peak of a build of `config`; `trains`: the target has a prune or distill stage."""
     params = parameter_count(config)
     copies = COPIES_TRAINING if trains else COPIES_EXPORT
-    return MemoryEstimate(params, BASE_BYTES + copies * 4 * params, copies)
+    logits = LOGIT_ROWS * config.vocab_size * 4
+    return MemoryEstimate(params, BASE_BYTES + copies * 4 * params + logits, copies, logits)
 
 
 def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> float | None:
