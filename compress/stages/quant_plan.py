@@ -108,10 +108,11 @@ def load_codes(model: Any, tensors: dict[str, QuantTensor]) -> Any:
     return model
 
 
-def quantize_model(model: Any, q: QuantizeConfig, console: Any = None,
-                   fit: list[list[int]] | None = None) -> tuple[Any, QuantizedWeights]:
-    """Every planned linear quantized with the configured algorithm: (dequantized copy, codes). A calibrated
-    algorithm fits the decoder's linears on the `fit` windows; the lm_head is rounded to nearest."""
+def quantize_model(model: Any, q: QuantizeConfig, console: Any = None, fit: list[list[int]] | None = None,
+                   in_place: bool = False) -> tuple[Any, QuantizedWeights]:
+    """Every planned linear quantized with the configured algorithm: (dequantized copy, codes); with `in_place`,
+    `model` itself holds the dequantized values (its float weights are gone). A calibrated algorithm fits the
+    decoder's linears on the `fit` windows; the lm_head is rounded to nearest."""
     from compress.progress import Console
 
     console = console or Console(quiet=True)
@@ -129,4 +130,5 @@ def quantize_model(model: Any, q: QuantizeConfig, console: Any = None,
     rest = [p for p in plans if p.name not in tensors]
     for p in console.track(rest, f"Quantizing {len(rest)} linears ({q.algorithm.value})"):
         tensors[p.name] = quantize_one(weights[p.name], p, q)
-    return apply(model, tensors), QuantizedWeights({p.name: tensors[p.name] for p in plans}, q)
+    codes = QuantizedWeights({p.name: tensors[p.name] for p in plans}, q)
+    return (load_codes(model, tensors) if in_place else apply(model, tensors)), codes

@@ -49,30 +49,16 @@ class QuantizeStage:
         seconds = {"quantize": time.perf_counter() - start}
         measure = sensitivity.KlProbe(ctx.reference, windows)
         kl = measure(quantized)
+        smoothing = None
         if config.smoothing is not None and (config.max_kl is None or kl > config.max_kl):
             # Smoothing is a candidate, kept only when its codes measure a lower KL: it rebalances weights that
-            # carry folded norm gains, and moves weights that already sit on a grid off it.
-            from compress.stages.smoothing import smooth
-
-            # The dequantized copy is apply(model, qw.tensors): dropped while the smoothed candidate exists and
-            # rebuilt if it is kept, so at most three fp32 copies (reference, smoothed, its quantized copy) live.
+            # carry folded norm gains, and moves weights that already sit on a grid off it. The unsmoothed
+            # dequantized copy is apply(model, qw.tensors): dropped while the candidate is measured, rebuilt if
+            # the candidate loses, so two fp32 copies live here (the reference and the smoothed model).
             del quantized
             start = time.perf_counter()
-            with ctx.console.step(f"Smoothing the normed activations (alpha {config.smoothing})") as step:
-                smoothed, info = smooth(model, fit or windows, config.smoothing)
-                step["detail"] = (f"largest channel / median {info['outlier_ratio_before']} -> "
-                                  f"{info['outlier_ratio_after']}")
-            s_quantized, s_qw = quantize_model(smoothed, config, ctx.console, fit)
-            s_kl = measure(s_quantized)
-            info.update(kl_without=kl, kl_with=s_kl, kept=s_kl < kl)
-            ctx.console.print(f"  smoothing: KL {kl:.4g} without, {s_kl:.4g} with: "
-                              f"{'smoothed' if s_kl < kl else 'unsmoothed'} codes kept")
-            if s_kl < kl:
-                model, quantized, qw, kl = smoothed, s_quantized, s_qw, s_kl
-            else:
-                del smoothed, s_quantized, s_qw
-                quantized = apply(model, qw.tensors)
-            notes["smoothing"] = info
+            smoothing, quantized, qw, kl, notes["smoothing"] = self._smoothed(model, qw, kl, config, ctx, fit,
+                                                                             fit or windows, measure)
             seconds["smoothing"] = time.perf_counter() - start
         notes["kl_all_at_weight_bits"] = kl
         if config.max_kl is not None and kl > config.max_kl:
@@ -81,6 +67,8 @@ class QuantizeStage:
             # The search sets its trials in one model in place and hands it back holding the chosen codes: the
             # smoothed (or rotated) copy is the stage's own, so it becomes that model, no third fp32 copy.
             del quantized
+            if smoothing is not None:  # its float weights, rebuilt bitwise from the scales (quantized in place)
+                model = smoothing.apply(model)
             mixed = sensitivity.promote_until(model, tensors, plans, config, measure, ctx.console, kl,
                                               work=None if model is given else model)
             seconds["mixed_precision"] = time.perf_counter() - start
@@ -89,13 +77,39 @@ class QuantizeStage:
             notes.update(promoted_to_8bit=mixed.promoted, max_kl_reached=mixed.reached,
                          sensitivity_top=mixed.ranking[:10],
                          bits_vs_kl=[dataclasses.asdict(p) for p in mixed.frontier])
-        total = len(linear_weights(model))
+        total = len(linear_weights(quantized))
         notes.update(scheme=qw.scheme, kl_vs_unquantized=kl, max_kl=config.max_kl, **qw.bits_summary(),
                      linears_quantized=len(qw.tensors), linears_total=total, seconds=seconds,
                      calibration=_calibration_record(windows), fit=_calibration_record(fit) if fit else None)
         ctx.console.print(f"  quantized {len(qw.tensors)}/{total} linears, {notes.get('avg_code_bits')} code bits "
                           f"per weight, KL vs unquantized {kl:.4g} on {len(windows)} calibration windows")
         return StageResult(quantized, notes, qw)
+
+    @staticmethod
+    def _smoothed(model: Any, qw: QuantizedWeights, kl: float, config: QuantizeConfig, ctx: StageContext,
+                  fit: list[list[int]], windows: list[list[int]],
+                  measure: Any) -> tuple[Any, Any, QuantizedWeights, float, dict]:
+        """The smoothed candidate against the unsmoothed codes `qw` (KL `kl`): (the Smoothing when kept, else
+        None; the kept codes' dequantized model; the codes; their KL; the notes). The scales come from the
+        activations over `windows`, GPTQ fits on `fit`. The smoothed copy is quantized in place, so the candidate
+        costs one fp32 copy."""
+        from compress.stages.smoothing import smoothing_for
+
+        with ctx.console.step(f"Smoothing the normed activations (alpha {config.smoothing})") as step:
+            smoothing = smoothing_for(model, windows, config.smoothing)
+            info: dict[str, Any] = dict(smoothing.info)
+            step["detail"] = (f"largest channel / median {info['outlier_ratio_before']} -> "
+                              f"{info['outlier_ratio_after']}")
+        s_quantized, s_qw = quantize_model(smoothing.apply(model), config, ctx.console, fit,
+                                           in_place=True)
+        s_kl = measure(s_quantized)
+        info.update(kl_without=kl, kl_with=s_kl, kept=s_kl < kl)
+        ctx.console.print(f"  smoothing: KL {kl:.4g} without, {s_kl:.4g} with: "
+                          f"{'smoothed' if s_kl < kl else 'unsmoothed'} codes kept")
+        if s_kl < kl:
+            return smoothing, s_quantized, s_qw, s_kl, info
+        del s_quantized, s_qw
+        return None, apply(model, qw.tensors), qw, kl, info
 
 
 def _calibration_record(windows: list[list[int]]) -> dict[str, Any]:

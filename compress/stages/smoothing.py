@@ -18,35 +18,65 @@ its own modules (which the exporters here do not lower) and targets int8 weights
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 
+@dataclass(frozen=True)
+class Smoothing:
+    """The scales measured for each smoothed norm (layer order: input_layernorm, post_attention_layernorm) and
+    what they do to the activations: the largest channel maximum over the median one, before and after."""
+
+    scales: tuple[torch.Tensor, ...]
+    info: dict[str, float]
+
+    def apply(self, model: Any) -> Any:
+        """A smoothed copy of `model`: norm gains divided by the scales, the columns of the linears that read them
+        multiplied. The same scales on the same model give bitwise the same weights every time, so a caller may
+        drop the copy and rebuild it."""
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            for (norm, linears), s in zip(_sites(model), self.scales):
+                norm.weight.div_(s)
+                for lin in linears:
+                    lin.weight.mul_(s)
+        return model
+
+
+def smoothing_for(model: Any, windows: list[list[int]], alpha: float) -> Smoothing:
+    """SmoothQuant's scales for `model` (unchanged) from its activations over the windows."""
+    sites = _sites(model)
+    amax = _input_maxima(model, [linears[0] for _, linears in sites], windows)
+    scales, before, after = [], [], []
+    with torch.no_grad():
+        for (_, linears), a in zip(sites, amax):
+            a = a.clamp_min(1e-5)
+            w = torch.cat([lin.weight for lin in linears]).abs().amax(0).clamp_min(1e-5)  # (hidden,)
+            s = a.pow(alpha) / w.pow(1 - alpha)
+            scales.append(s / s.log().mean().exp())
+            before.append(float(a.max() / a.median()))
+            after.append(float((a / scales[-1]).max() / (a / scales[-1]).median()))
+    return Smoothing(tuple(scales), {"alpha": alpha, "sites": len(sites),
+                                     "outlier_ratio_before": round(max(before), 1),
+                                     "outlier_ratio_after": round(max(after), 1)})
+
+
 def smooth(model: Any, windows: list[list[int]], alpha: float) -> tuple[Any, dict[str, float]]:
-    """A smoothed copy of `model` (same outputs to float rounding) and what it did: the largest activation
-    channel maximum over the median one, before and after, over every smoothed norm."""
-    model = copy.deepcopy(model)
-    sites = []  # (norm, linears that read it)
+    """A smoothed copy of `model` (same outputs to float rounding) and what it did (Smoothing.info)."""
+    smoothing = smoothing_for(model, windows, alpha)
+    return smoothing.apply(model), smoothing.info
+
+
+def _sites(model: Any) -> list[tuple[Any, list[Any]]]:
+    """(norm, the linears that read it) for every smoothed norm."""
+    sites = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         sites.append((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
         sites.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
-    amax = _input_maxima(model, [linears[0] for _, linears in sites], windows)
-    before, after = [], []
-    with torch.no_grad():
-        for (norm, linears), a in zip(sites, amax):
-            a = a.clamp_min(1e-5)
-            w = torch.cat([lin.weight for lin in linears]).abs().amax(0).clamp_min(1e-5)  # (hidden,)
-            s = a.pow(alpha) / w.pow(1 - alpha)
-            s = s / s.log().mean().exp()
-            norm.weight.div_(s)
-            for lin in linears:
-                lin.weight.mul_(s)
-            before.append(float(a.max() / a.median()))
-            after.append(float((a / s).max() / (a / s).median()))
-    return model, {"alpha": alpha, "sites": len(sites), "outlier_ratio_before": round(max(before), 1),
-                   "outlier_ratio_after": round(max(after), 1)}
+    return sites
 
 
 def _input_maxima(model: Any, linears: list[Any], windows: list[list[int]]) -> list[torch.Tensor]:

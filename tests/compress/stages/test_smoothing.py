@@ -49,13 +49,10 @@ def _stage_ctx(reference, tmp_path):
     return StageContext(0, tmp_path, _windows, reference, Console(quiet=True))
 
 
-def test_the_quantize_stage_keeps_smoothing_only_when_it_measures_better(tmp_path):
-    from compress.quantized import Activations, Precision, QuantAlgorithm
-    from compress.stages import STAGES
-
-    model = tiny_llama(0, num_hidden_layers=2, intermediate_size=128)
+def _uneven(model):
+    """`model` with wildly uneven gains folded into its weights: same function, columns far apart in size."""
     gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # fold wildly uneven gains into the weights: same function, columns far apart in size
+    with torch.no_grad():
         for layer in model.model.layers:
             for norm, linears in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj,
                                                            layer.self_attn.v_proj)),
@@ -64,6 +61,14 @@ def test_the_quantize_stage_keeps_smoothing_only_when_it_measures_better(tmp_pat
                 norm.weight.div_(g)
                 for lin in linears:
                     lin.weight.mul_(g)
+    return model
+
+
+def test_the_quantize_stage_keeps_smoothing_only_when_it_measures_better(tmp_path):
+    from compress.quantized import Activations, Precision, QuantAlgorithm
+    from compress.stages import STAGES
+
+    model = _uneven(tiny_llama(0, num_hidden_layers=2, intermediate_size=128))
     base = dict(weight_bits=4, group_size=32, symmetric=False, activations=Activations.NONE, embedding=Precision.INT8,
                 lm_head=Precision.INT8, algorithm=QuantAlgorithm.RTN, calibration_windows=2, calibration_len=32)
     plain = STAGES.get("quantize").run(model, QuantizeConfig(**base), _stage_ctx(model, tmp_path))
@@ -92,3 +97,31 @@ def test_the_quantize_stage_keeps_smoothing_only_when_it_measures_better(tmp_pat
     # moves an extreme weight across a rounding boundary (compress.quantized.rtn)
     same = sum(int((t.codes == plain.quantized.tensors[n].codes).sum()) for n, t in again.quantized.tensors.items())
     assert same >= 0.99 * sum(t.codes.numel() for t in again.quantized.tensors.values())
+
+
+def test_smoothing_rebuilds_bitwise_and_the_search_promotes_from_the_smoothed_float_weights(tmp_path):
+    """The stage quantizes the smoothed copy in place and rebuilds its float weights from the scales for the
+    mixed-precision search: the rebuild is bitwise, and the 8-bit codes come from the float weights (from the
+    4-bit values they would sit a 4-bit step away)."""
+    from compress.quantized import Activations, Precision, QuantAlgorithm
+    from compress.stages import STAGES
+    from compress.stages.quant_plan import linear_weights
+    from compress.stages.smoothing import smoothing_for
+
+    model = _uneven(tiny_llama(0, num_hidden_layers=2, intermediate_size=128))
+    smoothing = smoothing_for(model, _windows(2, 32), 0.5)
+    first, second = linear_weights(smoothing.apply(model)), linear_weights(smoothing.apply(model))
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert all(torch.equal(a, b) for a, b in zip(smooth(model, _windows(2, 32), 0.5)[0].state_dict().values(),
+                                                  smoothing.apply(model).state_dict().values()))
+    config = QuantizeConfig(weight_bits=4, group_size=32, symmetric=False, activations=Activations.NONE,
+                            embedding=Precision.INT8, lm_head=Precision.INT8, algorithm=QuantAlgorithm.RTN,
+                            calibration_windows=2, calibration_len=32, smoothing=0.5, max_kl=1e-9,
+                            max_avg_bits=6.0)
+    result = STAGES.get("quantize").run(model, config, _stage_ctx(model, tmp_path))
+    assert result.notes["smoothing"]["kept"] is True and result.notes["promoted_to_8bit"]
+    for name in result.notes["promoted_to_8bit"]:
+        t = result.quantized.tensors[name]
+        assert t.bits == 8
+        error = (t.dequantize() - first[name]).abs().reshape(t.scale.shape[0], t.scale.shape[1], -1)
+        assert bool((error <= 0.5001 * t.scale.unsqueeze(-1) + 1e-7).all()), name
