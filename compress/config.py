@@ -53,8 +53,13 @@ def _range_text(m: Mapping[str, Any]) -> str:
     return " and ".join(parts)
 
 
-def _show(value: Any) -> str:
-    return repr(value.value) if isinstance(value, enum.Enum) else repr(value)
+SHOWN_MAX = 60  # characters of a value (or key) quoted back in a problem: a hostile one is shown shortened
+
+
+def shown(value: Any) -> str:
+    """`value` as a problem message quotes it: its repr (an enum's value's), shortened past SHOWN_MAX."""
+    text = repr(value.value) if isinstance(value, enum.Enum) else repr(value)
+    return text if len(text) <= SHOWN_MAX else f"{text[:SHOWN_MAX - 20]}... ({len(text)} characters)"
 
 
 def field_problems(obj: Any) -> list[Problem]:
@@ -66,14 +71,14 @@ def field_problems(obj: Any) -> list[Problem]:
         if value is None or not m:
             continue
         if m.get("choices") is not None and value not in m["choices"]:
-            allowed = ", ".join(_show(c) for c in m["choices"])
-            problems.append(Problem(f.name, f"{_show(value)} is not allowed; choose one of {allowed}"))
+            allowed = ", ".join(shown(c) for c in m["choices"])
+            problems.append(Problem(f.name, f"{shown(value)} is not allowed; choose one of {allowed}"))
             continue
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if ((m.get("ge") is not None and value < m["ge"]) or (m.get("gt") is not None and value <= m["gt"])
                     or (m.get("le") is not None and value > m["le"]) or (m.get("lt") is not None
                                                                         and value >= m["lt"])):
-                problems.append(Problem(f.name, f"{value!r} is out of range; allowed: {_range_text(m)}"))
+                problems.append(Problem(f.name, f"{shown(value)} is out of range; allowed: {_range_text(m)}"))
     return problems
 
 
@@ -87,7 +92,8 @@ def check_fields(obj: Any, extra: Iterable[Problem] = ()) -> None:
 def join(where: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{where}[{key}]"
-    return f"{where}.{key}" if where else str(key)
+    key = key if len(key) <= SHOWN_MAX else shown(key)
+    return f"{where}.{key}" if where else key
 
 
 def type_name(value: Any) -> str:
@@ -133,7 +139,7 @@ def parse_value(tp: Any, raw: Any, where: str, problems: list[Problem]) -> Any:
         values = [e.value for e in tp]
         if raw in values and not isinstance(raw, bool):
             return tp(raw)
-        problems.append(Problem(where, f"{raw!r} is not valid; choose one of {', '.join(map(repr, values))}"))
+        problems.append(Problem(where, f"{shown(raw)} is not valid; choose one of {', '.join(map(repr, values))}"))
         return None
     if tp is bool:
         if isinstance(raw, bool):
@@ -149,7 +155,7 @@ def parse_value(tp: Any, raw: Any, where: str, problems: list[Problem]) -> Any:
             return raw
     else:
         raise TypeError(f"unsupported config type {tp!r}")
-    problems.append(Problem(where, f"expected {type_name(tp())}, got {type_name(raw)} {raw!r}"))
+    problems.append(Problem(where, f"expected {type_name(tp())}, got {type_name(raw)} {shown(raw)}"))
     return None
 
 
@@ -158,7 +164,7 @@ def parse_dataclass(cls: Any, raw: Any, where: str, problems: list[Problem]) -> 
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        problems.append(Problem(where, f"expected a mapping, got {type_name(raw)} {raw!r}"))
+        problems.append(Problem(where, f"expected a mapping, got {type_name(raw)} {shown(raw)}"))
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from compress.config import check_fields, join, parse_dataclass, parse_value, setting, to_data, type_name
+from compress.config import check_fields, join, parse_dataclass, parse_value, setting, shown, to_data, type_name
 from compress.errors import ConfigError, Problem
 from compress.exporters import EXPORTERS
 from compress.gate import Budgets
@@ -50,7 +50,7 @@ class ExportSpec:
             return None
         fmt = raw["format"]
         if not isinstance(fmt, str) or fmt not in EXPORTERS:
-            problems.append(Problem(join(where, "format"), f"{fmt!r} is not valid; choose one of "
+            problems.append(Problem(join(where, "format"), f"{shown(fmt)} is not valid; choose one of "
                                                            f"{', '.join(map(repr, EXPORTERS.names()))}"))
             return None
         rest = {k: v for k, v in raw.items() if k != "format"}
@@ -77,7 +77,7 @@ class StageSpec:
         kinds = ", ".join(k.value for k in StageKind)
         if not isinstance(raw, Mapping) or len(raw) != 1:
             problems.append(Problem(where, f"a stage is a mapping with exactly one key, the stage kind ({kinds}); "
-                                           f"got {raw!r}"))
+                                           f"got {shown(raw)}"))
             return None
         (name, body), = raw.items()
         kind = parse_value(StageKind, name, where, problems)
@@ -97,7 +97,7 @@ class RuntimeSpec:
 
     def __post_init__(self) -> None:
         extra = [] if self.name in RUNTIMES else [
-            Problem("name", f"{self.name!r} is not valid; choose one of {', '.join(map(repr, RUNTIMES.names()))}")]
+            Problem("name", f"{shown(self.name)} is not valid; choose one of {', '.join(map(repr, RUNTIMES.names()))}")]
         check_fields(self, extra)
 
     @classmethod
@@ -230,10 +230,10 @@ def parse_targets(data: Any, source: str = "targets.yaml") -> dict[str, TargetSp
         raise ConfigError(Problem(source, f"expected a mapping with 'version' and 'targets', got {type_name(data)}"))
     for key in data:
         if key not in ("version", "targets"):
-            problems.append(Problem(str(key), "unknown key; valid keys: version, targets"))
+            problems.append(Problem(join("", str(key)), "unknown key; valid keys: version, targets"))
     version = data.get("version")
     if version != SCHEMA_VERSION:
-        problems.append(Problem("version", f"{version!r} is not supported; this compress reads version "
+        problems.append(Problem("version", f"{shown(version)} is not supported; this compress reads version "
                                            f"{SCHEMA_VERSION}"))
     raw_targets = data.get("targets")
     targets: dict[str, TargetSpec] = {}
@@ -250,10 +250,16 @@ def parse_targets(data: Any, source: str = "targets.yaml") -> dict[str, TargetSp
     return targets
 
 
+MAX_TARGETS_BYTES = 1 << 20  # a targets file is a few KB; refused above this before YAML reads it
+
+
 def load_targets(path: Path | str | None = None) -> TargetsFile:
     path = Path(path) if path is not None else SHIPPED_TARGETS
     if not path.is_file():
         raise ConfigError(f"targets file {str(path)!r} does not exist")
+    if (size := path.stat().st_size) > MAX_TARGETS_BYTES:
+        raise ConfigError(f"{path.name}: {size / 1e6:.1f} MB is too large for a targets file (at most "
+                          f"{MAX_TARGETS_BYTES >> 20} MB)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         targets = parse_targets(data, path.name)
