@@ -14,6 +14,7 @@ from rich.console import Console as RichConsole
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 T = TypeVar("T")
+LOG_EVERY_S = 30.0  # off a terminal, a loop that runs longer than this prints where it is at most this often
 
 
 class Console:
@@ -41,9 +42,20 @@ class Console:
         self.print(f"[green]✓[/green] {title} ({info['seconds']:.1f} s){detail}")
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-        """A progress bar over `items` (drawn only on a terminal)."""
-        if self.quiet or not self._rich.is_terminal:
+        """A progress bar over `items` on a terminal. Off one (CI logs) a long loop prints `k/N (elapsed)` lines
+        instead, at most every LOG_EVERY_S and once at its end; a short one prints nothing."""
+        if self.quiet:
             yield from items
+            return
+        if not self._rich.is_terminal:
+            n = total if total is not None else len(items)  # type: ignore[arg-type]
+            start = last = time.perf_counter()
+            for done, item in enumerate(items, 1):
+                yield item
+                now = time.perf_counter()
+                if now - last >= LOG_EVERY_S or (done == n and now - start >= LOG_EVERY_S):
+                    self.print(f"  {description}: {done}/{n} ({now - start:.0f} s)")
+                    last = now
             return
         columns = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=self._rich, transient=True) as bar:
