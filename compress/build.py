@@ -43,7 +43,7 @@ from compress.runtimes import RUNTIMES
 from compress.stages import STAGES, Stage, StageContext
 from compress.stages.configs import StageKind
 from compress.targets import TargetSpec, load_targets, parse_target
-from compress.verification import verify_artifact
+from compress.verification import check_prompts_fit, verify_artifact
 
 BUILD_MARKER = ".compress-build"  # marks a directory compress may overwrite
 
@@ -121,8 +121,9 @@ def check_out_dir(out_dir: Path) -> None:
 def check_text(req: BuildRequest, tokenizer: Any) -> None:
     """The calibration and evaluation text read, decoded and long enough, before any stage or export runs."""
     load_documents(req.eval_data or req.target.eval.data)
-    if req.verify:
-        build_eval_set(tokenizer, req.target.eval, req.eval_data)
+    if req.verify:  # and the greedy check's prompts fit the context the export is asked for
+        check_prompts_fit(build_eval_set(tokenizer, req.target.eval, req.eval_data), req.target.eval,
+                          req.target.export.max_context)
 
 
 def prepare_out_dir(out_dir: Path) -> None:

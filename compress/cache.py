@@ -75,10 +75,14 @@ class StageCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if final.exists():  # a concurrent run finished the same entry first; keep one
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        try:
+            if final.exists():
+                raise FileExistsError(final)
             os.replace(tmp, final)
+        except OSError:  # a concurrent run finished the same entry first (before or during the rename): keep one
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / ENTRY_INFO).is_file():
+                raise
 
     def sweep(self) -> int:
         """Remove temporary entries left by runs that died; returns how many were removed."""

@@ -26,6 +26,14 @@ def stop_ids(tokenizer: Any) -> set[int]:
     return {int(i) for i in ids}
 
 
+def check_prompts_fit(eval_set: Any, spec: Any, max_context: int | None) -> None:
+    """The greedy check's longest prompt plus its generated tokens fit the artifact's context."""
+    longest_prompt = max(len(p) for p in eval_set.prompt_ids) + spec.greedy_tokens
+    if max_context is not None and longest_prompt > max_context:
+        raise InputError(f"a prompt plus {spec.greedy_tokens} greedy tokens needs {longest_prompt} positions; "
+                         f"export.max_context is {max_context}")
+
+
 def verify_artifact(target: TargetSpec, artifact: Artifact, reference: LoadedModel, console: Any,
                     eval_data: str | None = None, threads: int | None = None) -> Verification:
     runtime_name = target.runtime.name
@@ -41,10 +49,7 @@ def verify_artifact(target: TargetSpec, artifact: Artifact, reference: LoadedMod
                          f"{len(eval_set.prompts)} prompts"
     stops = stop_ids(reference.tokenizer)
     max_context = artifact.max_context or target.export.max_context
-    longest_prompt = max(len(p) for p in eval_set.prompt_ids) + spec.greedy_tokens
-    if max_context is not None and longest_prompt > max_context:
-        raise InputError(f"a prompt plus {spec.greedy_tokens} greedy tokens needs {longest_prompt} positions; "
-                         f"export.max_context is {max_context}")
+    check_prompts_fit(eval_set, spec, max_context)
     try:
         with torch_threads(threads):
             with console.step("Running the fp32 reference (eager PyTorch)"):
