@@ -165,7 +165,7 @@ def test_cli_refuses_bad_pte_configs_with_one_line(tiny_dir: Path, tmp_path: Pat
     def targets(quantize: dict) -> Path:
         path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.yaml"
         path.write_text(yaml.safe_dump({"version": 1, "targets": {"a": {
-            "stages": [{"quantize": quantize}], "export": {"format": "pte", "max_context": 64},
+            "stages": [{"quantize": quantize}], "export": {"format": "pte", "max_context": 128},
             "runtime": "executorch", "eval": {"window_len": 32, "prefill_len": 16, "decode_tokens": 8}}}}))
         return path
 

@@ -33,7 +33,8 @@ def run(out_dir: Path) -> None:
     if world.main:
         (out_dir / f"losses-{world.size}.json").write_text(json.dumps(notes["losses"]))
         torch.save(student.state_dict(), out_dir / f"student-{world.size}.pt")
-    if world.size > 1:
+    if world.size > 1:  # both ranks done before either tears gloo down (a rank once aborted in teardown)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
