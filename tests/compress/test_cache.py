@@ -137,3 +137,30 @@ def test_the_code_version_follows_the_steps_source(tmp_path: Path, monkeypatch):
     (package / "scale.py").write_text("class Scale:\n    version = '1'\n    factor = 3\n")  # same version string
     assert code_version(module.Scale()) != before
     assert code_version(HalveFinalNorm()) != before
+
+
+def test_a_writer_that_loses_the_rename_race_keeps_the_winner_s_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Another build installs the same entry between this writer's check and its rename: one entry, no leftovers;
+    a rename that fails for another reason still raises."""
+    import os
+
+    from compress import cache as cache_module
+
+    cache = StageCache(tmp_path)
+    real_replace = os.replace
+
+    def other_build_wins(src, dst):
+        Path(dst).mkdir()
+        (Path(dst) / "entry.json").write_text('{"winner": true}')
+        (Path(dst) / "payload").write_text("theirs")
+        real_replace(src, dst)  # onto a non-empty directory: OSError, as on a real race
+
+    monkeypatch.setattr(cache_module.os, "replace", other_build_wins)
+    with cache.write("k" * 64, {}) as entry:
+        (entry / "payload").write_text("ours")
+    assert (cache.path("k" * 64) / "payload").read_text() == "theirs"
+    assert not list(tmp_path.glob("*/*.tmp-*"))
+    monkeypatch.setattr(cache_module.os, "replace", lambda src, dst: (_ for _ in ()).throw(PermissionError(dst)))
+    with pytest.raises(PermissionError):
+        with cache.write("j" * 64, {}) as entry:
+            (entry / "payload").write_text("ours")
