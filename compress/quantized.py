@@ -12,6 +12,13 @@ The quantize stage's scales are fp16 values held in fp32, and so are its float o
 that stores scales, or the signed codes' per-group correction, in fp16 (ONNX's MatMulNBits and its correction,
 Core ML's scales) stores them exactly. `fp16_scales` and `fp16_residuals` say whether a tensor's are.
 
+With `scale_bits: 8` the grid goes one step further (double quantization, as QLoRA and llama.cpp's k-quants store
+their block scales): each row's scales are 8-bit unsigned codes times one power of two, and its residuals 8-bit
+signed codes times another (`grid_8bit`). Those values are still fp16 (and bf16) values, so every exporter lowers
+them as before, and a format that can store 8-bit codes plus a per-row factor (ONNX: uint8/int8 initializers,
+Cast, Mul, folded when the session is created) stores them exactly in half the bytes: 0.5 instead of 1 stored bit
+per weight at group 32. `scale_codes` and `residual_codes` give those codes where a tensor's values are on it.
+
 On disk (beside a stage's HF checkpoint): one safetensors file, `<name>.codes|scale|offset` per tensor, with
 bits/group per tensor and the stage's scheme in its metadata.
 """
@@ -95,6 +102,9 @@ class QuantizeConfig:
     smoothing: float | None = setting(None, ge=0, le=1, doc="SmoothQuant's alpha: move per-channel range from the "
                                                             "normed activations into the linears reading them "
                                                             "before quantizing (function-preserving)")
+    scale_bits: int = setting(16, choices=(8, 16), doc="16: each group's scale and float offset are fp16 values; "
+                                                       "8: 8-bit codes times a power of two per row (double "
+                                                       "quantization; hqq and gptq grids)")
 
     def code_bits(self) -> set[int]:
         """Every code width the stage writes for this config (body, overrides, lm_head and embedding)."""
@@ -110,6 +120,10 @@ class QuantizeConfig:
                                               f"rotation unties the embedding from the lm_head, and an untied "
                                               f"embedding is not quantized by the stage; set embedding: fp32 (the "
                                               f"rotated model carries a float vocab x hidden matrix)"))
+        if self.scale_bits == 8 and self.algorithm not in (QuantAlgorithm.HQQ, QuantAlgorithm.GPTQ):
+            extra.append(Problem("scale_bits", f"8 with algorithm {self.algorithm.value!r}: 8-bit scales and "
+                                               f"offsets are chosen by the float-offset grids of 'hqq' and 'gptq'; "
+                                               f"use one of those or scale_bits: 16"))
         if self.smoothing is not None and self.rotation is not Rotation.NONE:
             extra.append(Problem("smoothing", f"with rotation {self.rotation.value!r}: the rotation spreads the "
                                               f"channels the smoothing would scale; choose one"))
@@ -182,6 +196,16 @@ class QuantTensor:
         r = self.residual_offset()
         return bool(torch.equal(r.half().float(), r))
 
+    def scale_codes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(uint8 codes (out, groups), fp32 factor per row (out, 1)) whose product is exactly every scale, when
+        each row's scales are 8-bit codes times one power of two (`grid_8bit`); else None."""
+        return _pow2_codes(self.scale, signed=False)
+
+    def residual_codes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int8 codes (out, groups), fp32 factor per row (out, 1)) whose product is exactly every residual offset,
+        when each row's residuals are 8-bit signed codes times one power of two; else None."""
+        return _pow2_codes(self.residual_offset(), signed=True)
+
     def integer_zero_points(self) -> torch.Tensor | None:
         """Zero points z with w = scale * (codes - z), when every one is an integer in range; else None."""
         import torch
@@ -210,6 +234,8 @@ class QuantizedWeights:
                                "group_size": c.group_size, "symmetric": c.symmetric,
                                "activations": c.activations.value, "embedding": c.embedding.value,
                                "lm_head": c.lm_head.value}
+        if c.scale_bits != 16:
+            out["scale_bits"] = c.scale_bits
         if self.promoted_to_8bit:
             out["promoted_to_8bit"] = list(self.promoted_to_8bit)
         return out
@@ -259,13 +285,13 @@ class QuantizedWeights:
                               activations=c.activations, embedding=c.embedding, lm_head=c.lm_head)
 
     def bits_summary(self) -> dict[str, Any]:
-        """Average code bits and stored bits (codes + fp16 scale and offset) per weight, lm_head apart."""
+        """Average code bits and stored bits (codes + scale and offset at `scale_bits`) per weight, lm_head apart."""
         body = {n: t for n, t in self.tensors.items() if n != "lm_head"}
         weights = sum(t.codes.numel() for t in body.values())
         if not weights:
             return {"linear_weights": 0}
         code_bits = sum(t.codes.numel() * t.bits for t in body.values())
-        meta_bits = sum(t.scale.numel() * 16 * 2 for t in body.values())
+        meta_bits = sum(t.scale.numel() * self.config.scale_bits * 2 for t in body.values())
         return {"linear_weights": weights, "avg_code_bits": round(code_bits / weights, 3),
                 "avg_stored_bits": round((code_bits + meta_bits) / weights, 3),
                 "bits_histogram": {str(b): sum(1 for t in body.values() if t.bits == b)
@@ -319,3 +345,43 @@ def fp16_grid(scale: torch.Tensor, offset: torch.Tensor, bits: int) -> tuple[tor
     residual = snap_fp16(offset + mid * scale)  # w = scale * (codes - mid) + residual, before and after
     scale = snap_fp16(scale)
     return scale, residual - mid * scale
+
+
+def _pow2_factor(x: torch.Tensor, top: int) -> torch.Tensor:
+    """Per row of `x`, the smallest power of two f with max |x| / f <= top (1 for an all-zero row), (rows, 1)."""
+    import torch
+
+    peak = x.abs().amax(1, keepdim=True)
+    exponent = torch.ceil(torch.log2(torch.where(peak > 0, peak, torch.ones_like(peak)) / top))
+    return torch.exp2(exponent.clamp(-126, 127))
+
+
+def grid_8bit(scale: torch.Tensor, offset: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) moved to the nearest grid whose scales are, row by row, codes 1..255 times one power of two
+    and whose residual offsets (offset + 2**(bits-1) * scale) are codes -127..127 times another. A power-of-two
+    factor keeps every product exact in fp32, fp16 and bf16. Choose the codes after this."""
+    import torch
+
+    mid = 2 ** (bits - 1)
+    residual = offset + mid * scale
+    f = _pow2_factor(scale, 255)
+    scale = (scale / f).round().clamp(1, 255) * f
+    g = _pow2_factor(residual, 127)
+    residual = (residual / g).round().clamp(-127, 127) * g
+    return scale, residual - mid * scale
+
+
+def snap_grid(scale: torch.Tensor, offset: torch.Tensor, bits: int, scale_bits: int) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """The stage's float-offset grid at `scale_bits` (16: `fp16_grid`; 8: `grid_8bit`)."""
+    return grid_8bit(scale, offset, bits) if scale_bits == 8 else fp16_grid(scale, offset, bits)
+
+
+def _pow2_codes(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    import torch
+
+    f = _pow2_factor(x, 127 if signed else 255)
+    codes = x / f
+    if not torch.equal(codes.round() * f, x) or (not signed and bool((codes < 0).any())):
+        return None
+    return codes.round().to(torch.int8 if signed else torch.uint8), f

@@ -12,9 +12,12 @@ A fused QKV whose parts differ in bits is written at the widest, a narrower part
 Storage: the stage's scales are fp16 values (compress.quantized), so they are stored as fp16 initializers and a
 Cast gives MatMulNBits its fp32 scales, exactly (ONNX Runtime folds the Cast when the session is created). The
 correction's residual offsets (offset + 2**(bits-1) * scale) are fp16 values too for the stage's float offsets,
-and are then stored in fp16 with a Cast; a tensor whose scales or residuals fp16 cannot hold exactly (a GGUF's
-own grid, codes from elsewhere) keeps them in fp32. Zero points equal to MatMulNBits' default (2**(bits-1)) are
-not stored, except where a GatherBlockQuantized shares the matrix.
+and are then stored in fp16 with a Cast. A stage run with `scale_bits: 8` puts each row's scales and residuals on
+8-bit codes times a power of two: those are stored as uint8/int8 initializers plus one fp32 factor per row, and
+Cast -> Mul rebuilds the fp32 values exactly (a power-of-two product), folded at session creation like the Cast.
+A tensor whose scales or residuals neither form holds exactly (a GGUF's own grid, codes from elsewhere) keeps them
+in fp32. Zero points equal to MatMulNBits' default (2**(bits-1)) are not stored, except where a
+GatherBlockQuantized shares the matrix.
 """
 
 from __future__ import annotations
@@ -75,7 +78,9 @@ def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int
     m = onnx.load(str(model_path))
     graph = m.graph
     inits = {t.name: t for t in graph.initializer}
-    used, exact, corrected, extra_nodes, casts, residuals_half = set(), 0, 0, [], {}, 0
+    used, exact, corrected, extra_nodes, prelude = set(), 0, 0, [], []
+    stored = {"scales_stored_fp16": 0, "scales_stored_8bit": 0, "residuals_stored_fp16": 0,
+              "residuals_stored_8bit": 0}
     for node in [n for n in graph.node if n.op_type == "MatMulNBits"]:
         names = source_names(node.name)
         if names is None or not all(n in weights.tensors for n in names):
@@ -86,17 +91,24 @@ def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int
         width = t.codes.shape[1]
         _set_attrs(node, bits=t.bits, block_size=t.group, accuracy_level=accuracy_level, K=width, N=t.codes.shape[0])
         _replace(graph, inits, node.input[1], numpy_helper.from_array(_pack_b(t), node.input[1]))
-        _store_float(graph, inits, casts, node.input[2], t.scale.numpy(), half=t.fp16_scales())
         zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else f"{node.input[1]}_zp"
         shared = [c for c in graph.node if c.op_type == "GatherBlockQuantized" and c.input[2] == node.input[2]]
+        coded = None if shared else t.scale_codes()
+        if coded is not None:
+            _store_coded(graph, inits, prelude, node.input[2], *coded)
+            stored["scales_stored_8bit"] += 1
+        else:
+            stored["scales_stored_fp16"] += _store_float(graph, inits, prelude, node.input[2], t.scale.numpy(),
+                                                         half=t.fp16_scales())
         if zero is None and shared:
             raise ExportError(f"{names[0]}: the tied embedding reads this matrix, so its codes need integer zero "
                               f"points (GatherBlockQuantized has no offset correction); quantize the lm_head with "
                               f"'rtn' or keep_gguf")
         if zero is None:  # signed codes around the default zero point, plus the exact per-group correction
             zero = np.full(t.scale.shape, t.midpoint, dtype=np.uint8)
-            extra_nodes.append((node, _correction(node, t, helper, numpy_helper, graph)))
-            residuals_half += int(t.fp16_residuals())
+            nodes, kind = _correction(node, t, helper, numpy_helper, graph)
+            extra_nodes.append((node, nodes))
+            stored[kind] = stored.get(kind, 0) + 1
             corrected += 1
         else:
             zero = zero.numpy()
@@ -115,8 +127,8 @@ def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int
         index = list(graph.node).index(node)
         for offset, new in enumerate(new_nodes):
             graph.node.insert(index + 1 + offset, new)
-    for index, cast in enumerate(casts.values()):  # before every consumer
-        graph.node.insert(index, cast)
+    for index, new in enumerate(prelude):  # before every consumer
+        graph.node.insert(index, new)
     missing = sorted(set(weights.tensors) - used)
     if missing:  # the builder's own round-to-nearest weights would ship in their place: a silent partial lowering
         raise ExportError(f"{len(missing)} of the quantize stage's tensors have no MatMulNBits node to carry them in "
@@ -126,8 +138,7 @@ def lower_codes(model_path: Path, weights: QuantizedWeights, accuracy_level: int
     onnx.save(m, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
               size_threshold=1024)
     return {"matmuls_lowered_from_codes": exact + corrected, "with_integer_zero_points": exact,
-            "with_offset_correction": corrected, "scales_stored_fp16": len(casts),
-            "residuals_stored_fp16": residuals_half, "stage_tensors_not_in_graph": missing}
+            "with_offset_correction": corrected, **stored, "stage_tensors_not_in_graph": missing}
 
 
 def _set_attrs(node: Any, **values: int) -> None:
@@ -145,20 +156,37 @@ def _replace(graph: Any, inits: dict[str, Any], name: str, tensor: Any) -> None:
     inits[name] = tensor
 
 
-def _store_float(graph: Any, inits: dict[str, Any], casts: dict[str, Any], name: str, values: Any,
-                 half: bool) -> None:
+def _store_float(graph: Any, inits: dict[str, Any], prelude: list[Any], name: str, values: Any, half: bool) -> bool:
     """Initializer `name` as fp32 values: stored as they are, or (`half`) as fp16 plus a Cast to fp32 named
-    `name`, replacing any initializer of that name."""
+    `name`, replacing any initializer of that name. Returns `half`."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     if not half:
         _replace(graph, inits, name, numpy_helper.from_array(values.astype(np.float32), name))
-        return
+        return False
     if name in inits:
         graph.initializer.remove(inits.pop(name))
     _replace(graph, inits, f"{name}_fp16", numpy_helper.from_array(values.astype(np.float16), f"{name}_fp16"))
-    casts[name] = helper.make_node("Cast", [f"{name}_fp16"], [name], to=TensorProto.FLOAT, name=f"{name}_Cast")
+    prelude.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=TensorProto.FLOAT, name=f"{name}_Cast"))
+    return True
+
+
+def _store_coded(graph: Any, inits: dict[str, Any], prelude: list[Any], name: str, codes: Any, factor: Any,
+                 transpose: bool = False) -> None:
+    """fp32 values `name` = codes (8-bit, (rows, groups)) * factor (fp32 powers of two, (rows, 1)), stored as the
+    codes and the factors with Cast -> Mul (exact: a power-of-two product); `transpose` stores (groups, rows)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if name in inits:
+        graph.initializer.remove(inits.pop(name))
+    codes, factor = (codes.T, factor.T) if transpose else (codes, factor)
+    _replace(graph, inits, f"{name}_q8", numpy_helper.from_array(codes.contiguous().numpy(), f"{name}_q8"))
+    _replace(graph, inits, f"{name}_factor", numpy_helper.from_array(factor.float().contiguous().numpy(),
+                                                                     f"{name}_factor"))
+    prelude.append(helper.make_node("Cast", [f"{name}_q8"], [f"{name}_q8_float"], to=TensorProto.FLOAT,
+                                    name=f"{name}_q8_Cast"))
+    prelude.append(helper.make_node("Mul", [f"{name}_q8_float", f"{name}_factor"], [name], name=f"{name}_q8_Mul"))
 
 
 def _drop_zero_points(graph: Any, inits: dict[str, Any], node: Any) -> None:
@@ -193,9 +221,10 @@ def _pack_zero(zero: Any, bits: int) -> Any:
     return zero[:, 0::2] | (zero[:, 1::2] << 4)
 
 
-def _correction(node: Any, t: QuantTensor, helper: Any, numpy_helper: Any, graph: Any) -> list[Any]:
+def _correction(node: Any, t: QuantTensor, helper: Any, numpy_helper: Any, graph: Any) -> tuple[list[Any], str]:
     """out = MatMulNBits(x) + ReduceSum(Reshape(x, (.., groups, block)), -1) @ residual.T, renaming the output;
-    the residual in fp16 where that is exact (see the module docstring)."""
+    the residual as 8-bit codes times a factor per row, or in fp16, where that is exact (see the module docstring).
+    Returns the nodes and how the residual is stored."""
     import numpy as np
     from onnx import TensorProto
 
@@ -206,19 +235,22 @@ def _correction(node: Any, t: QuantTensor, helper: Any, numpy_helper: Any, graph
     groups = t.codes.shape[1] // t.group
     shape = numpy_helper.from_array(np.array([0, 0, groups, t.group], np.int64), f"{base}/offset_shape")
     axes = numpy_helper.from_array(np.array([-1], np.int64), f"{base}/offset_axes")
-    exact = t.residual_offset()  # (N, groups), fp32
-    nodes = []
-    if t.fp16_residuals():
-        residual = numpy_helper.from_array(exact.half().T.contiguous().numpy(), f"{base}/offset_weight_fp16")
-        nodes.append(helper.make_node("Cast", [residual.name], [f"{base}/offset_weight"], to=TensorProto.FLOAT,
-                                      name=f"{base}/offset_Cast"))
+    graph.initializer.extend([shape, axes])
+    weight, nodes = f"{base}/offset_weight", []  # (groups, N)
+    coded = t.residual_codes()
+    if coded is not None:
+        _store_coded(graph, {}, nodes, weight, *coded, transpose=True)
+        kind = "residuals_stored_8bit"
+    elif t.fp16_residuals():
+        _store_float(graph, {}, nodes, weight, t.residual_offset().T.contiguous().numpy(), half=True)
+        kind = "residuals_stored_fp16"
     else:
-        residual = numpy_helper.from_array(exact.T.contiguous().numpy(), f"{base}/offset_weight")  # (groups, N)
-    graph.initializer.extend([shape, axes, residual])
+        _store_float(graph, {}, nodes, weight, t.residual_offset().T.contiguous().numpy(), half=False)
+        kind = "residuals_stored_fp32"
     return nodes + [
             helper.make_node("Reshape", [x, shape.name], [f"{base}/offset_x"], name=f"{base}/offset_Reshape"),
             helper.make_node("ReduceSum", [f"{base}/offset_x", axes.name], [f"{base}/offset_sum"], keepdims=0,
                              name=f"{base}/offset_ReduceSum"),
-            helper.make_node("MatMul", [f"{base}/offset_sum", f"{base}/offset_weight"], [f"{base}/offset_out"],
+            helper.make_node("MatMul", [f"{base}/offset_sum", weight], [f"{base}/offset_out"],
                              name=f"{base}{CORRECTION_SUFFIX}"),
-            helper.make_node("Add", [main, f"{base}/offset_out"], [out], name=f"{base}/offset_Add")]
+            helper.make_node("Add", [main, f"{base}/offset_out"], [out], name=f"{base}/offset_Add")], kind

@@ -26,7 +26,7 @@ class _Stop(Exception):
 
 
 def gptq_linears(model: Any, windows: list[list[int]], plans: dict[str, tuple[int, int]],
-                 console: Any) -> dict[str, QuantTensor]:
+                 console: Any, scale_bits: int = 16) -> dict[str, QuantTensor]:
     """GPTQ codes for the planned decoder linears (export-module name -> (bits, group)), e.g.
     {"layers.0.mlp.up_proj": (4, 32)}. Works on a copy of each layer's weights: `model` is left unchanged."""
     import copy
@@ -41,7 +41,7 @@ def gptq_linears(model: Any, windows: list[list[int]], plans: dict[str, tuple[in
         hessians = _hessians(layer, linears, hidden, kwargs)
         for name, linear in linears.items():
             bits, group = plans[name]
-            t = gptq(linear.weight.detach().float(), hessians[name], bits, group)
+            t = gptq(linear.weight.detach().float(), hessians[name], bits, group, scale_bits)
             out[name] = t
             with torch.no_grad():
                 linear.weight.copy_(t.dequantize())
@@ -50,12 +50,12 @@ def gptq_linears(model: Any, windows: list[list[int]], plans: dict[str, tuple[in
     return out
 
 
-def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int) -> QuantTensor:
+def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_bits: int = 16) -> QuantTensor:
     """One (out, in) matrix, its inputs' (in, in) Hessian X^T X: codes, scales and offsets per group.
 
     Each group's grid is fixed from its original columns before any is rounded ("static groups"): HQQ's scale
-    and float offset, so a matrix that already sits on a grid (a GGUF's Q4_1 blocks) keeps exactly that grid and
-    its codes. Columns are then rounded in order of
+    and float offset at `scale_bits` (compress.quantized.snap_grid), so a matrix that already sits on a grid (a GGUF's
+    Q4_1 blocks) keeps exactly that grid and its codes (at 16 bits). Columns are then rounded in order of
     decreasing Hessian diagonal (act-order: the inputs that carry the most energy first, while the most columns
     are left to absorb their error); the codes keep the natural group layout every exporter lowers.
     """
@@ -66,7 +66,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int) -> QuantTensor
     h = h.clone()
     dead = torch.diag(h) == 0  # inputs that never fire: their weights cannot matter
     h[dead, dead] = 1.0
-    grid = hqq(w, bits, group)
+    grid = hqq(w, bits, group, scale_bits)
     scale, offset = grid.scale, grid.offset  # (rows, groups)
     w[:, dead] = 0.0
     order = torch.argsort(torch.diag(h), descending=True)

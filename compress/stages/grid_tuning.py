@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.quantized import QuantizedWeights, QuantTensor, fp16_grid
+from compress.quantized import QuantizedWeights, QuantTensor, snap_grid
 
 
 class GridLinear(nn.Module):
@@ -53,10 +53,10 @@ class GridLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight_now().to(x.dtype), self.bias)
 
-    def to_tensor(self) -> QuantTensor:
+    def to_tensor(self, scale_bits: int = 16) -> QuantTensor:
         with torch.no_grad():
-            scale, offset = self.grid()  # onto fp16 values, as the quantize stage writes them (compress.quantized)
-            scale, offset = fp16_grid(scale.detach(), offset.detach(), self.bits)
+            scale, offset = self.grid()  # onto the quantize stage's grid (compress.quantized.snap_grid)
+            scale, offset = snap_grid(scale.detach(), offset.detach(), self.bits, scale_bits)
             return QuantTensor(self.codes.clone(), scale, offset, self.bits, self.group)
 
 
@@ -91,7 +91,7 @@ def detach(student: Any, quantized: QuantizedWeights, swapped: list[str]) -> Qua
     for name in swapped:
         parent, leaf = _module(student.model, name)
         grid = getattr(parent, leaf)
-        tensors[name] = grid.to_tensor()
+        tensors[name] = grid.to_tensor(quantized.config.scale_bits)
         out, width = grid.codes.shape
         linear = nn.Linear(width, out, bias=grid.bias is not None)
         with torch.no_grad():

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import torch
 
-from compress.quantized import QuantTensor, fp16_grid, snap_fp16
+from compress.quantized import QuantTensor, snap_fp16, snap_grid
 
 
-def hqq(w: torch.Tensor, bits: int, group: int) -> QuantTensor:
+def hqq(w: torch.Tensor, bits: int, group: int, scale_bits: int = 16) -> QuantTensor:
     # torchao keeps the HQQ solver private (its public configs only use it inside tensor subclasses); it is the
     # maintained implementation, so call it rather than re-deriving the half-quadratic updates.
     from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
 
     q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
         w.float(), nbits=bits, group_size=group, axis=1, compute_dtype=torch.float32, device=str(w.device), raw_output=True)
-    del q  # HQQ's codes on its fp32 grid; chosen again below on the fp16 one (compress.quantized)
+    del q  # HQQ's codes on its fp32 grid; chosen again below on the stage's (compress.quantized.snap_grid)
     scale = scale.reshape(w.shape[0], -1).float()  # w = (q - zero) * scale, zero a float
-    scale, offset = fp16_grid(scale, -zero.reshape(w.shape[0], -1).float() * scale, bits)
+    scale, offset = snap_grid(scale, -zero.reshape(w.shape[0], -1).float() * scale, bits, scale_bits)
     return QuantTensor(_codes_on(w, scale, offset, bits, group), scale, offset, bits, group)
 
 

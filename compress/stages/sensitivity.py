@@ -127,8 +127,8 @@ def promote_until(model: Any, tensors: dict[str, QuantTensor], plans: list[Any],
     allowed = len(bits_at) - 1
     by_name = {p.name: p for p in plans}
     # 8-bit round to nearest (symmetric) for the promoted linears: at 8 bits the algorithm hardly matters, and
-    # a symmetric grid is the one every backend's kernels take.
-    rtn8 = dataclasses.replace(q, algorithm=QuantAlgorithm.RTN, symmetric=True)
+    # a symmetric grid is the one every backend's kernels take (its scales fp16, as rtn writes them).
+    rtn8 = dataclasses.replace(q, algorithm=QuantAlgorithm.RTN, symmetric=True, scale_bits=16)
     eight = {name: quantize_one(weights[name], Plan(name, 8, by_name[name].group), rtn8)
              for name, _ in ranking[:allowed]}
     measured = {0: kl_plain}

@@ -121,6 +121,42 @@ def test_gptq_codes_are_on_fp16_values_too():
     assert t.fp16_scales() and t.fp16_residuals()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_8_bit_scales_are_codes_times_a_power_of_two_per_row_and_cost_little(bits):
+    """scale_bits 8 (double quantization): each row's scales are 1..255 times one power of two, its residual
+    offsets -127..127 times another; still fp16 values; the codes nearest on that grid; at 4 bits the output error
+    barely above the fp16 grid's (at 8 bits the scales' own rounding shows, more so in a row with an outlier). An
+    fp16 grid is not on it (the check can fail)."""
+    from compress.stages.gptq import gptq
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=gen) * 0.02
+    w[3, 5] = 0.9
+    x = torch.randn(1024, 256, generator=gen)
+    for t, t16 in ((hqq(w, bits, 32, scale_bits=8), hqq(w, bits, 32)),
+                   (gptq(w, x.T @ x, bits, 32, scale_bits=8), gptq(w, x.T @ x, bits, 32))):
+        scales, residuals = t.scale_codes(), t.residual_codes()
+        assert scales is not None and residuals is not None
+        (q, f), (r, g) = scales, residuals
+        assert q.dtype == torch.uint8 and int(q.min()) >= 1 and r.dtype == torch.int8 and int(r.abs().max()) <= 127
+        assert torch.equal(torch.log2(f).round(), torch.log2(f)) and torch.equal(torch.log2(g).round(), torch.log2(g))
+        assert f.shape == g.shape == (64, 1)
+        assert torch.equal(q.float() * f, t.scale) and torch.equal(r.float() * g, t.residual_offset())
+        assert t.fp16_scales() and t.fp16_residuals()
+        assert t16.scale_codes() is None  # an fp16 grid's scales need more than 8 bits per row
+        err = lambda u: float(((u.dequantize() - w) @ x.T).pow(2).mean())  # noqa: E731
+        assert err(t) < (1.1 if bits == 4 else 1.5) * err(t16)
+    step = t.scale.abs().repeat_interleave(32, dim=1)  # hqq: each code nearest on its grid
+    t = hqq(w, bits, 32, scale_bits=8)
+    inside = (t.codes > 0) & (t.codes < 2 ** bits - 1)
+    assert torch.all(((t.dequantize() - w).abs() <= step * 0.5 + 1e-7)[inside])
+
+
+def test_8_bit_scales_need_a_float_offset_grid():
+    with pytest.raises(ConfigError, match="scale_bits: 8 with algorithm 'rtn'"):
+        QuantizeConfig(algorithm=QuantAlgorithm.RTN, scale_bits=8)
+
+
 def test_stage_output_runs_its_own_codes_and_survives_the_cache(tmp_path):
     model = tiny_llama(seed=0)
     result = STAGES.get("quantize").run(model, _config(algorithm=QuantAlgorithm.HQQ), _ctx(model, tmp_path))

@@ -51,26 +51,34 @@ def model():
     return tiny_llama(seed=0)
 
 
-@pytest.mark.parametrize("algorithm, bits, corrected", [(QuantAlgorithm.RTN, 4, 0), (QuantAlgorithm.HQQ, 4, 10),
-                                                        (QuantAlgorithm.RTN, 8, 0)])
-def test_onnx_runs_the_stage_codes_exactly(model, tmp_path, algorithm, bits, corrected):
+@pytest.mark.parametrize("algorithm, bits, corrected, scale_bits", [(QuantAlgorithm.RTN, 4, 0, 16),
+                                                                    (QuantAlgorithm.HQQ, 4, 10, 16),
+                                                                    (QuantAlgorithm.HQQ, 4, 10, 8),
+                                                                    (QuantAlgorithm.RTN, 8, 0, 16)])
+def test_onnx_runs_the_stage_codes_exactly(model, tmp_path, algorithm, bits, corrected, scale_bits):
     pytest.importorskip("onnxruntime_genai")
     from compress.exporters.onnx import OnnxExporter
     from compress.runtimes.onnxruntime import OnnxRuntimeRuntime as OnnxRuntime
 
-    staged = _stage(model, tmp_path, algorithm=algorithm, weight_bits=bits)
+    staged = _stage(model, tmp_path, algorithm=algorithm, weight_bits=bits, scale_bits=scale_bits)
     art = OnnxExporter().export(staged.model, byte_tokenizer(), OnnxOptions(max_context=96), tmp_path / "onnx", QUIET, staged.quantized)
     coverage = art.record["coverage"]
     assert coverage["matmuls_quantized"] == coverage["matmuls_total"] == 11  # 2 x (qkv, o, gate, up, down) + head
     assert coverage["with_offset_correction"] == corrected  # HQQ's float zero points: every body matmul
     assert coverage["stage_tensors_not_in_graph"] == []
-    # The stage's scales and residual offsets are fp16 values, so they are stored in fp16, exactly (below).
-    assert coverage["scales_stored_fp16"] == 11 and coverage["residuals_stored_fp16"] == corrected
+    # The stage's scales and residual offsets are fp16 values, so they are stored in fp16, exactly (below); with
+    # scale_bits 8, as 8-bit codes and a factor per row (the lm_head's, rounded to nearest, stay fp16).
+    eight = 10 if scale_bits == 8 else 0
+    assert coverage["scales_stored_8bit"] == eight and coverage["scales_stored_fp16"] == 11 - eight
+    assert coverage["residuals_stored_8bit"] == eight and coverage["residuals_stored_fp16"] == corrected - eight
     import onnx
 
     graph = onnx.load(str(art.path / "model.onnx"), load_external_data=False).graph
     halves = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
-    assert sum(n.endswith("_fp16") for n in halves) == 11 + corrected
+    assert sum(n.endswith("_fp16") for n in halves) == 11 + corrected - 2 * eight
+    bytes8 = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+              and i.name.endswith("_q8")}
+    assert len(bytes8) == 2 * eight
     # Default zero points are not stored: only the lm_head shared with the embedding's gather, and, for
     # asymmetric round-to-nearest, its integer zero points.
     with_zero = [n.name for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
