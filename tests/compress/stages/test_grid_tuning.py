@@ -111,3 +111,19 @@ def test_recovery_skips_a_model_already_close_and_never_hands_on_a_worse_one(tmp
 def test_skip_below_kl_needs_held_out_windows():
     with pytest.raises(ConfigError, match=r"distill.skip_below_kl: needs held-out windows"):
         parse(DistillConfig, {"skip_below_kl": 0.01, "kl_windows": 0}, "distill")
+
+
+def test_trained_grids_go_back_onto_8_bit_scales_when_the_stage_wrote_them():
+    """A stage run with scale_bits 8: the trained scales and offsets are snapped back onto 8-bit codes times a power
+    of two per row (what ONNX then stores in 8 bits), the codes unchanged; at 16 they stay fp16 values only."""
+    from compress.stages.quant_algorithms import hqq
+
+    t = hqq(torch.randn(16, 64) * 0.02, 4, 32, scale_bits=8)
+    grid = GridLinear(t, None)
+    with torch.no_grad():
+        grid.a.uniform_(-0.05, 0.05)
+        grid.b.uniform_(-0.3, 0.3)
+    eight, sixteen = grid.to_tensor(8), grid.to_tensor(16)
+    assert torch.equal(eight.codes, t.codes) and not torch.equal(eight.scale, t.scale)
+    assert eight.scale_codes() is not None and eight.residual_codes() is not None
+    assert sixteen.fp16_scales() and sixteen.scale_codes() is None
