@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import reprlib
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -56,9 +57,21 @@ def _range_text(m: Mapping[str, Any]) -> str:
 SHOWN_MAX = 60  # characters of a value (or key) quoted back in a problem: a hostile one is shown shortened
 
 
+# A container's repr is bounded before it is made: YAML aliases make a small file a structure whose full repr is
+# exponential in its size (an alias bomb), and reprlib stops at these depths and lengths.
+_BOUNDED = reprlib.Repr()  # keyword arguments only from Python 3.12
+_BOUNDED.maxlevel, _BOUNDED.maxdict, _BOUNDED.maxlist, _BOUNDED.maxtuple, _BOUNDED.maxset = 3, 4, 4, 4, 4
+_BOUNDED.maxstring = _BOUNDED.maxother = _BOUNDED.maxlong = SHOWN_MAX
+
+
 def shown(value: Any) -> str:
     """`value` as a problem message quotes it: its repr (an enum's value's), shortened past SHOWN_MAX."""
-    text = repr(value.value) if isinstance(value, enum.Enum) else repr(value)
+    if isinstance(value, enum.Enum):
+        text = repr(value.value)
+    elif isinstance(value, (Mapping, list, tuple, set)):
+        text = _BOUNDED.repr(value)
+    else:
+        text = repr(value)
     return text if len(text) <= SHOWN_MAX else f"{text[:SHOWN_MAX - 20]}... ({len(text)} characters)"
 
 

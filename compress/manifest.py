@@ -23,7 +23,7 @@ from compress.hashing import sha256_file
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 _TOOLS = ("torch", "transformers", "tokenizers", "safetensors", "gguf", "numpy", "executorch", "torchao",
-          "onnx", "onnxruntime", "onnxruntime-genai", "coremltools", "llama-cpp-python", "nncf")
+          "onnx", "onnxruntime", "onnxruntime-genai", "coremltools", "llama-cpp-python")
 
 
 def tool_versions() -> dict[str, str]:

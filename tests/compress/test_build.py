@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -152,6 +153,10 @@ def test_a_budget_this_machine_cannot_measure_is_not_called_met(tiny_dir: Path, 
     assert result.code == 0, result.stderr
     assert "all budgets met" not in result.stderr
     assert "every measured budget met; not measured here: min_decode_tok_s" in result.stderr
+    suite = ET.parse(tmp_path / "out" / "junit.xml").getroot().find("testsuite")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert cases["min_decode_tok_s"].find("skipped") is not None and cases["max_mean_kl"].find("skipped") is None
+    assert (suite.get("skipped"), suite.get("failures")) == ("1", "0")
 
 
 def test_targets_without_their_components_fail_before_any_work(monkeypatch: pytest.MonkeyPatch):
@@ -217,15 +222,51 @@ def test_bad_eval_data_is_refused_before_any_stage_and_writes_nothing(content, f
     assert not out.exists()
 
 
-def test_a_model_that_cannot_be_resolved_writes_nothing(tmp_path: Path, cli):
-    bad = tmp_path / "truncated.gguf"
-    bad.write_bytes(b"GGUF" + b"\0" * 12)
-    for model in (str(bad), str(tmp_path / "missing")):
+def _gguf_of_another_architecture(path: Path) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_name("a gpt2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _with_config(tiny_dir: Path, dest: Path, **changes) -> Path:
+    shutil.copytree(tiny_dir, dest)
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, **changes}))
+    return dest
+
+
+def _pickle_only(tiny_dir: Path, dest: Path) -> Path:
+    shutil.copytree(tiny_dir, dest)
+    (dest / "model.safetensors").unlink()
+    (dest / "pytorch_model.bin").write_bytes(b"never unpickled")
+    return dest
+
+
+def test_a_model_that_cannot_be_resolved_writes_nothing(tiny_dir: Path, tmp_path: Path, cli):
+    """Every model source the resolver refuses: one line, exit 2, and `--out` never created."""
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\0" * 12)
+    cases = {
+        str(truncated): "GGUF",
+        str(_gguf_of_another_architecture(tmp_path / "gpt2.gguf")): "architecture 'gpt2'",
+        str(_with_config(tiny_dir, tmp_path / "gpt2", model_type="gpt2", architectures=["GPT2LMHeadModel"])):
+            "architecture 'gpt2'",
+        str(_pickle_only(tiny_dir, tmp_path / "pickled")): "unpickles",
+        str(tmp_path / "missing"): "missing",
+    }
+    for model, fragment in cases.items():
         out = tmp_path / "out"
         result = cli("build", "--target", "q", "--model", model, "--targets", str(_quantized_targets(tmp_path)),
                      "--out", str(out))
-        assert result.code == 2 and "Traceback" not in result.stderr, result.stderr
-        assert not out.exists()
+        assert result.code == 2 and "Traceback" not in result.stderr, (model, result.stderr)
+        assert fragment in result.stderr.strip().splitlines()[-1], (model, result.stderr)  # the one error line
+        assert not out.exists(), model
 
 
 def test_a_targets_file_nested_without_end_is_one_line_exit_2(tmp_path: Path, cli):
@@ -420,3 +461,16 @@ def test_several_targets_build_in_one_command_with_one_table_and_the_first_failu
     assert only_a.code == 2 and "a target is named twice" in only_a.stderr
     neither = cli("build", "--model", str(tiny_dir), "--targets", str(path))
     assert neither.code == 2 and "give --target NAME[,NAME...] or --all" in neither.stderr
+
+
+def test_a_yaml_alias_bomb_is_one_line_and_exit_2(tmp_path: Path, cli):
+    """Nine levels of nine aliases: 9^9 strings if expanded. Refused in one line, without expanding them."""
+    levels = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"version: 1\ntargets:\n  t: [{', '.join(levels)}]\n")
+    result = cli("targets", "check", str(bomb))
+    assert result.code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and len(lines) == 1 and len(lines[0]) < 300, result.stderr
+    assert "targets.t: expected a mapping, got a list [[" in lines[0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from compress.exporters.safetensors import SafetensorsOptions
 
-from compress import models
+from compress import build, models
 from compress.build import BuildRequest, run_stages
 from compress.cache import StageCache
 from compress.progress import Console
@@ -83,7 +83,8 @@ class CrashesOnce(HalveFinalNorm):
         return super().run(model, config, ctx)
 
 
-def test_a_rerun_after_a_crash_resumes_after_the_last_completed_stage(tiny_dir: Path, tmp_path: Path):
+def test_a_rerun_after_a_crash_resumes_after_the_last_completed_stage(tiny_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch):
     target = TargetSpec(name="t", export=ExportSpec("safetensors", SafetensorsOptions()),
                         runtime=RuntimeSpec("torch_eager"),
                         stages=(StageSpec(StageKind.PRUNE, PruneConfig(mlp_keep=0.5)), StageSpec(StageKind.QUANTIZE,
@@ -119,6 +120,16 @@ def test_a_rerun_after_a_crash_resumes_after_the_last_completed_stage(tiny_dir: 
     out = run_stages(changed, loaded, cache, QUIET, registry)
     other, records = out.key, out.records
     assert other != key and [r["cached"] for r in records] == [True, False]  # a config change reruns its stage
+
+    # An upgraded library is in every key: the whole chain builds afresh, and each entry records what built it.
+    upgraded = {**build.tool_versions(), "torch": "99.0"}
+    monkeypatch.setattr(build, "tool_versions", lambda: upgraded)
+    out = run_stages(req, loaded, cache, QUIET, registry)
+    assert out.key != key and [r["cached"] for r in out.records] == [False, False]
+    assert (first.runs, second.runs) == (2, 4) and out.records[0]["tools"]["torch"] == "99.0"
+    again = run_stages(req, loaded, cache, QUIET, registry)
+    assert again.key == out.key and [r["cached"] for r in again.records] == [True, True]
+    assert again.records[1]["tools"]["torch"] == "99.0"
 
 
 def test_the_code_version_follows_the_steps_source(tmp_path: Path, monkeypatch):

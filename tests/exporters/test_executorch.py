@@ -229,3 +229,33 @@ def test_the_lowering_puts_no_deprecation_warning_in_the_console(tmp_path: Path,
                                 tmp_path / "pte", QUIET)
     assert not [r.getMessage() for r in caplog.records if "DEPRECATION" in r.getMessage()]
     assert logging.getLogger("executorch.backends.xnnpack.partition.xnnpack_partitioner").level == logging.NOTSET
+
+
+def test_a_damaged_weights_file_is_a_failed_verification_naming_the_runtime_s_refusal(tiny_dir: Path, tmp_path: Path,
+                                                                                       cli):
+    """model.ptd damaged and re-hashed into the manifest, so the file check passes: ExecuTorch's refusal to load
+    the program is gated like a broken budget (exit 4, its message), never an internal error."""
+    import json
+
+    from compress.hashing import sha256_file
+
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(yaml.safe_dump({"version": 1, "targets": {"a": {
+        "export": {"format": "pte", "max_context": 128}, "runtime": "executorch",
+        "eval": {"window_len": 32, "prefill_len": 16, "decode_tokens": 8, "latency": False}}}}))
+    out = tmp_path / "out"
+    built = cli("build", "--target", "a", "--model", str(tiny_dir), "--targets", str(targets), "--out", str(out))
+    assert built.code == 0, built.stderr
+    weights = out / "executorch" / "model.ptd"
+    data = bytearray(weights.read_bytes())
+    data[:64] = b"\xff" * 64  # the flatbuffer header: no reader can find the named tensors any more
+    weights.write_bytes(bytes(data))
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["artifact"]["file_hashes"]:
+        if entry["path"].endswith("model.ptd"):
+            entry["sha256"] = sha256_file(weights)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("verify", str(out))
+    assert result.code == 4, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "executorch refused to load the artifact" in last and "Traceback" not in result.stderr, result.stderr

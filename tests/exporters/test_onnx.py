@@ -177,3 +177,36 @@ def test_the_web_folder_runs_under_onnxruntime_web_wasm_like_in_a_browser(export
     # WASM's MatMulNBits quantizes activations slightly differently; a wrong op would be off by far more.
     assert float(np.mean(position_kl(ours, web))) < 0.01
     assert float(np.mean(web.argmax(1) == ours.argmax(1))) >= 0.95
+
+
+def test_an_onnx_build_with_one_norm_flipped_and_re_hashed_fails_verify_with_exit_4(tiny_dir: Path, tmp_path: Path,
+                                                                                      cli):
+    """The manifest's hashes pass (the damage was re-hashed into it), so only the measurement can catch it: one
+    RMSNorm gain negated breaks the KL budget, and `verify` exits 4 like any broken budget."""
+    import onnx
+    import yaml
+
+    from compress.hashing import sha256_file
+
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(yaml.safe_dump({"version": 1, "targets": {"w": {
+        "export": {"format": "onnx", "max_context": 128}, "runtime": "onnxruntime",
+        "eval": {"window_len": 32, "prefill_len": 16, "decode_tokens": 8, "latency": False},
+        "budgets": {"max_mean_kl": 0.01}}}}))
+    out = tmp_path / "out"
+    built = cli("build", "--target", "w", "--model", str(tiny_dir), "--targets", str(targets), "--out", str(out))
+    assert built.code == 0, built.stderr
+    folder = out / "onnx"
+    graph = onnx.load(str(folder / "model.onnx"))
+    norm = next(t for t in graph.graph.initializer if t.name.endswith("layers.1.input_layernorm.weight"))
+    norm.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(norm), norm.name))
+    (folder / "model.onnx.data").unlink()
+    onnx.save(graph, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=1024)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["artifact"]["file_hashes"]:
+        entry["sha256"], entry["bytes"] = sha256_file(folder / entry["path"]), (folder / entry["path"]).stat().st_size
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("verify", str(out))
+    assert result.code == 4, result.stderr
+    assert "budget broken (max_mean_kl" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
