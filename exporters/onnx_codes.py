@@ -13,8 +13,9 @@ Storage: the stage's scales are fp16 values (compress.quantized), so they are st
 Cast gives MatMulNBits its fp32 scales, exactly (ONNX Runtime folds the Cast when the session is created). The
 correction's residual offsets (offset + 2**(bits-1) * scale) are fp16 values too for the stage's float offsets,
 and are then stored in fp16 with a Cast. A stage run with `scale_bits: 8` puts each row's scales and residuals on
-8-bit codes times a power of two: those are stored as uint8/int8 initializers plus one fp32 factor per row, and
-Cast -> Mul rebuilds the fp32 values exactly (a power-of-two product), folded at session creation like the Cast.
+8-bit codes times a power of two: those are stored as uint8/int8 initializers plus one factor per row (fp16 when
+every factor of the tensor is an fp16 value, else fp32), and Cast -> Mul rebuilds the fp32 values exactly (a
+power-of-two product), folded at session creation like the Cast.
 A tensor whose scales or residuals neither form holds exactly (a GGUF's own grid, codes from elsewhere) keeps them
 in fp32. Zero points equal to MatMulNBits' default (2**(bits-1)) are not stored, except where a
 GatherBlockQuantized shares the matrix.
@@ -174,19 +175,28 @@ def _store_float(graph: Any, inits: dict[str, Any], prelude: list[Any], name: st
 
 def _store_coded(graph: Any, inits: dict[str, Any], prelude: list[Any], name: str, codes: Any, factor: Any,
                  transpose: bool = False) -> None:
-    """fp32 values `name` = codes (8-bit, (rows, groups)) * factor (fp32 powers of two, (rows, 1)), stored as the
-    codes and the factors with Cast -> Mul (exact: a power-of-two product); `transpose` stores (groups, rows)."""
+    """fp32 values `name` = codes (8-bit, (rows, groups)) * factor (powers of two, (rows, 1)), stored as the codes
+    and the factors with Cast -> Mul (exact: a power-of-two product); `transpose` stores (groups, rows). The factors
+    are stored fp16 where every one is an fp16 value (powers of two from 2^-24 to 2^15), else fp32."""
+    import torch
     from onnx import TensorProto, helper, numpy_helper
 
     if name in inits:
         graph.initializer.remove(inits.pop(name))
     codes, factor = (codes.T, factor.T) if transpose else (codes, factor)
+    factor = factor.float()
+    half = bool(torch.equal(factor.half().float(), factor))
+    stored = (factor.half() if half else factor).contiguous().numpy()
     _replace(graph, inits, f"{name}_q8", numpy_helper.from_array(codes.contiguous().numpy(), f"{name}_q8"))
-    _replace(graph, inits, f"{name}_factor", numpy_helper.from_array(factor.float().contiguous().numpy(),
-                                                                     f"{name}_factor"))
+    _replace(graph, inits, f"{name}_factor", numpy_helper.from_array(stored, f"{name}_factor"))
     prelude.append(helper.make_node("Cast", [f"{name}_q8"], [f"{name}_q8_float"], to=TensorProto.FLOAT,
                                     name=f"{name}_q8_Cast"))
-    prelude.append(helper.make_node("Mul", [f"{name}_q8_float", f"{name}_factor"], [name], name=f"{name}_q8_Mul"))
+    factor_name = f"{name}_factor"
+    if half:
+        prelude.append(helper.make_node("Cast", [factor_name], [f"{name}_factor_float"], to=TensorProto.FLOAT,
+                                        name=f"{name}_factor_Cast"))
+        factor_name = f"{name}_factor_float"
+    prelude.append(helper.make_node("Mul", [f"{name}_q8_float", factor_name], [name], name=f"{name}_q8_Mul"))
 
 
 def _drop_zero_points(graph: Any, inits: dict[str, Any], node: Any) -> None:

@@ -79,6 +79,8 @@ def test_onnx_runs_the_stage_codes_exactly(model, tmp_path, algorithm, bits, cor
     bytes8 = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
               and i.name.endswith("_q8")}
     assert len(bytes8) == 2 * eight
+    factors = [i.data_type for i in graph.initializer if i.name.endswith("_factor")]  # powers of two: fp16 holds them
+    assert factors == [onnx.TensorProto.FLOAT16] * (2 * eight)
     # Default zero points are not stored: only the lm_head shared with the embedding's gather, and, for
     # asymmetric round-to-nearest, its integer zero points.
     with_zero = [n.name for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
