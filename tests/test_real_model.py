@@ -15,7 +15,9 @@ from compress.progress import Console
 from compress.targets import EvalSpec, load_targets
 
 pytestmark = pytest.mark.slow
-OFFGRID_WEB_MAX_KL = 0.03  # measured 0.0199 (GPTQ, smoothing kept, mixed precision at 4.475 bits); docs/results.md
+OFFGRID_WEB_MAX_KL = 0.03  # measured 0.0217 (GPTQ, smoothing kept, mixed precision at 4.333 bits); docs/results.md
+# llama.cpp Q4_K_M of the same off-grid fp32 weights (`compress bench`, docs/results.md): web must not be larger.
+OFFGRID_Q4_K_M_MB = 105.5
 GOLDEN = Path(__file__).parent / "golden" / "smollm2_greedy.json"
 QUIET = Console(quiet=True)
 
@@ -170,10 +172,11 @@ def test_the_web_target_builds_passes_its_budgets_and_answers_in_onnxruntime_gen
     assert coverage["matmuls_quantized"] == coverage["matmuls_total"] == 151  # 30 x (qkv, o, gate, up, down) + 1
     assert coverage["matmulnbits_bits"] == {"4": 150, "8": 1}
     assert coverage["with_offset_correction"] == 150 and coverage["with_integer_zero_points"] == 1
+    assert coverage["scales_stored_8bit"] == coverage["residuals_stored_8bit"] == 150  # scale_bits 8
     assert coverage["embedding_op"] == "GatherBlockQuantized"
     metrics = manifest["verification"]["metrics"]
     # docs/results.md has the measured numbers.
-    assert metrics["mean_kl"] < 0.02 and metrics["top1_agreement"] > 0.93 and metrics["size_mb"] < 130
+    assert metrics["mean_kl"] < 0.02 and metrics["top1_agreement"] > 0.93 and metrics["size_mb"] < 100
     import onnxruntime_genai as og
 
     model = og.Model(str(out / "onnx"))
@@ -242,7 +245,14 @@ def test_the_web_target_on_the_off_grid_model_passes_its_budgets(real_home: Path
     manifest = json.loads((out / "manifest.json").read_text())
     notes = manifest["stages"][0]["notes"]
     assert notes["smoothing"]["kept"] is True and notes["smoothing"]["kl_with"] < notes["smoothing"]["kl_without"]
-    assert 4.0 < notes["avg_code_bits"] <= 4.5 and notes["promoted_to_8bit"]
+    assert 4.0 < notes["avg_code_bits"] <= 4.35 and notes["promoted_to_8bit"]
     metrics = manifest["verification"]["metrics"]
     assert metrics["mean_kl"] < OFFGRID_WEB_MAX_KL, metrics  # HQQ's codes measured 0.227 here, plain GPTQ 0.082
+    # scale_bits 8: every 4-bit linear's scales and offset residuals are stored as 8-bit codes, which is what
+    # brings the folder under Q4_K_M's size.
+    coverage = manifest["artifact"]["record"]["coverage"]
+    four_bit = coverage["matmulnbits_bits"]["4"]
+    assert coverage["scales_stored_8bit"] == four_bit > 100
+    assert coverage["residuals_stored_8bit"] == coverage["with_offset_correction"]
+    assert metrics["size_mb"] <= OFFGRID_Q4_K_M_MB, metrics
     assert "### Quantize stage: average code bits vs KL" in (out / "report.md").read_text()
