@@ -42,7 +42,7 @@ SOURCE = "llamacpp-source"
 LLAMACPP_PREFIX = "llamacpp-"
 BASELINE = "llamacpp-q4_0"  # speed ratios are stated against this peer, measured in the same run
 DEFAULT_PEERS = (EAGER, "llamacpp-q8_0", BASELINE, "llamacpp-q4_k_m", SOURCE)
-LATENCY_KEYS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
+LATENCY_KEYS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "itl_p50_ms", "itl_p95_ms", "peak_rss_mb")
 
 
 def valid_peers() -> list[str]:
@@ -60,6 +60,19 @@ def parse_peers(raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+MAX_DEPTH = 1 << 20
+
+
+def parse_depths(raw: str) -> tuple[int, ...]:
+    """`--depths 512,2048`: context depths (tokens in the cache) at which decode is also timed; sorted, unique."""
+    depths = []
+    for part in (p.strip() for p in raw.split(",") if p.strip()):
+        if not part.isdigit() or not 1 <= int(part) <= MAX_DEPTH:
+            raise InputError(f"--depths: {part!r} is not a depth (a whole number of tokens, 1..{MAX_DEPTH})")
+        depths.append(int(part))
+    return tuple(sorted(set(depths)))
+
+
 @dataclass(frozen=True)
 class BenchRequest:
     builds: tuple[Path, ...]
@@ -70,6 +83,7 @@ class BenchRequest:
     out_dir: Path = Path("out/bench")
     model: str | None = None  # the reference when no build directory is given
     eval_data: str | None = None
+    depths: tuple[int, ...] = ()  # decode also timed with this many tokens in the cache (compress.bench.parse_depths)
 
     def __post_init__(self) -> None:
         cores = os.cpu_count() or 1
@@ -104,10 +118,25 @@ class Entry:
     runtime_settings: dict[str, Any] = field(default_factory=dict)  # the runtime's deviations from its defaults
 
     def latency(self) -> dict[str, float]:
-        """Median over the rounds of each latency metric."""
+        """Median over the rounds of each latency metric, and the decode speed's spread over the rounds
+        ((max - min) / median, from two rounds on)."""
         if not self.rounds:
             return {}
-        return {k: statistics.median(r[k] for r in self.rounds) for k in LATENCY_KEYS}
+        medians = {k: statistics.median(r[k] for r in self.rounds) for k in LATENCY_KEYS}
+        decode = [r["decode_tok_s"] for r in self.rounds]
+        if len(decode) > 1:
+            medians["decode_spread"] = (max(decode) - min(decode)) / medians["decode_tok_s"]
+        for depth in self.rounds[0].get("decode_tok_s_at_depth", {}):
+            medians[depth_key(depth)] = statistics.median(r["decode_tok_s_at_depth"][depth] for r in self.rounds)
+        return medians
+
+    def depth_notes(self) -> dict[str, str]:
+        """Depths this entry's context cannot hold, and why."""
+        return self.rounds[0].get("depths_not_measured", {}) if self.rounds else {}
+
+
+def depth_key(depth: int | str) -> str:
+    return f"decode_tok_s_at_{depth}"
 
 
 def quant_detail(target: TargetSpec) -> str:
@@ -265,8 +294,9 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
                 with console.step(f"Latency round {r + 1}/{req.rounds}: {e.name}") as step:
                     try:
                         lat = measure_latency(e.runtime, e.artifact, req.threads, prompt, spec.decode_tokens,
-                                              spec.warmup, req.repeats)
-                        e.rounds.append({k: lat[k] for k in LATENCY_KEYS})
+                                              spec.warmup, req.repeats, depths=req.depths)
+                        e.rounds.append({k: lat[k] for k in (*LATENCY_KEYS, "decode_tok_s_at_depth",
+                                                             "depths_not_measured")})
                         step["detail"] = f"prefill {lat['prefill_tok_s']:.0f} tok/s, decode {lat['decode_tok_s']:.1f}"
                     except Exception as err:  # noqa: BLE001
                         e.error = f"latency: {_error(err)}"
@@ -277,7 +307,8 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
     protocol = {
         "model": source.spec, "model_sha256": source.sha256, "threads": req.threads, "rounds": req.rounds,
         "repeats": req.repeats, "warmup": spec.warmup, "prefill_tokens": len(prompt),
-        "decode_tokens": spec.decode_tokens, "eval_set": eval_set.summary(), "baseline": BASELINE,
+        "decode_tokens": spec.decode_tokens, "depths": list(req.depths), "eval_set": eval_set.summary(),
+        "baseline": BASELINE,
         "measured_on": measured_on(req.threads),
     }
     return {"protocol": protocol, "entries": entries}

@@ -15,18 +15,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from compress.bench import BASELINE, Entry
+from compress.bench import BASELINE, Entry, depth_key
 from compress.report import append_step_summary
 
 # (key, header, format) in table order; keys index a row dict.
 COLUMNS = (
     ("name", "artifact", "{}"), ("detail", "weights", "{}"), ("format", "format", "{}"),
     ("runtime", "runtime", "{}"), ("size_mb", "size MB", "{:.1f}"), ("load_s", "load s", "{:.2f}"),
-    ("prefill_tok_s", "prefill tok/s", "{:.0f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
+    ("prefill_tok_s", "prefill tok/s", "{:.0f}"), ("ttft_ms", "TTFT ms", "{:.0f}"),
+    ("decode_tok_s", "decode tok/s", "{:.1f}"), ("decode_spread", "decode spread", "{:.0%}"),
+    ("itl_p50_ms", "ITL p50 ms", "{:.1f}"), ("itl_p95_ms", "ITL p95 ms", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("mean_kl", "mean KL", "{:.4f}"), ("top1_agreement", "top-1", "{:.3f}"),
     ("perplexity_ratio", "PPL ratio", "{:.3f}"), ("prefill_vs_q4_0", "prefill ÷ Q4_0", "{:.2f}×"),
     ("decode_vs_q4_0", "decode ÷ Q4_0", "{:.2f}×"),
 )
+# Latency columns taken from the medians of the rounds (compress.bench.Entry.latency); TTFT is shown in ms.
+LATENCY_COLUMNS = ("load_s", "prefill_tok_s", "decode_tok_s", "decode_spread", "itl_p50_ms", "itl_p95_ms",
+                   "peak_rss_mb")
 FILES = ("bench.md", "bench.json", "bench.csv")
 PLOTS = {"size": "bench_size_vs_kl.png", "decode": "bench_decode_vs_kl.png"}
 
@@ -37,8 +42,10 @@ def rows(entries: Sequence[Entry], baseline: str = BASELINE) -> list[dict[str, A
     for e in entries:
         lat = e.latency()
         out.append({"name": e.name, "kind": e.kind, "peer": e.peer, "detail": e.detail, "format": e.format, "runtime": e.runtime,
-                    "size_mb": e.metrics.get("size_mb"), **{k: lat.get(k) for k in
-                                                            ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")},
+                    "size_mb": e.metrics.get("size_mb"), **{k: lat.get(k) for k in LATENCY_COLUMNS},
+                    "ttft_ms": 1000 * lat["ttft_s"] if "ttft_s" in lat else None,
+                    **{k: v for k, v in lat.items() if k.startswith(depth_key(""))},
+                    "depths_not_measured": e.depth_notes(),
                     "mean_kl": e.metrics.get("mean_kl"), "p99_kl": e.metrics.get("p99_kl"),
                     "top1_agreement": e.metrics.get("top1_agreement"),
                     "perplexity_ratio": e.metrics.get("perplexity_ratio"),
@@ -64,10 +71,19 @@ def pareto_front(points: Sequence[tuple[str, float, float]]) -> set[str]:
     return front
 
 
+def columns(protocol: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    """COLUMNS with one decode-speed column per `--depths` depth after the decode columns."""
+    at = next(i for i, (k, _, _) in enumerate(COLUMNS) if k == "itl_p95_ms") + 1
+    depth = tuple((depth_key(d), f"decode tok/s @{d}", "{:.1f}") for d in protocol.get("depths", ()))
+    return COLUMNS[:at] + depth + COLUMNS[at:]
+
+
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None or value == "":
-        if key in ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb") and row["note"]:
+        depth = key.removeprefix(depth_key("")) if key.startswith(depth_key("")) else None
+        if key in (*LATENCY_COLUMNS, "ttft_ms") and row["note"] or depth is not None and (
+                row["note"] or depth in row.get("depths_not_measured", {})):
             return "not measured"
         return "—"
     return fmt.format(value)
@@ -83,28 +99,33 @@ def render_markdown(table: list[dict[str, Any]], protocol: dict[str, Any]) -> st
         f"{protocol['date']}. Accuracy: {ev['windows']} windows × {ev['window_len']} tokens and {ev['prompts']} "
         f"greedy prompts, KL against the fp32 reference. Latency: {protocol['prefill_tokens']}-token prompt, "
         f"{protocol['decode_tokens']} greedy tokens, {protocol['warmup']} warm-up + {protocol['repeats']} repeats "
-        f"per child process, median of {protocol['rounds']} alternating rounds. Ratios: to llama.cpp Q4_0 "
-        f"from the same run."),
+        f"per child process, median of {protocol['rounds']} alternating rounds. TTFT: the prompt's prefill to "
+        f"the first token. ITL: inter-token latency of each decode step, p50/p95 over the repeats. Decode spread: "
+        f"(max - min) / median of the rounds' decode tok/s. Ratios: to llama.cpp Q4_0 from the same run."
+        + (f" Decode @N: {protocol['decode_tokens']} greedy tokens after N tokens are in the cache (the prompt "
+           f"repeated), median of the repeats." if protocol.get("depths") else "")),
         "",
-        "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(h for _, h, _ in columns(protocol)) + " |",
+        "|" + "---|" * len(columns(protocol)),
     ]
     for r in table:
-        cells = [_cell(r, k, f) for k, _, f in COLUMNS]
+        cells = [_cell(r, k, f) for k, _, f in columns(protocol)]
         if r["error"]:
             cells[0] += " ⚠"
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {r['name']}: {r['note']}" for r in table if r["note"]]
     notes += [f"- {r['name']}: {key} = {s['value']} ({s['why']})" for r in table
               for key, s in r.get("runtime_settings", {}).items()]
+    notes += [f"- {r['name']}: decode @{d} not measured: {why}" for r in table
+              for d, why in r.get("depths_not_measured", {}).items()]
     notes += [f"- ⚠ {r['name']}: FAILED: {r['error']}" for r in table if r["error"]]
     if notes:
         lines += [""] + notes
     return "\n".join(lines) + "\n"
 
 
-def render_csv(table: list[dict[str, Any]]) -> str:
-    keys = [k for k, _, _ in COLUMNS] + ["kind", "p99_kl", "greedy_match_mean", "note", "error"]
+def render_csv(table: list[dict[str, Any]], protocol: dict[str, Any]) -> str:
+    keys = [k for k, _, _ in columns(protocol)] + ["kind", "p99_kl", "greedy_match_mean", "note", "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -127,7 +148,7 @@ def write_outputs(out_dir: Path, table: list[dict[str, Any]], protocol: dict[str
     md = render_markdown(table, protocol)
     _write_atomic(out_dir / "bench.md", md)
     _write_atomic(out_dir / "bench.json", json.dumps({"protocol": protocol, "rows": table}, indent=2, default=float))
-    _write_atomic(out_dir / "bench.csv", render_csv(table))
+    _write_atomic(out_dir / "bench.csv", render_csv(table, protocol))
     append_step_summary(md)
     return {name: out_dir / name for name in FILES}
 

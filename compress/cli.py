@@ -136,18 +136,22 @@ def verify(out_dir: Path, targets_file: Path | None, eval_data: str | None, thre
 @click.option("--model", default=None,
               help="Reference model when no build directory is given (default: smollm2-135m).")
 @click.option("--eval-data", default=None, help="Evaluation text: a .txt or .jsonl file.")
+@click.option("--depths", default="", show_default=False,
+              help="Comma-separated context depths, e.g. 512,1536: decode is also timed after that many tokens are "
+                   "in the cache (like llama-bench's n_depth); a depth an artifact cannot hold reads 'not measured'.")
 def bench(build_dirs: tuple[Path, ...], peers: str, threads: int, rounds: int, repeats: int, out_dir: Path,
-          model: str | None, eval_data: str | None) -> None:
+          model: str | None, eval_data: str | None, depths: str) -> None:
     """Measure built artifacts and peers with one protocol; write one table (md, json, csv) and plots."""
     import datetime as dt
 
-    from compress.bench import BenchRequest, parse_peers, run_bench
+    from compress.bench import BenchRequest, parse_depths, parse_peers, run_bench
     from compress.bench_report import rows, write_outputs, write_plots
     from compress.errors import InputError, RuntimeUnavailable
 
     if model and build_dirs:
         raise InputError("--model is only for a run without build directories (builds name their own model)")
-    req = BenchRequest(tuple(build_dirs), parse_peers(peers), threads, rounds, repeats, out_dir, model, eval_data)
+    req = BenchRequest(tuple(build_dirs), parse_peers(peers), threads, rounds, repeats, out_dir, model, eval_data,
+                       parse_depths(depths))
     result = run_bench(req, _State.console)
     protocol = {**result["protocol"], "date": dt.date.today().isoformat()}
     table = rows(result["entries"])

@@ -43,6 +43,7 @@ BUDGETS: dict[str, Budget] = {
     "min_decode_tok_s": Budget("decode_tok_s", Bound.MIN, "tok/s"),
     "min_prefill_tok_s": Budget("prefill_tok_s", Bound.MIN, "tok/s"),
     "max_peak_rss_mb": Budget("peak_rss_mb", Bound.MAX, "MB"),
+    "max_itl_p95_ms": Budget("itl_p95_ms", Bound.MAX, "ms"),
 }
 
 
@@ -57,6 +58,7 @@ class Budgets:
     min_decode_tok_s: float | None = setting(None, gt=0)
     min_prefill_tok_s: float | None = setting(None, gt=0)
     max_peak_rss_mb: float | None = setting(None, gt=0)
+    max_itl_p95_ms: float | None = setting(None, gt=0)  # the slowest decode steps an app's UI waits on
 
     def __post_init__(self) -> None:
         check_fields(self)

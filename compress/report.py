@@ -26,6 +26,8 @@ _METRIC_ROWS = (
     ("ttft_s", "time to first token (s)", "{:.3f}"),
     ("prefill_tok_s", "prefill (tok/s)", "{:.1f}"),
     ("decode_tok_s", "decode (tok/s)", "{:.1f}"),
+    ("itl_p50_ms", "inter-token latency p50 (ms)", "{:.1f}"),
+    ("itl_p95_ms", "inter-token latency p95 (ms)", "{:.1f}"),
     ("peak_rss_mb", "peak RSS of the runtime process (MB)", "{:.0f}"),
 )
 

@@ -20,6 +20,9 @@ from compress.runtimes.torch_eager import TorchEagerRuntime
 from compress.targets import TargetSpec
 from compress.threads import torch_threads
 
+# What the latency child measures that a build records as metrics (compress.gate's speed budgets name them).
+LATENCY_METRICS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "itl_p50_ms", "itl_p95_ms", "peak_rss_mb")
+
 
 def stop_ids(tokenizer: Any) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -82,11 +85,11 @@ def verify_artifact(target: TargetSpec, artifact: Artifact, reference: LoadedMod
                                       spec.decode_tokens, spec.warmup, spec.repeats)
             step["detail"] = f"prefill {latency['prefill_tok_s']:.0f} tok/s, decode " \
                              f"{latency['decode_tok_s']:.1f} tok/s, peak RSS {latency['peak_rss_mb']:.0f} MB"
-        for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
+        for key in LATENCY_METRICS:
             metrics[key] = latency[key]
     else:
         reason = available.latency_unmeasured or "latency disabled (eval.latency: false)"
-        for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
+        for key in LATENCY_METRICS:
             unmeasured[key] = reason
     budgets = check_budgets(target.budgets, metrics, unmeasured)
     return Verification(runtime_name, threads, metrics, budgets, samples, eval_set.summary(), measured_on(threads),

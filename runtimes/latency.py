@@ -3,8 +3,8 @@
 The parent (`measure_latency`) starts `python -m runtimes.latency`, sends the request as JSON on stdin
 and reads one JSON object from stdout. The child loads the artifact, then for warm-up + repeats runs:
 reset -> prefill the fixed prompt (time to first token) -> greedy-decode a fixed number of tokens.
-Reported: load time, median TTFT, prefill tok/s, decode tok/s over the repeats, and the child's peak
-RSS (the whole process: interpreter and imports included; `rss_before_load_mb` is that baseline).
+Reported: load time, median TTFT, prefill tok/s, decode tok/s over the repeats, the inter-token latency
+(each decode step timed; p50 and p95 over all the repeats' steps), and the child's peak RSS (the whole process: interpreter and imports included; `rss_before_load_mb` is that baseline).
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ from compress.errors import RuntimeUnavailable
 
 
 def measure_latency(runtime: str, artifact: Artifact, threads: int, prompt_ids: list[int], decode_tokens: int,
-                    warmup: int, repeats: int, timeout_s: float = 1800) -> dict[str, Any]:
+                    warmup: int, repeats: int, timeout_s: float = 1800,
+                    depths: tuple[int, ...] = ()) -> dict[str, Any]:
+    """`depths`: also time decoding after that many tokens are in the cache (decode_tok_s_at_depth); a depth the
+    artifact's context cannot hold with the decoded tokens is listed in depths_not_measured."""
     request = {"runtime": runtime, "artifact": artifact.to_data(), "root": str(artifact.path.parent),
                "threads": threads, "prompt_ids": prompt_ids, "decode_tokens": decode_tokens,
-               "warmup": warmup, "repeats": repeats}
+               "warmup": warmup, "repeats": repeats, "depths": list(depths)}
     from compress.runtimes import RUNTIMES
 
     env = {**os.environ, **process_env(RUNTIMES.get(runtime))}
@@ -61,6 +64,22 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 * 1024)
 
 
+def _decode_at(session: Any, prompt: list[int], depth: int, n: int) -> float:
+    """Seconds for `n` greedy decode steps after `depth` tokens are in the cache (the prompt repeated, fed in
+    prompt-sized chunks so no chunk's logits grow with the depth), as llama-bench's n_depth does."""
+    import numpy as np
+
+    session.reset()
+    context = (prompt * (depth // len(prompt) + 1))[:depth]
+    for start in range(0, depth, len(prompt)):
+        logits = session.prefill(context[start:start + len(prompt)])
+    token = int(np.argmax(logits[-1]))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        token = int(np.argmax(session.decode(token)))
+    return time.perf_counter() - t0
+
+
 def _run(request: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from compress.runtimes import RUNTIMES
@@ -75,25 +94,39 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
     session = runtime.load(artifact, request["threads"])
     load_s = time.perf_counter() - start
     prompt, n = request["prompt_ids"], request["decode_tokens"]
-    ttft, decode_s = [], []
+    ttft, decode_s, steps = [], [], []
     for i in range(request["warmup"] + request["repeats"]):
         session.reset()
         t0 = time.perf_counter()
         token = int(np.argmax(session.prefill(prompt)[-1]))
         t1 = time.perf_counter()
+        ticks = [t1]
         for _ in range(n):
             token = int(np.argmax(session.decode(token)))
-        t2 = time.perf_counter()
+            ticks.append(time.perf_counter())
         if i >= request["warmup"]:
             ttft.append(t1 - t0)
-            decode_s.append(t2 - t1)
+            decode_s.append(ticks[-1] - t1)
+            steps += np.diff(ticks).tolist()  # each decode step: the inter-token latency an app sees
     ttft_med, decode_med = statistics.median(ttft), statistics.median(decode_s)
+    itl_p50, itl_p95 = (float(np.percentile(steps, q)) * 1000 for q in (50, 95)) if steps else (None, None)
+    at_depth, skipped = {}, {}
+    for depth in request.get("depths", ()):
+        if depth + n > session.max_context:
+            skipped[str(depth)] = f"needs {depth + n} positions; the artifact holds {session.max_context}"
+            continue
+        at_depth[str(depth)] = n / statistics.median(_decode_at(session, prompt, depth, n)
+                                                     for _ in range(request["repeats"]))
     return {
         "load_s": load_s,
         "ttft_s": ttft_med,
         "prefill_tok_s": len(prompt) / ttft_med,
         "decode_tok_s": n / decode_med,
         "decode_ms_per_token": 1000 * decode_med / n,
+        "itl_p50_ms": itl_p50,
+        "itl_p95_ms": itl_p95,
+        "decode_tok_s_at_depth": at_depth,  # {depth: tok/s}, each the median of `repeats` runs
+        "depths_not_measured": skipped,
         "prefill_len": len(prompt),
         "decode_tokens": n,
         "warmup": request["warmup"],

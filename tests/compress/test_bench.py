@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from compress.artifact import Availability
-from compress.bench import BASELINE, BenchRequest, Entry, parse_peers, run_bench
+from compress.bench import BASELINE, BenchRequest, Entry, parse_depths, parse_peers, run_bench
 from compress.bench_report import pareto_front, plot_points, render_markdown, rows, write_outputs
 from compress.errors import ExitCode, InputError, RuntimeUnavailable
 from compress.models.tiny import GPT2_MERGES
@@ -27,8 +27,9 @@ def _entry(name: str, size: float, kl: float, decode: float | None, peer: str = 
     e = Entry(name, "peer" if peer else "build", "gguf", "llamacpp", "q", peer=peer, latency_note=note)
     e.metrics = {"size_mb": size, "mean_kl": kl, "top1_agreement": 0.9, "perplexity_ratio": 1.1}
     if decode is not None:  # three rounds: the table holds their median
-        e.rounds = [{"load_s": 0.1, "ttft_s": 0.1, "prefill_tok_s": 2 * decode * f, "decode_tok_s": decode * f,
-                     "peak_rss_mb": 100.0} for f in (0.5, 1.0, 3.0)]
+        e.rounds = [{"load_s": 0.1, "ttft_s": 0.1 / f, "prefill_tok_s": 2 * decode * f, "decode_tok_s": decode * f,
+                     "itl_p50_ms": 1000 / (decode * f), "itl_p95_ms": 1500 / (decode * f), "peak_rss_mb": 100.0}
+                    for f in (0.5, 1.0, 3.0)]
     return e
 
 
@@ -57,6 +58,8 @@ def test_ratios_are_to_the_q4_0_peer_of_the_same_run_from_round_medians():
     table = rows([_entry("ours", 100, 0.3, 60), _entry("q4_0", 90, 0.28, 40, peer=BASELINE)])
     ours, base = table
     assert ours["decode_tok_s"] == 60 and ours["prefill_tok_s"] == 120  # medians of the rounds
+    assert ours["ttft_ms"] == pytest.approx(100) and ours["itl_p50_ms"] == pytest.approx(1000 / 60)
+    assert ours["itl_p95_ms"] == pytest.approx(25) and ours["decode_spread"] == pytest.approx(2.5)  # (180 - 30) / 60
     assert ours["decode_vs_q4_0"] == pytest.approx(1.5) and ours["prefill_vs_q4_0"] == pytest.approx(1.5)
     assert base["decode_vs_q4_0"] == 1.0
     alone = rows([_entry("ours", 100, 0.3, 60)])  # no Q4_0 peer: no ratio, never a made-up one
@@ -72,7 +75,9 @@ def test_unmeasured_latency_reads_not_measured_and_the_files_parse(tmp_path: Pat
     written = write_outputs(tmp_path, table, PROTOCOL)
     md = written["bench.md"].read_text()
     ios_line = next(line for line in md.splitlines() if line.startswith("| ios"))
-    assert ios_line.count("not measured") == 4 and "Core ML prediction needs macOS" in md
+    assert ios_line.count("not measured") == 8 and "Core ML prediction needs macOS" in md
+    q4_line = next(line for line in md.splitlines() if line.startswith("| q4_0"))
+    assert "| 40.0 | 250% | 25.0 | 37.5 |" in q4_line  # decode tok/s, its spread, ITL p50 / p95 ms
     assert "| android ⚠ |" in md and "FAILED: RuntimeError: boom" in md
     assert "1 warm-up + 5 repeats" in md and "median of 3 alternating rounds" in md
     data = json.loads(written["bench.json"].read_text())
@@ -97,6 +102,10 @@ def test_plots_are_written_with_matplotlib(tmp_path: Path):
 # ---- bad input ---------------------------------------------------------------------------------
 
 def test_peer_names_and_ranges_are_checked():
+    assert parse_depths("2048, 512,512") == (512, 2048) and parse_depths("") == ()
+    for bad in ("0", "-5", "1k", str(2**21)):
+        with pytest.raises(InputError, match=f"--depths: '{bad}' is not a depth"):
+            parse_depths(bad)
     assert parse_peers("eager, llamacpp-Q4_0,eager") == ("eager", "llamacpp-q4_0")
     assert parse_peers("none") == ()
     with pytest.raises(InputError, match=r"unknown peer 'llamacpp-q3'; valid: eager, llamacpp-source, .*q4_k_m"):
@@ -183,7 +192,7 @@ def test_bench_measures_builds_and_peers_and_a_failing_build_keeps_the_others(ti
     out = tmp_path / "bench"
     builds = [str(p) for p in tiny_built.values()] + [str(broken)]
     result = cli("bench", *builds, "--peers", "eager", "--rounds", "1", "--repeats", "1", "--threads", "1",
-                 "--out", str(out))
+                 "--out", str(out), "--depths", "300,100000")
     assert result.code == ExitCode.RUNTIME_UNAVAILABLE, result.stderr
     assert "1 of" in result.stderr and "short: ContextOverflow" in result.stderr
     data = json.loads((out / "bench.json").read_text())
@@ -194,11 +203,18 @@ def test_bench_measures_builds_and_peers_and_a_failing_build_keeps_the_others(ti
         row = by_name[name]
         assert not row["error"] and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["size_mb"] > 0
         assert len(row["latency_rounds"]) == 1 and row["decode_vs_q4_0"] is None  # no Q4_0 peer asked for
+        assert row["ttft_ms"] > 0 and 0 < row["itl_p50_ms"] <= row["itl_p95_ms"]
+        # decode after 300 tokens in the cache is timed; no artifact holds 100,000 positions
+        assert row["decode_tok_s_at_300"] > 0 and "decode_tok_s_at_100000" not in row
+        assert row["depths_not_measured"]["100000"].startswith("needs 100064 positions; the artifact holds")
     assert by_name["ref"]["mean_kl"] == 0.0 and by_name["eager fp32 (peer)"]["mean_kl"] == 0.0
     if "onnx8" in by_name:
         assert 0 < by_name["onnx8"]["mean_kl"] < 0.05 and by_name["onnx8"]["runtime"] == "onnxruntime"
     assert data["protocol"]["threads"] == 1 and data["protocol"]["eval_set"]["window_len"] == 256
     assert result.stdout == (out / "bench.md").read_text()  # the table is printed too
+    header = next(line for line in result.stdout.splitlines() if line.startswith("| artifact"))
+    assert "| decode tok/s @300 | decode tok/s @100000 |" in header and "| TTFT ms |" in header
+    assert "ref: decode @100000 not measured: needs 100064 positions" in result.stdout
     assert len(list(csv.DictReader((out / "bench.csv").open()))) == len(by_name)
 
 

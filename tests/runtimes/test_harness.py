@@ -65,9 +65,10 @@ def test_damage_grows_the_divergence_monotonically():
 
 
 def test_budget_results_carry_value_limit_margin_and_unmeasured_notes():
-    budgets = Budgets(max_mean_kl=0.1, min_top1_agreement=0.9, min_decode_tok_s=10)
-    results = {r.name: r for r in check_budgets(budgets, {"mean_kl": 0.25, "top1_agreement": 0.95},
+    budgets = Budgets(max_mean_kl=0.1, min_top1_agreement=0.9, min_decode_tok_s=10, max_itl_p95_ms=20)
+    results = {r.name: r for r in check_budgets(budgets, {"mean_kl": 0.25, "top1_agreement": 0.95, "itl_p95_ms": 25.0},
                                                 {"decode_tok_s": "needs macOS"})}
+    assert results["max_itl_p95_ms"].passed is False and results["max_itl_p95_ms"].margin == pytest.approx(-5)
     assert results["max_mean_kl"].passed is False and results["max_mean_kl"].margin == pytest.approx(-0.15)
     assert results["min_top1_agreement"].passed is True and results["min_top1_agreement"].margin == pytest.approx(0.05)
     assert results["min_decode_tok_s"].passed is None and results["min_decode_tok_s"].note == "needs macOS"
@@ -81,6 +82,9 @@ def test_latency_is_measured_in_a_child_process(tmp_path: Path):
                              warmup=1, repeats=3)
     assert len(result["decode_all_s"]) == 3 and len(result["ttft_all_s"]) == 3
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
+    # 3 repeats x 8 steps timed one by one: their median is near the mean step; p95 is at least p50
+    assert 0 < result["itl_p50_ms"] <= result["itl_p95_ms"]
+    assert result["itl_p50_ms"] < 3 * result["decode_ms_per_token"]
     assert result["peak_rss_mb"] >= result["rss_before_load_mb"] > 0
     missing = Artifact(tmp_path / "gone", "safetensors", ("model.safetensors",))
     from compress.errors import RuntimeUnavailable
