@@ -228,6 +228,25 @@ def collect_peers(req: BenchRequest, source: models.ModelSource, runtimes: Regis
     return entries
 
 
+def copy_bandwidth_gbs(threads: int, mib: int = 256, repeats: int = 5) -> float:
+    """This machine's memory copy bandwidth with `threads` threads: the best of `repeats` copies of a `mib` MiB
+    fp32 tensor, counting the bytes read and the bytes written (STREAM's Copy). A decode step that reads every
+    weight once cannot go faster than this allows."""
+    import time
+
+    import torch
+
+    src = torch.ones(mib << 18)  # mib MiB of fp32
+    dst = torch.empty_like(src)
+    best = float("inf")
+    with torch_threads(threads):
+        for _ in range(repeats):
+            start = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
 def _error(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())[:300]
 
@@ -287,6 +306,11 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
                             e.metrics["size_mb"] = e.artifact.size_bytes() / 1e6
                         step["detail"] = f"FAILED: {e.error}"
         timed = [e for e in entries if not e.error and not e.latency_note]
+        bandwidth = None
+        if req.rounds and timed:
+            with console.step(f"Measuring this machine's copy bandwidth ({req.threads} threads)") as step:
+                bandwidth = copy_bandwidth_gbs(req.threads)
+                step["detail"] = f"{bandwidth:.1f} GB/s"
         for r in range(req.rounds):
             for e in timed:
                 if e.error:
@@ -309,6 +333,6 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
         "repeats": req.repeats, "warmup": spec.warmup, "prefill_tokens": len(prompt),
         "decode_tokens": spec.decode_tokens, "depths": list(req.depths), "eval_set": eval_set.summary(),
         "baseline": BASELINE,
-        "measured_on": measured_on(req.threads),
+        "measured_on": measured_on(req.threads), "copy_bandwidth_gbs": bandwidth if req.rounds else None,
     }
     return {"protocol": protocol, "entries": entries}

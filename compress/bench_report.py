@@ -25,6 +25,7 @@ COLUMNS = (
     ("prefill_tok_s", "prefill tok/s", "{:.0f}"), ("ttft_ms", "TTFT ms", "{:.0f}"),
     ("decode_tok_s", "decode tok/s", "{:.1f}"), ("decode_spread", "decode spread", "{:.0%}"),
     ("itl_p50_ms", "ITL p50 ms", "{:.1f}"), ("itl_p95_ms", "ITL p95 ms", "{:.1f}"),
+    ("implied_gbs", "weights GB/s", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("mean_kl", "mean KL", "{:.4f}"), ("top1_agreement", "top-1", "{:.3f}"),
     ("perplexity_ratio", "PPL ratio", "{:.3f}"), ("prefill_vs_q4_0", "prefill ÷ Q4_0", "{:.2f}×"),
     ("decode_vs_q4_0", "decode ÷ Q4_0", "{:.2f}×"),
@@ -52,6 +53,9 @@ def rows(entries: Sequence[Entry], baseline: str = BASELINE) -> list[dict[str, A
                     "greedy_match_mean": e.metrics.get("greedy_match_mean"),
                     "latency_rounds": e.rounds, "note": e.latency_note, "error": e.error,
                     "runtime_settings": e.runtime_settings})
+    for r in out:  # every weight read once per decoded token: size on disk x decode speed
+        ok = r["size_mb"] is not None and r["decode_tok_s"] is not None
+        r["implied_gbs"] = r["size_mb"] * r["decode_tok_s"] / 1000 if ok else None
     base = next((r for r in out if r["peer"] == baseline), None)
     for r in out:
         for key, ratio in (("prefill_tok_s", "prefill_vs_q4_0"), ("decode_tok_s", "decode_vs_q4_0")):
@@ -82,7 +86,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None or value == "":
         depth = key.removeprefix(depth_key("")) if key.startswith(depth_key("")) else None
-        if key in (*LATENCY_COLUMNS, "ttft_ms") and row["note"] or depth is not None and (
+        if key in (*LATENCY_COLUMNS, "ttft_ms", "implied_gbs") and row["note"] or depth is not None and (
                 row["note"] or depth in row.get("depths_not_measured", {})):
             return "not measured"
         return "—"
@@ -101,7 +105,11 @@ def render_markdown(table: list[dict[str, Any]], protocol: dict[str, Any]) -> st
         f"{protocol['decode_tokens']} greedy tokens, {protocol['warmup']} warm-up + {protocol['repeats']} repeats "
         f"per child process, median of {protocol['rounds']} alternating rounds. TTFT: the prompt's prefill to "
         f"the first token. ITL: inter-token latency of each decode step, p50/p95 over the repeats. Decode spread: "
-        f"(max - min) / median of the rounds' decode tok/s. Ratios: to llama.cpp Q4_0 from the same run."
+        f"(max - min) / median of the rounds' decode tok/s. Weights GB/s: size on disk x decode tok/s, the "
+        f"bandwidth decoding implies if each token reads every weight once"
+        + (f" (this machine's copy bandwidth at --threads {protocol['threads']}: "
+           f"{protocol['copy_bandwidth_gbs']:.1f} GB/s)" if protocol.get("copy_bandwidth_gbs") else "")
+        + ". Ratios: to llama.cpp Q4_0 from the same run."
         + (f" Decode @N: {protocol['decode_tokens']} greedy tokens after N tokens are in the cache (the prompt "
            f"repeated), median of the repeats." if protocol.get("depths") else "")),
         "",

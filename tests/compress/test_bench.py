@@ -60,6 +60,7 @@ def test_ratios_are_to_the_q4_0_peer_of_the_same_run_from_round_medians():
     assert ours["decode_tok_s"] == 60 and ours["prefill_tok_s"] == 120  # medians of the rounds
     assert ours["ttft_ms"] == pytest.approx(100) and ours["itl_p50_ms"] == pytest.approx(1000 / 60)
     assert ours["itl_p95_ms"] == pytest.approx(25) and ours["decode_spread"] == pytest.approx(2.5)  # (180 - 30) / 60
+    assert ours["implied_gbs"] == pytest.approx(6.0)  # 100 MB read per token x 60 tok/s
     assert ours["decode_vs_q4_0"] == pytest.approx(1.5) and ours["prefill_vs_q4_0"] == pytest.approx(1.5)
     assert base["decode_vs_q4_0"] == 1.0
     alone = rows([_entry("ours", 100, 0.3, 60)])  # no Q4_0 peer: no ratio, never a made-up one
@@ -75,9 +76,9 @@ def test_unmeasured_latency_reads_not_measured_and_the_files_parse(tmp_path: Pat
     written = write_outputs(tmp_path, table, PROTOCOL)
     md = written["bench.md"].read_text()
     ios_line = next(line for line in md.splitlines() if line.startswith("| ios"))
-    assert ios_line.count("not measured") == 8 and "Core ML prediction needs macOS" in md
+    assert ios_line.count("not measured") == 9 and "Core ML prediction needs macOS" in md
     q4_line = next(line for line in md.splitlines() if line.startswith("| q4_0"))
-    assert "| 40.0 | 250% | 25.0 | 37.5 |" in q4_line  # decode tok/s, its spread, ITL p50 / p95 ms
+    assert "| 40.0 | 250% | 25.0 | 37.5 | 3.6 |" in q4_line  # decode tok/s, spread, ITL p50 / p95 ms, GB/s
     assert "| android ⚠ |" in md and "FAILED: RuntimeError: boom" in md
     assert "1 warm-up + 5 repeats" in md and "median of 3 alternating rounds" in md
     data = json.loads(written["bench.json"].read_text())
@@ -211,6 +212,8 @@ def test_bench_measures_builds_and_peers_and_a_failing_build_keeps_the_others(ti
     if "onnx8" in by_name:
         assert 0 < by_name["onnx8"]["mean_kl"] < 0.05 and by_name["onnx8"]["runtime"] == "onnxruntime"
     assert data["protocol"]["threads"] == 1 and data["protocol"]["eval_set"]["window_len"] == 256
+    assert data["protocol"]["copy_bandwidth_gbs"] > 0.1 and "copy bandwidth at --threads 1:" in result.stdout
+    assert by_name["ref"]["implied_gbs"] == pytest.approx(by_name["ref"]["size_mb"] * by_name["ref"]["decode_tok_s"] / 1e3)
     assert result.stdout == (out / "bench.md").read_text()  # the table is printed too
     header = next(line for line in result.stdout.splitlines() if line.startswith("| artifact"))
     assert "| decode tok/s @300 | decode tok/s @100000 |" in header and "| TTFT ms |" in header
