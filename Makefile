@@ -17,12 +17,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
 	touch $(STAMP)
 
-# onnxruntime-web (WASM) for the test that runs the web artifact the way a browser would; skipped without npm.
-WEB_STAMP := .web/.installed
+# onnxruntime-web (WASM) and transformers.js (on onnxruntime-node) for the tests that run the web artifact the way a
+# browser and a transformers.js app would; skipped without npm. ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's
+# install script would fetch its CUDA provider from NuGet; its CPU binaries are in the npm package itself.
+WEB_STAMP := .web/.installed-2
 $(WEB_STAMP):
 	@if command -v npm >/dev/null; then \
-		npm install --prefix .web --silent --no-audit --no-fund onnxruntime-web@1.30.0 && touch $(WEB_STAMP); \
-	else echo "npm not found: the onnxruntime-web test will be skipped"; fi
+		ONNXRUNTIME_NODE_INSTALL=skip npm install --prefix .web --silent --no-audit --no-fund \
+			onnxruntime-web@1.30.0 @huggingface/transformers@4.3.2 && touch $(WEB_STAMP); \
+	else echo "npm not found: the onnxruntime-web and transformers.js tests will be skipped"; fi
 
 setup: $(STAMP) $(WEB_STAMP)
 

@@ -7,8 +7,9 @@ Runtime's own MatMulNBits quantizer. Measured here on SmolLM2-135M (2 threads, 1
 decodes at ~130 tok/s with a shared KV buffer, against ~72 tok/s for a dynamo export of the HF model plus the
 same quantizer (docs/architecture.md).
 
-The folder holds `model.onnx` (+ `model.onnx.data`), `genai_config.json` and the tokenizer files (what
-onnxruntime-genai loads), and `config.json` / `generation_config.json` (what optimum / transformers.js read).
+The builder writes `model.onnx` (+ `model.onnx.data`), `genai_config.json` and the tokenizer files (what
+onnxruntime-genai loads); every pass here edits that graph, and the finished folder is then laid out the way
+transformers.js loads it (`onnx/model_q4.onnx` + `onnx/model_q4.onnx_data`, `config.json`; exporters/onnx_layout.py).
 Inputs `input_ids`, `attention_mask`, `past_key_values.N.key|value`; outputs `logits` (every position),
 `present.N.key|value`. Coverage is a post-condition: a MatMul left in fp32 that the config says to quantize fails
 the export unless the target allows it; a `web` target fails when the graph uses an op onnxruntime-web lacks.
@@ -30,6 +31,7 @@ from typing import Any
 
 from compress.exporters.base import atomic_dir, model_problems
 from compress.exporters.onnx_codes import CORRECTION_SUFFIX, lower_codes
+from compress.exporters.onnx_layout import lay_out
 
 from compress.artifact import Artifact, Availability, CacheShape
 from compress.config import check_fields, setting
@@ -74,7 +76,7 @@ ONNX_BLOCK_SIZES = (16, 32, 64, 128, 256)
 class OnnxOptions:
     max_context: int = setting(2048, ge=16, le=131072, doc="KV-cache length a session pre-allocates")
     max_opset: int = setting(22, ge=17, le=24, doc="highest ai.onnx opset the deploying runtime runs")
-    external_data: bool = setting(True, doc="weights in model.onnx.data beside model.onnx (false: one file)")
+    external_data: bool = setting(True, doc="weights in a .onnx_data file beside the graph (false: one file)")
     deploy: OnnxDeploy = OnnxDeploy.DESKTOP
     allow_unquantized_matmuls: bool = setting(False, doc="let the export succeed when a MatMul is skipped")
 
@@ -126,7 +128,7 @@ class OnnxExporter:
     options = OnnxOptions
     runtimes = ("onnxruntime",)  # the runtimes that run this format
     artifact_name = "onnx"  # its name in the build directory
-    version = "1"
+    version = "2"  # 2: the transformers.js layout (onnx/model_q4.onnx)
 
     def availability(self) -> Availability:
         missing = _missing_modules()
@@ -171,13 +173,14 @@ class OnnxExporter:
             if not options.external_data:
                 _inline_weights(tmp)
             _finish_folder(tmp, model, tokenizer, options)
-            sidecar = {"max_context": options.max_context, "vocab_size": config.vocab_size,
+            main = lay_out(tmp, MODEL, DATA, q.weight_bits if q is not None else None, _head_dim(config))
+            sidecar = {"model": main, "max_context": options.max_context, "vocab_size": config.vocab_size,
                        "num_layers": config.num_hidden_layers, "kv_heads": config.num_key_value_heads,
                        "head_dim": _head_dim(config), "deploy": options.deploy.value, "scheme": _scheme(q),
                        "builder_options": builder_args, "coverage": graph, "export_seconds": {"build": build_seconds}}
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         files = tuple(str(p) for p in files_under(out_dir))
-        return Artifact(out_dir, self.format, files, main=MODEL, max_context=options.max_context,
+        return Artifact(out_dir, self.format, files, main=main, max_context=options.max_context,
                         vocab_size=config.vocab_size,
                         cache=CacheShape(config.num_hidden_layers, config.num_key_value_heads, _head_dim(config)),
                         record={k: sidecar[k] for k in ("deploy", "scheme", "coverage", "export_seconds")})

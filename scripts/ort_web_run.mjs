@@ -13,11 +13,11 @@ const ids = JSON.parse(idsJson);
 const sidecar = JSON.parse(readFileSync(path.join(dir, "compress-onnx.json"), "utf8"));
 ort.env.wasm.numThreads = 1;
 const options = { executionProviders: ["wasm"] };
-const data = path.join(dir, "model.onnx.data");
+const graph = path.join(dir, sidecar.model);  // onnx/model_q4.onnx, its weights in onnx/model_q4.onnx_data
 try {
-  options.externalData = [{ path: "model.onnx.data", data: readFileSync(data) }];
-} catch { /* weights inside model.onnx */ }
-const session = await ort.InferenceSession.create(readFileSync(path.join(dir, "model.onnx")), options);
+  options.externalData = [{ path: `${path.basename(graph)}_data`, data: readFileSync(`${graph}_data`) }];
+} catch { /* weights inside the graph file */ }
+const session = await ort.InferenceSession.create(readFileSync(graph), options);
 const feeds = {
   input_ids: new ort.Tensor("int64", BigInt64Array.from(ids.map(BigInt)), [1, ids.length]),
   attention_mask: new ort.Tensor("int64", BigInt64Array.from(ids.map(() => 1n)), [1, ids.length]),

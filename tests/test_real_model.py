@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -198,6 +200,24 @@ def test_the_web_target_builds_passes_its_budgets_and_answers_in_onnxruntime_gen
     # (onnxruntime, our decode loop) prints.
     text = "".join(answer).strip()
     assert text and text == _generated(cli, real_home, out).strip()
+    _transformers_js_answers(out / "onnx", smollm2.tokenizer, prompt, text)
+
+
+def _transformers_js_answers(folder: Path, tokenizer, prompt: str, text: str) -> None:
+    """transformers.js (Node, onnxruntime-node) loads the folder as is, its tokenizer encodes the prompt as
+    transformers' does, and its greedy answer, up to the end-of-turn token, is the same text."""
+    web = Path(__file__).resolve().parents[1] / ".web"
+    if shutil.which("node") is None or not (web / "node_modules" / "@huggingface" / "transformers").exists():
+        pytest.skip("needs node and @huggingface/transformers in .web/ (make setup installs it)")
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "transformers_js_generate.mjs"
+    proc = subprocess.run(["node", str(script), str(folder), json.dumps(ids), "12", prompt], capture_output=True,
+                          text=True, cwd=web, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert got["text_ids"] == ids and got["dtype"] == "q4"
+    tokens = [t for t in got["tokens"] if t != tokenizer.eos_token_id]
+    assert tokenizer.decode(tokens).strip() == text
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("coremltools") is None, reason="needs compress[coreml]")

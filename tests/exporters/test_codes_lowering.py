@@ -73,7 +73,7 @@ def test_onnx_runs_the_stage_codes_exactly(model, tmp_path, algorithm, bits, cor
     assert coverage["residuals_stored_8bit"] == eight and coverage["residuals_stored_fp16"] == corrected - eight
     import onnx
 
-    graph = onnx.load(str(art.path / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(art.path / art.main), load_external_data=False).graph
     halves = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
     assert sum(n.endswith("_fp16") for n in halves) == 11 + corrected - 2 * eight
     bytes8 = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)

@@ -92,7 +92,7 @@ def test_quantized_graphs_cover_every_matmul_and_share_the_tied_embedding(export
     assert genai["search"]["max_length"] == 96
     import onnx
 
-    graph = onnx.load(str(exported["int8"].path / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(exported["int8"].path / exported["int8"].main), load_external_data=False).graph
     names = {t.name for t in graph.initializer}
     assert "model.embed_tokens.weight" not in names  # one quantized copy of the tied matrix, no fp32 one
 
@@ -179,6 +179,40 @@ def test_the_web_folder_runs_under_onnxruntime_web_wasm_like_in_a_browser(export
     assert float(np.mean(web.argmax(1) == ours.argmax(1))) >= 0.95
 
 
+TRANSFORMERS_JS = WEB_RUNTIME / "node_modules" / "@huggingface" / "transformers"
+
+
+@pytest.mark.skipif(shutil.which("node") is None or not TRANSFORMERS_JS.exists(),
+                    reason="needs node and @huggingface/transformers in .web/ (make setup installs it)")
+@pytest.mark.parametrize("kind, dtype, graph_file", [("int4", "q4", "onnx/model_q4.onnx"),
+                                                     ("int8", "q8", "onnx/model_quantized.onnx"),
+                                                     ("fp32", "fp32", "onnx/model.onnx")])
+def test_transformers_js_loads_the_folder_as_is_and_generates_what_onnx_runtime_does(exported, kind, dtype,
+                                                                                     graph_file):
+    """`AutoModelForCausalLM.from_pretrained(folder)` with no options (transformers.js 4.3 in Node, its `cpu` device:
+    onnxruntime-node) finds the graph and its external data by the folder's layout and config.json, allocates its
+    empty KV cache from the graph's input shapes, and its greedy tokens are ONNX Runtime's."""
+    artifact = exported[kind]
+    assert artifact.main == graph_file and f"{graph_file}_data" in artifact.files
+    script = Path(__file__).resolve().parents[2] / "scripts" / "transformers_js_generate.mjs"
+    steps = 12
+    proc = subprocess.run(["node", str(script), str(artifact.path), json.dumps(TOKENS), str(steps)],
+                          capture_output=True, text=True, cwd=WEB_RUNTIME, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert got["dtype"] == dtype
+    session = OnnxRuntimeRuntime().load(artifact, threads=2)
+    prompt = session.prefill(TOKENS)[-1]
+    # The same graph in onnxruntime-node 1.30 and onnxruntime 1.32: the same kernels, to float rounding.
+    np.testing.assert_allclose(np.asarray(got["last_logits"], dtype=np.float32), prompt, atol=1e-3, rtol=1e-3)
+    ours = [int(prompt.argmax())]
+    while len(ours) < steps:
+        ours.append(int(session.decode(ours[-1]).argmax()))
+    eos = json.loads((artifact.path / "generation_config.json").read_text()).get("eos_token_id")
+    # transformers.js stops at the end-of-sequence token; otherwise it runs all the steps.
+    assert got["tokens"] == ours[:len(got["tokens"])] and (len(got["tokens"]) == steps or got["tokens"][-1] == eos)
+
+
 def test_an_onnx_build_with_one_norm_flipped_and_re_hashed_fails_verify_with_exit_4(tiny_dir: Path, tmp_path: Path,
                                                                                       cli):
     """The manifest's hashes pass (the damage was re-hashed into it), so only the measurement can catch it: one
@@ -197,12 +231,13 @@ def test_an_onnx_build_with_one_norm_flipped_and_re_hashed_fails_verify_with_exi
     built = cli("build", "--target", "w", "--model", str(tiny_dir), "--targets", str(targets), "--out", str(out))
     assert built.code == 0, built.stderr
     folder = out / "onnx"
-    graph = onnx.load(str(folder / "model.onnx"))
+    graph_file = folder / "onnx" / "model.onnx"  # an unquantized target: transformers.js's fp32 file name
+    graph = onnx.load(str(graph_file))
     norm = next(t for t in graph.graph.initializer if t.name.endswith("layers.1.input_layernorm.weight"))
     norm.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(norm), norm.name))
-    (folder / "model.onnx.data").unlink()
-    onnx.save(graph, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="model.onnx.data", size_threshold=1024)
+    (folder / "onnx" / "model.onnx_data").unlink()
+    onnx.save(graph, str(graph_file), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx_data", size_threshold=1024)
     manifest = json.loads((out / "manifest.json").read_text())
     for entry in manifest["artifact"]["file_hashes"]:
         entry["sha256"], entry["bytes"] = sha256_file(folder / entry["path"]), (folder / entry["path"]).stat().st_size

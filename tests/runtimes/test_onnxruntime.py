@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -45,11 +46,14 @@ def test_reset_rewinds_so_a_new_sequence_sees_nothing_of_the_old(artifact):
 
 
 def test_weights_can_live_inside_model_onnx_and_give_the_same_logits(artifact, tmp_path):
-    """export.external_data: false writes one self-contained model.onnx (what some loaders want)."""
+    """export.external_data: false writes one self-contained graph file (what some loaders want)."""
     single = OnnxExporter().export(tiny_llama(seed=1), byte_tokenizer(),
                                    OnnxOptions(max_context=32, external_data=False), tmp_path / "onnx",
                                    Console(quiet=True))
-    assert "model.onnx.data" not in single.files and (single.path / "model.onnx").stat().st_size > 100_000
+    assert single.main == "onnx/model.onnx" and single.files.count("onnx/model.onnx") == 1
+    assert not any(f.endswith("_data") for f in single.files) and (single.path / single.main).stat().st_size > 100_000
+    assert json.loads((single.path / "config.json").read_text())["transformers.js_config"] == {
+        "dtype": "fp32", "use_external_data_format": False}
     ids = [7, 8, 9, 10]
     np.testing.assert_array_equal(OnnxRuntimeRuntime().load(single, threads=1).prefill(ids),
                                   OnnxRuntimeRuntime().load(artifact, threads=1).prefill(ids))
@@ -58,7 +62,7 @@ def test_weights_can_live_inside_model_onnx_and_give_the_same_logits(artifact, t
 def test_a_damaged_model_file_is_a_one_line_runtime_error(artifact, tmp_path):
     broken = tmp_path / "onnx"
     shutil.copytree(artifact.path, broken)
-    (broken / "model.onnx").write_bytes(b"\x08\x07garbage")
+    (broken / artifact.main).write_bytes(b"\x08\x07garbage")
     with pytest.raises(RuntimeUnavailable, match=r"onnxruntime .* cannot load model.onnx") as err:
         OnnxRuntimeRuntime().load(artifact.at(broken), threads=1)
     assert "\n" not in str(err.value)
