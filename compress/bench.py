@@ -27,6 +27,7 @@ from compress.artifact import Artifact
 from compress.errors import InputError, RuntimeUnavailable
 from compress.exporters.gguf import GgufExporter, GgufOptions, GgufType
 from compress.exporters.safetensors import SafetensorsExporter
+from compress.home import native_logs_in
 from compress.manifest import Manifest
 from compress.quantized import Activations
 from compress.registry import Registry
@@ -281,7 +282,7 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
 
     prompt = list(eval_set.latency_prompt)
     quiet = Console(quiet=True)
-    with tempfile.TemporaryDirectory(prefix="compress-bench-") as work:
+    with tempfile.TemporaryDirectory(prefix="compress-bench-") as work, native_logs_in(req.out_dir / "logs"):
         with torch_threads(req.threads):
             with console.step("Running the fp32 reference (eager PyTorch)"):
                 ref = run_reference(TorchEagerRuntime.session_for(loaded.model), eval_set, spec.greedy_tokens,

@@ -34,7 +34,7 @@ from compress.errors import (
 from compress.exporters import EXPORTERS
 from compress.gate import Verdict
 from compress.hashing import sha256_file
-from compress.home import compress_home
+from compress.home import compress_home, native_logs_in
 from compress.manifest import MANIFEST, Manifest, describe_files, tool_versions
 from compress.quantized import QuantizedWeights
 from compress.registry import Registry
@@ -46,6 +46,7 @@ from compress.targets import TargetSpec, load_targets, parse_target
 from compress.verification import check_prompts_fit, verify_artifact
 
 BUILD_MARKER = ".compress-build"  # marks a directory compress may overwrite
+LOGS = "logs"  # runtimes' native logs while the build is verified (compress.home.native_logs_in)
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,8 @@ def _verify_and_finish(req: BuildRequest, source: models.ModelSource, staged: St
     )
     verification = None
     if req.verify:
-        verification = verify_artifact(req.target, artifact, loaded, console, req.eval_data, req.threads)
+        with native_logs_in(req.out_dir / LOGS):
+            verification = verify_artifact(req.target, artifact, loaded, console, req.eval_data, req.threads)
     return _finish(req.out_dir, manifest, verification, req.target, console, req.strict)
 
 
@@ -364,6 +366,7 @@ def verify_build(out_dir: Path, console: Any, targets_file: Path | None = None, 
                              f"{source.sha256[:12]} != {manifest.model['sha256'][:12]}); rebuild instead")
         step["detail"] = f"sha256 {source.sha256[:12]} matches the manifest"
         loaded = models.load(source)
-    verification = verify_artifact(target, artifact, loaded, console, eval_data, threads)
+    with native_logs_in(out_dir / LOGS):
+        verification = verify_artifact(target, artifact, loaded, console, eval_data, threads)
     (out_dir / MANIFEST).unlink()
     return _finish(out_dir, manifest, verification, target, console, strict)

@@ -7,6 +7,7 @@ the traceback. Heavy libraries are imported inside commands, so `compress --help
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import click
 
 from compress.errors import CompressError, ExitCode
+from compress.home import CONSOLE, NATIVE_LOGS_ENV
 from compress.progress import Console
 
 DEFAULT_OUT = "out"
@@ -27,7 +29,6 @@ class _State:
 def _quiet_libraries() -> None:
     """Library chatter (per-tensor progress bars, optional-kernel warnings) drowns the pipeline's own steps."""
     import logging
-    import os
     import warnings
 
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -40,14 +41,16 @@ def _quiet_libraries() -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--verbose", is_flag=True, help="Show tracebacks and library output.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks and library output, runtimes' native logs included.")
 @click.option("--quiet", is_flag=True, help="Print only errors and results.")
 @click.version_option(package_name="compress")
 def cli(verbose: bool, quiet: bool) -> None:
     """Compress a Llama-family model into verified edge artifacts (ExecuTorch, ONNX, Core ML)."""
     _State.verbose = verbose
     _State.console = Console(quiet=quiet)
-    if not verbose:
+    if verbose:  # runtimes' native logs stay on the console instead of the build's logs/
+        os.environ[NATIVE_LOGS_ENV] = CONSOLE
+    else:
         _quiet_libraries()
 
 

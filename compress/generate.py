@@ -19,6 +19,7 @@ import numpy as np
 
 from compress import models
 from compress.errors import InputError, VerificationFailed
+from compress.home import native_logs_in
 from compress.manifest import Manifest
 from compress.runtimes import RUNTIMES
 from compress.runtimes.base import Session
@@ -141,7 +142,8 @@ def open_build(out_dir: Path, console: Any, threads: int | None = None) -> Conve
     threads = threads or target.runtime.threads
     with console.step(f"Loading the artifact on {target.runtime.name} ({threads} threads)"):
         try:
-            session = runtime.load(manifest.artifact_obj(out_dir), threads)
+            with native_logs_in(out_dir / "logs"):
+                session = runtime.load(manifest.artifact_obj(out_dir), threads)
         except Exception as err:  # noqa: BLE001  whatever the runtime raises, it refused the artifact
             first = (str(err).strip().splitlines() or [""])[0]
             raise VerificationFailed(f"{target.runtime.name} refused to load the artifact: "

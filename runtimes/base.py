@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from compress.artifact import Artifact, Availability
-from compress.home import compress_home
+from compress.home import native_log_dir
 
 
 class Session(Protocol):
@@ -47,15 +47,21 @@ def process_env(runtime: object) -> dict[str, str]:
     return dict(getattr(runtime, "process_env", {}))
 
 
-def native_log_path(runtime_name: str) -> Path:
-    """Where a runtime's native (C/C++) log lines go instead of the user's console."""
-    return compress_home() / "logs" / f"{runtime_name}.log"
+def native_log_path(runtime_name: str) -> Path | None:
+    """Where a runtime's native (C/C++) log lines go instead of the user's console (compress.home); None: the
+    console (`--verbose`)."""
+    directory = native_log_dir()
+    return directory / f"{runtime_name}.log" if directory is not None else None
 
 
 @contextmanager
-def native_stderr_to(path: Path) -> Iterator[None]:
+def native_stderr_to(path: Path | None) -> Iterator[None]:
     """Send standard error to `path` (appended) for the block, at both levels: file descriptor 2, where C/C++
-    libraries write, and Python's `sys.stderr`, through which some bindings (ExecuTorch's) route their native log."""
+    libraries write, and Python's `sys.stderr`, through which some bindings (ExecuTorch's) route their native log.
+    None leaves it where it is."""
+    if path is None:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
     saved_fd, saved_stream = os.dup(2), sys.stderr

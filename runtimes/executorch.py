@@ -64,7 +64,7 @@ class ExecuTorchRuntime:
         if data and not (artifact.path / data).is_file():
             raise InputError(f"{artifact.path / data} is missing: the program keeps its weights there; copy it "
                              f"beside {artifact.main}")
-        # ExecuTorch's C++ logs ([cpuinfo_utils.cpp], [threadpool.cpp], ...) go to $COMPRESS_HOME/logs.
+        # ExecuTorch's C++ logs ([cpuinfo_utils.cpp], [threadpool.cpp], ...) go to the build's logs/ (compress.home).
         with native_stderr_to(native_log_path(self.name)):
             # Kernel libraries the program calls outside XNNPACK: quantized embedding, llama custom ops.
             import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401

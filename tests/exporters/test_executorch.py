@@ -246,6 +246,11 @@ def test_a_damaged_weights_file_is_a_failed_verification_naming_the_runtime_s_re
     out = tmp_path / "out"
     built = cli("build", "--target", "a", "--model", str(tiny_dir), "--targets", str(targets), "--out", str(out))
     assert built.code == 0, built.stderr
+    # ExecuTorch's C++ log lines went to the build's logs/, not the console; --verbose leaves them on the console.
+    assert ".cpp:" not in built.stderr and "threadpool.cpp" in (out / "logs" / "executorch.log").read_text()
+    (out / "logs" / "executorch.log").unlink()
+    talk = cli("--verbose", "generate", str(out), "--prompt", "hi", "--max-tokens", "2")
+    assert talk.code == 0 and "threadpool.cpp" in talk.stderr and not (out / "logs" / "executorch.log").exists()
     weights = out / "executorch" / "model.ptd"
     data = bytearray(weights.read_bytes())
     data[:64] = b"\xff" * 64  # the flatbuffer header: no reader can find the named tensors any more
