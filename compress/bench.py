@@ -26,6 +26,7 @@ from compress import models
 from compress.artifact import Artifact
 from compress.errors import InputError, RuntimeUnavailable
 from compress.exporters.gguf import GgufExporter, GgufOptions, GgufType
+from compress.exporters.onnx import BUILDER_DEFAULT_PRECISIONS, OnnxExporter, export_builder_defaults
 from compress.exporters.safetensors import SafetensorsExporter
 from compress.home import native_logs_in
 from compress.manifest import Manifest
@@ -41,13 +42,22 @@ from compress.verification import stop_ids
 EAGER = "eager"
 SOURCE = "llamacpp-source"
 LLAMACPP_PREFIX = "llamacpp-"
+ORTGENAI_PREFIX = "ortgenai-"  # onnxruntime-genai's model builder with its CPU defaults (exporters/onnx.py)
 BASELINE = "llamacpp-q4_0"  # speed ratios are stated against this peer, measured in the same run
-DEFAULT_PEERS = (EAGER, "llamacpp-q8_0", BASELINE, "llamacpp-q4_k_m", SOURCE)
+DEFAULT_PEERS = (EAGER, "llamacpp-q8_0", BASELINE, "llamacpp-q4_k_m", SOURCE, "ortgenai-int4")
 LATENCY_KEYS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "itl_p50_ms", "itl_p95_ms", "peak_rss_mb")
 
 
 def valid_peers() -> list[str]:
-    return [EAGER, SOURCE] + [LLAMACPP_PREFIX + t.value for t in GgufType]
+    return ([EAGER, SOURCE] + [LLAMACPP_PREFIX + t.value for t in GgufType]
+            + [ORTGENAI_PREFIX + p for p in BUILDER_DEFAULT_PRECISIONS])
+
+
+def peer_runtime(peer: str) -> str:
+    """The runtime a peer is measured on."""
+    if peer == EAGER:
+        return "torch_eager"
+    return "onnxruntime" if peer.startswith(ORTGENAI_PREFIX) else "llamacpp"
 
 
 def parse_peers(raw: str) -> tuple[str, ...]:
@@ -111,6 +121,7 @@ class Entry:
     detail: str  # what the artifact is: quantization scheme, file type
     artifact: Artifact | None = None
     gguf_type: GgufType | None = None  # a llama.cpp peer exported during the run
+    builder_precision: str = ""  # an onnxruntime-genai builder peer exported during the run (int4, int8)
     metrics: dict[str, float] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""  # why this entry has no (or incomplete) numbers
@@ -210,9 +221,13 @@ def collect_peers(req: BenchRequest, source: models.ModelSource, runtimes: Regis
             art = Artifact(ckpt, SafetensorsExporter.format, files, max_context=2048)
             entries.append(Entry("eager fp32 (peer)", "peer", art.format, "torch_eager", "fp32", art, peer=peer))
             continue
-        runtime = runtimes.get("llamacpp")
+        runtime = runtimes.get(peer_runtime(peer))
         _check_runtime(runtime, f"peer {peer!r} (leave it out of --peers to skip it)")
-        if peer == SOURCE:
+        if peer.startswith(ORTGENAI_PREFIX):
+            precision = peer[len(ORTGENAI_PREFIX):]
+            entries.append(Entry(f"onnxruntime-genai builder {precision} (peer)", "peer", "onnx", runtime.name,
+                                 f"builder defaults (-p {precision} -e cpu)", builder_precision=precision, peer=peer))
+        elif peer == SOURCE:
             path = source_gguf(source)
             if path is None or not path.is_file():
                 raise InputError(f"peer {SOURCE!r}: model {source.spec!r} has no source GGUF (only a catalog model "
@@ -264,7 +279,9 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
     entries, model_record = collect_builds(req, runtimes)
     for peer in req.peers:  # before the model is resolved (a first fetch takes ~30 s)
         if peer != EAGER:
-            _check_runtime(runtimes.get("llamacpp"), f"peer {peer!r} (leave it out of --peers to skip it)")
+            _check_runtime(runtimes.get(peer_runtime(peer)), f"peer {peer!r} (leave it out of --peers to skip it)")
+        if peer.startswith(ORTGENAI_PREFIX) and not (builder := OnnxExporter().availability()).ok:
+            raise RuntimeUnavailable(f"peer {peer!r} is made by onnxruntime-genai's builder: {builder.reason}")
     with console.step("Resolving the reference model") as step:
         source = models.resolve(model_record["reopen"] if model_record else (req.model or "smollm2-135m"), console)
         if model_record and source.sha256 != model_record["sha256"]:
@@ -294,6 +311,14 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
                             e.artifact = GgufExporter().export(loaded.model, loaded.tokenizer,
                                                                GgufOptions(file_type=e.gguf_type),
                                                                Path(work) / f"{e.gguf_type.value}.gguf", quiet)
+                        elif e.builder_precision:  # onnxruntime-genai's builder, its defaults, the same weights
+                            e.artifact = export_builder_defaults(loaded.model, loaded.tokenizer, e.builder_precision,
+                                                                 Path(work) / f"ortgenai-{e.builder_precision}")
+                            chosen = e.artifact.record["chosen"]
+                            e.detail = (f"builder defaults: int{'/'.join(map(str, chosen['bits']))} block "
+                                        f"{'/'.join(map(str, chosen['block_size']))}, accuracy_level "
+                                        f"{'/'.join(map(str, chosen['accuracy_level']))}, "
+                                        f"{chosen['with_zero_points']} with zero points")
                         session = runtimes.get(e.runtime).load(e.artifact, req.threads)
                         e.runtime_settings = dict(getattr(session, "settings", {}))
                         e.metrics, _ = measure_accuracy(session, ref, eval_set, spec.greedy_tokens, stops, decode,

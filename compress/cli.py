@@ -127,9 +127,11 @@ def verify(out_dir: Path, targets_file: Path | None, eval_data: str | None, thre
 
 @cli.command()
 @click.argument("build_dirs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--peers", default="eager,llamacpp-q8_0,llamacpp-q4_0,llamacpp-q4_k_m,llamacpp-source", show_default=True,
-              help="Comma-separated peers measured in the same run, or 'none'. Valid: eager, llamacpp-source, "
-                   "llamacpp-{f32,f16,q8_0,q4_0,q4_k_m,q5_k_m}.")
+@click.option("--peers", default=None,
+              help="Comma-separated peers measured in the same run, or 'none' (default: eager, llamacpp-q8_0, "
+                   "llamacpp-q4_0, llamacpp-q4_k_m, llamacpp-source, ortgenai-int4). Valid: eager, llamacpp-source, "
+                   "llamacpp-{f32,f16,q8_0,q4_0,q4_k_m,q5_k_m}, ortgenai-{int4,int8} (onnxruntime-genai's model "
+                   "builder with its CPU defaults).")
 @click.option("--threads", type=int, default=2, show_default=True, help="Threads for every runtime (1..cores).")
 @click.option("--rounds", type=int, default=3, show_default=True,
               help="Alternating latency rounds (median reported); 0 measures accuracy only.")
@@ -142,18 +144,18 @@ def verify(out_dir: Path, targets_file: Path | None, eval_data: str | None, thre
 @click.option("--depths", default="", show_default=False,
               help="Comma-separated context depths, e.g. 512,1536: decode is also timed after that many tokens are "
                    "in the cache (like llama-bench's n_depth); a depth an artifact cannot hold reads 'not measured'.")
-def bench(build_dirs: tuple[Path, ...], peers: str, threads: int, rounds: int, repeats: int, out_dir: Path,
+def bench(build_dirs: tuple[Path, ...], peers: str | None, threads: int, rounds: int, repeats: int, out_dir: Path,
           model: str | None, eval_data: str | None, depths: str) -> None:
     """Measure built artifacts and peers with one protocol; write one table (md, json, csv) and plots."""
     import datetime as dt
 
-    from compress.bench import BenchRequest, parse_depths, parse_peers, run_bench
+    from compress.bench import DEFAULT_PEERS, BenchRequest, parse_depths, parse_peers, run_bench
     from compress.bench_report import rows, write_outputs, write_plots
     from compress.errors import InputError, RuntimeUnavailable
 
     if model and build_dirs:
         raise InputError("--model is only for a run without build directories (builds name their own model)")
-    req = BenchRequest(tuple(build_dirs), parse_peers(peers), threads, rounds, repeats, out_dir, model, eval_data,
+    req = BenchRequest(tuple(build_dirs), parse_peers(peers) if peers is not None else DEFAULT_PEERS, threads, rounds, repeats, out_dir, model, eval_data,
                        parse_depths(depths))
     result = run_bench(req, _State.console)
     protocol = {**result["protocol"], "date": dt.date.today().isoformat()}

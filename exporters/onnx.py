@@ -186,6 +186,40 @@ class OnnxExporter:
                         record={k: sidecar[k] for k in ("deploy", "scheme", "coverage", "export_seconds")})
 
 
+# What `compress bench` compares against: the folder a user gets from onnxruntime-genai's builder run with its
+# defaults for the CPU (`-p int4|int8 -e cpu`, nothing else), from the same fp32 checkpoint.
+BUILDER_DEFAULT_PRECISIONS = ("int4", "int8")
+
+
+def export_builder_defaults(model: Any, tokenizer: Any, precision: str, out_dir: Path, max_context: int = 2048
+                            ) -> Artifact:
+    """onnxruntime-genai's builder with nothing but `-p PRECISION -e cpu`: its own quantizer, block size,
+    accuracy level and embedding handling, none of this exporter's passes. Its choices are read back from the
+    graph into the artifact's record."""
+    import onnx
+
+    config = model.config
+    with atomic_dir(out_dir) as tmp:
+        work = tmp.with_name(f"{tmp.name}-work")
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            model.save_pretrained(work / "source", safe_serialization=True)
+            tokenizer.save_pretrained(work / "source")
+            _run_builder(work / "source", tmp, work / "cache", {"precision": precision}, work / "builder.log")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        graph = inspect_graph(tmp / MODEL, config.num_hidden_layers)
+        nodes = [n for n in onnx.load(str(tmp / MODEL), load_external_data=False).graph.node
+                 if n.op_type == "MatMulNBits"]
+        chosen = {key: sorted({a.i for n in nodes for a in n.attribute if a.name == key})
+                  for key in ("bits", "block_size", "accuracy_level")}
+        chosen["with_zero_points"] = sum(len(n.input) > 3 and bool(n.input[3]) for n in nodes)
+    files = tuple(str(p) for p in files_under(out_dir))
+    return Artifact(out_dir, "onnx", files, main=MODEL, max_context=max_context, vocab_size=config.vocab_size,
+                    cache=CacheShape(config.num_hidden_layers, config.num_key_value_heads, _head_dim(config)),
+                    record={"builder": f"-p {precision} -e cpu", "chosen": chosen, "coverage": graph})
+
+
 def _head_dim(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 

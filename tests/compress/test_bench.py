@@ -233,6 +233,24 @@ def test_llamacpp_peers_are_quantized_from_the_reference_and_give_the_ratio_base
     assert 0 < q8["mean_kl"] < q4["mean_kl"] and q8["size_mb"] > q4["size_mb"]
 
 
+def test_onnxruntime_genai_builder_peers_are_its_defaults_on_the_reference_weights(tiny_built, tmp_path: Path):
+    """What a web/desktop user would otherwise run: the builder with only `-p int4|int8 -e cpu`, from the same fp32
+    weights, measured by the same harness on ONNX Runtime; what the builder chose is read back from its graph."""
+    pytest.importorskip("onnxruntime_genai")
+    req = BenchRequest((tiny_built["ref"],), peers=("ortgenai-int4", "ortgenai-int8"), rounds=1, repeats=1,
+                       out_dir=tmp_path / "b")
+    result = run_bench(req, QUIET)
+    table = {r["name"]: r for r in rows(result["entries"])}
+    int4, int8 = table["onnxruntime-genai builder int4 (peer)"], table["onnxruntime-genai builder int8 (peer)"]
+    for row in (int4, int8):
+        assert not row["error"] and row["runtime"] == "onnxruntime" and row["decode_tok_s"] > 0
+        assert row["detail"].startswith("builder defaults: int") and "accuracy_level" in row["detail"]
+    assert 0 < int8["mean_kl"] < int4["mean_kl"] and int4["size_mb"] < int8["size_mb"] < table["ref"]["size_mb"]
+    record = next(e for e in result["entries"] if e.peer == "ortgenai-int4").artifact.record
+    assert record["builder"] == "-p int4 -e cpu" and 4 in record["chosen"]["bits"]
+    assert record["coverage"]["matmuls_quantized"] > 0
+
+
 @pytest.mark.slow
 def test_real_model_peers_eager_and_the_source_gguf(real_home: Path, tmp_path: Path, cli):
     pytest.importorskip("llama_cpp")
@@ -273,3 +291,13 @@ def test_the_bench_table_goes_to_the_ci_job_summary(tmp_path: Path, monkeypatch:
     entries = [_entry("android", 96, 0.02, 200), _entry("q4_0", 90, 0.28, 40, peer=BASELINE)]
     md = write_outputs(tmp_path / "bench", rows(entries), PROTOCOL)["bench.md"].read_text()
     assert summary.read_text() == md + "\n"
+
+
+def test_the_cli_states_the_default_peers_it_uses():
+    from click.testing import CliRunner
+
+    from compress.bench import DEFAULT_PEERS
+    from compress.cli import cli
+
+    shown = CliRunner().invoke(cli, ["bench", "--help"], terminal_width=400).output
+    assert f"(default: {', '.join(DEFAULT_PEERS)})" in " ".join(shown.split())
