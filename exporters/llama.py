@@ -45,6 +45,9 @@ class AttentionBackend(enum.StrEnum):
     CUSTOM = "custom"  # update_cache + custom_sdpa custom ops
     EAGER = "eager"  # plain PyTorch ops only
     COREML = "coreml"  # fp16 caches updated by slice assignment (Core ML states), plain ops only
+    # fp16 caches laid out (positions, kv heads, head dim), written with index_copy_ along positions: what
+    # torch.export and coreai-torch lower (its index_put takes a dynamic count on dim 0 only); plain ops only
+    COREAI = "coreai"
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,8 @@ class Attention(nn.Module):
         dtype = torch.float32
         if backend is AttentionBackend.COREML:  # Core ML states: fp16 only, heads before positions
             shape, dtype = (1, kv, max_context, d), torch.float16
+        elif backend is AttentionBackend.COREAI:
+            shape, dtype = (max_context, kv, d), torch.float16
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
@@ -179,6 +184,8 @@ class Attention(nn.Module):
             out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True)  # (1,seq,h,d)
         elif self.backend is AttentionBackend.COREML:
             out = self._coreml(q, k, v, start, seq, mask)
+        elif self.backend is AttentionBackend.COREAI:
+            out = self._coreai(q, k, v, start, seq, mask)
         else:
             out = self._eager(q, k, v, start, seq)
         return self.o_proj(out.reshape(1, -1, dims.num_heads * dims.head_dim))  # (1, seq, hidden)
@@ -208,6 +215,20 @@ class Attention(nn.Module):
         self.v_cache[:, :, start:start + seq] = v.transpose(1, 2).to(self.v_cache.dtype)
         keys = self.k_cache.to(q.dtype)  # (1, kv, ctx, d)
         values = self.v_cache.to(q.dtype)
+        q_grouped = q.view(1, seq, kv, groups, d).transpose(1, 2).reshape(1, kv, seq * groups, d)  # (1,kv,seq*g,d)
+        scores = torch.matmul(q_grouped, keys.transpose(2, 3)) * (1.0 / math.sqrt(d)) + mask  # (1, kv, seq*g, ctx)
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (1, kv, seq*g, d)
+        return out.view(1, kv, seq, groups, d).transpose(1, 2)  # (1, seq, kv, g, d) = (1, seq, h, d)
+
+    def _coreai(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, seq: int,
+                mask: torch.Tensor) -> torch.Tensor:
+        kv, d = self.dims.num_kv_heads, self.dims.head_dim
+        groups = self.dims.num_heads // kv
+        positions = torch.arange(seq) + start  # `start` a 0-d tensor: the program keeps it an input
+        self.k_cache.index_copy_(0, positions, k[0].to(self.k_cache.dtype))  # (seq, kv, d) into (ctx, kv, d)
+        self.v_cache.index_copy_(0, positions, v[0].to(self.v_cache.dtype))
+        keys = self.k_cache.to(q.dtype).permute(1, 0, 2).unsqueeze(0)  # (1, kv, ctx, d)
+        values = self.v_cache.to(q.dtype).permute(1, 0, 2).unsqueeze(0)
         q_grouped = q.view(1, seq, kv, groups, d).transpose(1, 2).reshape(1, kv, seq * groups, d)  # (1,kv,seq*g,d)
         scores = torch.matmul(q_grouped, keys.transpose(2, 3)) * (1.0 / math.sqrt(d)) + mask  # (1, kv, seq*g, ctx)
         out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (1, kv, seq*g, d)
@@ -276,6 +297,13 @@ class ExportLlama(nn.Module):
             cos = self.rope_cos[start:start + seq].view(1, seq, 1, -1)  # (1, seq, 1, head_dim)
             sin = self.rope_sin[start:start + seq].view(1, seq, 1, -1)
             mask = self._grouped_mask(start, seq, finite=True)
+        elif self.backend is AttentionBackend.COREAI:
+            start = input_pos[0]  # a tensor: torch.export keeps it a program input
+            positions = torch.arange(seq) + start
+            dtype = self.rope_cos.dtype  # fp16 when the module was converted to fp16
+            cos = self.rope_cos.index_select(0, positions).view(1, seq, 1, -1)  # (1, seq, 1, head_dim)
+            sin = self.rope_sin.index_select(0, positions).view(1, seq, 1, -1)
+            mask = self._grouped_mask(start, seq, finite=True).to(dtype)
         else:
             start = input_pos[0].item()
             torch._check_is_size(start)

@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-IMPORT_NAMES = {"huggingface-hub": "huggingface_hub", "pyyaml": "yaml", "onnx-ir": "onnx_ir",
+IMPORT_NAMES = {"huggingface-hub": "huggingface_hub", "pyyaml": "yaml", "onnx-ir": "onnx_ir", "coreai-core": "coreai",
                 "onnxruntime-genai": "onnxruntime_genai", "llama-cpp-python": "llama_cpp"}
 # Declared but never imported here: (the module that imports it, a line of that module's source that shows it).
 NEEDED_BY = {

@@ -239,6 +239,21 @@ def test_the_ios_target_builds_and_passes_its_budgets_through_the_mil_interprete
     _answers_paris(cli, real_home, out)
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("coreai") is None, reason="needs compress[coreai]")
+def test_the_ios_coreai_target_builds_and_apples_runtime_passes_its_budgets(smollm2, real_home: Path,
+                                                                           tmp_path: Path, cli):
+    """torch.export -> coreai-torch -> .aimodel, run by Apple's Core AI runtime (its Linux interpreter) through the
+    harness and gated; then `compress generate` answers from it."""
+    out = tmp_path / "ios-coreai"
+    manifest = _build(cli, real_home, out, "ios-coreai")
+    metrics = manifest["verification"]["metrics"]
+    # docs/coreai.md has the measured numbers: fp32, so only the fp16 KV cache separates it from the reference.
+    assert metrics["mean_kl"] < 1e-4 and metrics["top1_agreement"] > 0.99 and 530 < metrics["size_mb"] < 560
+    assert all(b["passed"] for b in manifest["verification"]["budgets"])
+    assert manifest["verification"]["latency"] == {}  # the interpreter is not device speed: never timed
+    _answers_paris(cli, real_home, out)
+
+
 def test_the_off_grid_model_has_the_default_s_outputs_and_no_4_bit_grid(smollm2):
     """smollm2-135m-offgrid: the norm gains folded into the linears; what a bf16 checkpoint looks like to 4 bits."""
     import torch

@@ -44,6 +44,7 @@ def test_every_shipped_target_loads_with_the_expected_format_and_runtime():
     expected = {
         "android": ("pte", "executorch"),
         "ios": ("mlpackage", "coreml"),
+        "ios-coreai": ("aimodel", "coreai"),
         "web": ("onnx", "onnxruntime"),
         "desktop": ("onnx", "onnxruntime"),
         "reference": ("safetensors", "torch_eager"),
@@ -148,7 +149,7 @@ def test_unreadable_files_give_one_clear_error(tmp_path: Path):
 
 
 def test_unknown_target_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="unknown target 'andriod'; valid: android, android-small, ios, web, desktop"):
+    with pytest.raises(ConfigError, match="unknown target 'andriod'; valid: android, android-small, ios, ios-coreai, web, desktop"):
         load_targets().get("andriod")
 
 

@@ -1,0 +1,131 @@
+"""Core AI: a tiny Llama through exporters/coreai.py, run by Apple's Core AI runtime (coreai-core's interpreter on
+Linux), against eager PyTorch; the CLI build gated on its budgets; damaged weights caught."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("coreai_torch")
+pytest.importorskip("coreai")
+
+from compress.exporters.coreai import AimodelOptions, CoreAIExporter, state_names
+from compress.runtimes.base import ContextOverflow
+from compress.runtimes.coreai import CoreAIRuntime
+
+from compress.artifact import Dtype
+from compress.errors import InputError
+from compress.metrics import position_kl
+from compress.models.tiny import byte_tokenizer, tiny_llama
+from compress.progress import Console
+from compress.quantized import QuantizeConfig
+
+QUIET = Console(quiet=True)
+TOKENS = list(range(10, 50))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("coreai")
+    return {p: CoreAIExporter().export(model, byte_tokenizer(), AimodelOptions(max_context=64, compute_precision=p),
+                                       root / p.value, QUIET) for p in (Dtype.FLOAT32, Dtype.FLOAT16)}
+
+
+def _eager(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("precision, atol", [(Dtype.FLOAT32, 2e-2), (Dtype.FLOAT16, 0.15)])
+def test_apples_runtime_computes_what_eager_pytorch_does_in_chunks_and_single_steps(model, exported, precision, atol):
+    """Prefill in two chunks, then decode steps, through the states; fp32 differs from eager only by the fp16 KV
+    cache, fp16 by its weights and arithmetic too."""
+    artifact = exported[precision]
+    session = CoreAIRuntime().load(artifact, threads=2)
+    got = np.concatenate([session.prefill(TOKENS[:25]), session.prefill(TOKENS[25:38]),
+                          session.decode(TOKENS[38])[None], session.decode(TOKENS[39])[None]])
+    want = _eager(model, TOKENS)
+    assert got.shape == want.shape == (40, 259)
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)  # logits up to ~10 in size
+    assert float(np.mean(position_kl(want, got))) < 1e-3 and np.mean(got.argmax(1) == want.argmax(1)) >= 0.95
+    session.reset()  # a new sequence sees nothing of the old one
+    np.testing.assert_allclose(session.prefill(TOKENS[:25]), got[:25], atol=1e-6, rtol=0)
+
+
+def test_the_asset_declares_its_function_inputs_and_states(exported):
+    artifact = exported[Dtype.FLOAT16]
+    assert artifact.main == "model.aimodel" and (artifact.path / "model.aimodel").is_dir()
+    sidecar = json.loads((artifact.path / "compress-aimodel.json").read_text())
+    assert list(sidecar["states"]) == state_names(2) and sidecar["compute_precision"] == "float16"
+    session = CoreAIRuntime().load(artifact, threads=1)
+    assert session._names == state_names(2)  # what Apple's runtime reports for the function
+    assert artifact.size_bytes() < exported[Dtype.FLOAT32].size_bytes() * 0.6  # fp16 weights
+
+
+def test_the_session_refuses_to_run_past_max_context(exported):
+    session = CoreAIRuntime().load(exported[Dtype.FLOAT16], threads=1)
+    session.prefill(list(range(60)))
+    session.decode(1)
+    with pytest.raises(ContextOverflow, match="position 65 exceeds max_context 64"):
+        session.prefill([2, 3, 4, 5])
+
+
+def test_a_quantize_stage_is_refused_when_the_target_is_read(model, tmp_path):
+    problems = AimodelOptions().codes_problems(QuantizeConfig(weight_bits=4, group_size=32))
+    assert problems and "does not lower the quantize stage's codes" in str(problems[0])
+    from compress.targets import load_targets
+
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "targets": {"c": {
+        "stages": [{"quantize": {"weight_bits": 4, "group_size": 32}}], "export": {"format": "aimodel"},
+        "runtime": "coreai"}}}))
+    with pytest.raises(Exception, match="does not lower the quantize stage's codes"):
+        load_targets(path)
+    with pytest.raises(InputError, match="max_context: 4096 exceeds"):
+        CoreAIExporter().export(model, byte_tokenizer(), AimodelOptions(max_context=4096), tmp_path / "x", QUIET)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_cli_build_passes_its_budgets_and_damaged_weights_fail_verify(tiny_dir: Path, tmp_path: Path, cli):
+    """`compress build` of an aimodel target, verified by Apple's runtime; then the program damaged and re-hashed
+    into the manifest: Apple's loader aborts on it (SIGABRT), which the child-process probe turns into a refusal
+    gated like a broken budget (exit 4, one line), never a crash of the command."""
+    from compress.hashing import sha256_file
+
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(yaml.safe_dump({"version": 1, "targets": {"c": {
+        "export": {"format": "aimodel", "max_context": 128}, "runtime": "coreai",
+        "eval": {"window_len": 32, "prefill_len": 16, "decode_tokens": 8, "greedy_tokens": 4},
+        "budgets": {"max_mean_kl": 0.01, "min_top1_agreement": 0.9}}}}))
+    out = tmp_path / "out"
+    built = cli("build", "--target", "c", "--model", str(tiny_dir), "--targets", str(targets), "--out", str(out))
+    assert built.code == 0, built.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verification"]["latency"] == {}  # the interpreter is not device speed: never timed
+    assert manifest["verification"]["metrics"]["mean_kl"] < 1e-3  # fp16 weights and arithmetic
+    # The runtime's native line stays out of the console, in the build's logs/.
+    assert "ODIE" not in built.stderr and "Loading function" in (out / "logs" / "coreai.log").read_text()
+    assert "program(s) to Core AI" not in built.stdout + built.stderr  # the converter's banner: not in the console
+    blob = out / "coreai" / "model.aimodel" / "main.mlirb"
+    data = bytearray(blob.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(4096)  # zeros over weights in the middle of the program
+    blob.write_bytes(bytes(data))
+    for entry in manifest["artifact"]["file_hashes"]:
+        path = out / "coreai" / entry["path"]
+        entry["sha256"], entry["bytes"] = sha256_file(path), path.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("verify", str(out))
+    assert result.code == 4, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "coreai refused to load the artifact" in last and "Traceback" not in result.stderr, result.stderr
