@@ -13,14 +13,15 @@ def test_export_module_matches_hf_in_one_pass_and_incrementally(backend, fuse_qk
     if backend in (AttentionBackend.XNNPACK, AttentionBackend.CUSTOM):
         pytest.importorskip("executorch")
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
-    # Core ML's caches are fp16 (states must be): keys and values are rounded once, nothing else changes.
-    tol = 1e-2 if backend is AttentionBackend.COREML else 1e-4
+    # Core ML's and Core AI's caches are fp16 (states): keys and values are rounded once, nothing else changes.
+    fp16_cache = backend in (AttentionBackend.COREML, AttentionBackend.COREAI)
+    tol = 1e-2 if fp16_cache else 1e-4
     hf = tiny_llama(seed=4, num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
     tokens = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(tokens).logits  # (1, 48, vocab)
         module = ExportLlama.from_hf(hf, max_context=64, backend=backend,
-                                     fp16_safe_norm=backend is AttentionBackend.COREML, fuse_qkv=fuse_qkv)
+                                     fp16_safe_norm=fp16_cache, fuse_qkv=fuse_qkv)
         assert hasattr(module.layers[0].self_attn, "qkv_proj") is fuse_qkv
         torch.testing.assert_close(module(tokens, torch.tensor([0])), expected, atol=tol, rtol=tol)
         module.reset_cache()
