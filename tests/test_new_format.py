@@ -123,5 +123,5 @@ def test_the_new_format_s_options_and_runtime_are_checked_when_targets_are_read(
 
 
 def test_an_unregistered_format_is_refused_naming_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"export.format: 'npz' is not valid; choose one of 'gguf', 'mlpackage'"):
+    with pytest.raises(ConfigError, match=r"export.format: 'npz' is not valid; choose one of 'aimodel', 'gguf', 'mlpackage'"):
         parse_targets(TARGETS, "mine.yaml")
