@@ -9,8 +9,9 @@ fp32. Apple's Linux interpreter runs the fp16 asset far slower than the fp32 one
 175 s for a 32-token prefill against 6.8 s for a 128-token prefill at fp32), so the shipped `ios-coreai` target
 verifies the fp32 asset; an fp32 cast of fp16-stored weights is folded back into fp32 constants by the
 conversion, so fp16 storage with fp32 arithmetic is not offered.
-The quantize stage's codes are not lowered into Core AI's sub-byte tensors yet: a target with a quantize stage
-is refused when targets.yaml is read (`codes_problems`).
+The quantize stage's codes, when a target has that stage, go in as Core AI's compressed weights
+(exporters/coreai_codes.py: `constexpr_blockwise_shift_scale` over uint4/uint8 codes, w = codes * scale + offset
+as the stage wrote them); a tied embedding gathers rows of the lm_head's compressed matrix (one stored copy).
 The artifact is a directory: `model.aimodel`, the tokenizer files and `compress-aimodel.json`.
 """
 
@@ -30,7 +31,7 @@ from compress.artifact import Artifact, Availability, CacheShape, Dtype
 from compress.config import check_fields, setting
 from compress.errors import InputError, Problem
 from compress.hashing import files_under
-from compress.quantized import QuantizeConfig, QuantizedWeights
+from compress.quantized import Activations, QuantizeConfig, QuantizedWeights
 from compress.rope import STATIC_ROPE
 
 ASSET = "model.aimodel"
@@ -52,9 +53,11 @@ class AimodelOptions:
         check_fields(self)
 
     def codes_problems(self, q: QuantizeConfig) -> list[Problem]:
-        return [Problem("quantize", "the aimodel exporter does not lower the quantize stage's codes yet (Core AI's "
-                                    "sub-byte tensors are not wired); remove the quantize stage (weights are "
-                                    "written in export.compute_precision)")]
+        """Core AI holds affine weight codes (exporters/coreai_codes.py); activations stay float."""
+        if q.activations is not Activations.NONE:
+            return [Problem("quantize.activations", f"{q.activations.value!r} is not supported for aimodel (float "
+                                                    f"activations, weight-only codes); use 'none'")]
+        return []
 
     def model_problems(self, config: Any, q: QuantizeConfig | None) -> list[Problem]:
         """What of the model (its HF config) this format cannot hold: checked before any work."""
@@ -66,7 +69,7 @@ class CoreAIExporter:
     options = AimodelOptions
     runtimes = ("coreai",)  # the runtimes that run this format
     artifact_name = "coreai"  # its name in the build directory
-    version = "1"
+    version = "2"
 
     def availability(self) -> Availability:
         missing = [pkg for mod, pkg in (("coreai_torch", "coreai-torch"), ("coreai", "coreai-core"))
@@ -77,16 +80,23 @@ class CoreAIExporter:
 
     def export(self, model: Any, tokenizer: Any, options: AimodelOptions, out_dir: Path, console: Any,
                quantized: QuantizedWeights | None = None) -> Artifact:
-        if quantized is not None:
-            raise InputError(str(options.codes_problems(quantized.export_config())[0]))
-        if problems := options.model_problems(model.config, None):
+        q = quantized.export_config() if quantized is not None else None
+        if problems := (options.codes_problems(q) if q is not None else []) + options.model_problems(model.config, q):
             raise InputError(str(problems[0]))
-        from compress.exporters.llama import AttentionBackend, ExportLlama  # torch: loaded when exporting
+        import torch  # loaded when exporting
+        from compress.exporters.coreai_codes import place_codes
+        from compress.exporters.llama import AttentionBackend, ExportLlama
 
         module = ExportLlama.from_hf(model, options.max_context, AttentionBackend.COREAI, fp16_safe_norm=True)
         if options.compute_precision is Dtype.FLOAT16:
             module = module.half()
         dims = module.dims
+        coverage: dict[str, Any] = {"quantization": f"none ({options.compute_precision.value} weights)"}
+        if quantized is not None:
+            dtype = torch.float16 if options.compute_precision is Dtype.FLOAT16 else torch.float32
+            coverage = place_codes(module, quantized, bool(model.config.tie_word_embeddings), dtype)
+            coverage["quantization"] = f"quantize stage ({quantized.config.algorithm}): int{q.weight_bits} " \
+                                       f"per-block {q.group_size}, codes placed as they are"
         timings: dict[str, float] = {}
         with atomic_dir(out_dir) as tmp:
             program = _convert(module, options, timings, console)
@@ -99,12 +109,14 @@ class CoreAIExporter:
                        "outputs": {"logits": f"(1, q, vocab) {options.compute_precision.value}"},
                        "states": {name: f"({options.max_context}, {dims.num_kv_heads}, {dims.head_dim}) float16"
                                   for name in state_names(dims.num_layers)},
-                       "compute_precision": options.compute_precision.value, "export_seconds": timings}
+                       "compute_precision": options.compute_precision.value, "coverage": coverage,
+                       "export_seconds": timings}
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         files = tuple(str(p) for p in files_under(out_dir))
         return Artifact(out_dir, self.format, files, main=ASSET, max_context=options.max_context,
                         vocab_size=dims.vocab_size, cache=CacheShape(dims.num_layers, dims.num_kv_heads, dims.head_dim),
-                        record={"compute_precision": options.compute_precision.value, "export_seconds": timings})
+                        record={"compute_precision": options.compute_precision.value, "coverage": coverage,
+                                "export_seconds": timings})
 
 
 def _convert(module: Any, options: AimodelOptions, timings: dict[str, float], console: Any) -> Any:

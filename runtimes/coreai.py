@@ -115,17 +115,29 @@ PROBE_TIMEOUT_S = 300
 def _child_cannot_run(folder: str, main: str, max_context: int, kv_heads: int, head_dim: int,
                       stamp: tuple[tuple[str, int, int], ...]) -> str:
     """"" when a child process loads the asset and runs one token; else why not. Once per asset state
-    (`stamp`: its files' sizes and times) and process."""
+    (`stamp`: its files' sizes and times) and process.
+
+    A child killed by a signal is tried once more: Apple's loader (coreai-core 1.0.0b3) once aborted on an asset
+    that then loaded in every later process (SmolLM2's off-grid ios-coreai build), while a damaged program aborts
+    every time. The first death is written to the runtime's log."""
     cmd = [sys.executable, "-m", "compress.runtimes.coreai", folder, main, str(max_context), str(kv_heads),
            str(head_dim)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        return f"Core AI's runtime did not load and run {main} within {PROBE_TIMEOUT_S} s"
+    for attempt in (1, 2):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            return f"Core AI's runtime did not load and run {main} within {PROBE_TIMEOUT_S} s"
+        if proc.returncode >= 0:
+            break
+        died = f"Core AI's runtime died with {signal.Signals(-proc.returncode).name} loading {main}"
+        if attempt == 2:
+            return died
+        if (log := native_log_path(CoreAIRuntime.name)) is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a") as f:
+                f.write(f"compress: {died} in a probe process; trying once more\n{proc.stderr[-2000:]}\n")
     if proc.returncode == 0:
         return ""
-    if proc.returncode < 0:
-        return f"Core AI's runtime died with {signal.Signals(-proc.returncode).name} loading {main}"
     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return f"Core AI's runtime cannot load {main}: {last}"
 

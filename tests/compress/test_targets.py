@@ -61,6 +61,8 @@ def test_every_shipped_target_loads_with_the_expected_format_and_runtime():
     web = tf.get("web").stages[-1].config
     assert dataclasses.replace(web, scale_bits=16, max_avg_bits=android.max_avg_bits) == android
     assert (web.scale_bits, web.max_avg_bits) == (8, 4.35)
+    # ios-coreai runs ios's stage: one cached stage, the same codes through both Apple formats.
+    assert tf.get("ios-coreai").stages[-1].config == tf.get("ios").stages[-1].config
     desktop = tf.get("desktop").stages[-1].config  # one road: desktop's int8 codes come from a stage too
     assert (desktop.weight_bits, desktop.algorithm, desktop.symmetric) == (8, QuantAlgorithm.RTN, True)
 

@@ -15,6 +15,8 @@ pytest.importorskip("coreai_torch")
 pytest.importorskip("coreai")
 
 from compress.exporters.coreai import AimodelOptions, CoreAIExporter, state_names
+from compress.exporters.coreai_codes import place_codes
+from compress.exporters.llama import AttentionBackend, ExportLlama
 from compress.runtimes.base import ContextOverflow
 from compress.runtimes.coreai import CoreAIRuntime
 
@@ -23,10 +25,12 @@ from compress.errors import InputError
 from compress.metrics import position_kl
 from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console
-from compress.quantized import QuantizeConfig
+from compress.quantized import Precision, QuantizeConfig, QuantizedWeights
+from compress.stages.quant_plan import quantize_model
 
 QUIET = Console(quiet=True)
 TOKENS = list(range(10, 50))
+INT4 = QuantizeConfig(weight_bits=4, group_size=32, embedding=Precision.INT8, lm_head=Precision.INT8)
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +84,49 @@ def test_the_session_refuses_to_run_past_max_context(exported):
         session.prefill([2, 3, 4, 5])
 
 
-def test_a_quantize_stage_is_refused_when_the_target_is_read(model, tmp_path):
-    problems = AimodelOptions().codes_problems(QuantizeConfig(weight_bits=4, group_size=32))
-    assert problems and "does not lower the quantize stage's codes" in str(problems[0])
+def _run(artifact) -> np.ndarray:
+    session = CoreAIRuntime().load(artifact, threads=2)
+    return np.concatenate([session.prefill(TOKENS[:25]), session.prefill(TOKENS[25:38]),
+                           session.decode(TOKENS[38])[None], session.decode(TOKENS[39])[None]])
+
+
+def test_the_stages_codes_go_in_as_they_are_and_shrink_the_asset(tmp_path):
+    """The stage's 4-bit codes (and the tied 8-bit lm_head / embedding) as Core AI's compressed weights: Apple's
+    runtime computes exactly what an fp32 asset of the dequantized weights does (nothing re-rounded), from one
+    stored copy of the tied matrix, in a third of the size."""
+    staged, codes = quantize_model(tiny_llama(seed=0), INT4)
+    fp32 = AimodelOptions(max_context=64, compute_precision=Dtype.FLOAT32)
+    coded = CoreAIExporter().export(staged, byte_tokenizer(), fp32, tmp_path / "codes", QUIET, codes)
+    plain = CoreAIExporter().export(staged, byte_tokenizer(), fp32, tmp_path / "plain", QUIET)
+    cov = coded.record["coverage"]
+    assert (cov["linears_quantized"], cov["linears_total"], cov["bits_histogram"]) == (15, 15, {"4": 14, "8": 1})
+    assert cov["embedding"].startswith("int8, the lm_head's codes") and cov["offsets_rounded_to_fp16"] == 0
+    assert coded.size_bytes() < plain.size_bytes() / 3
+    np.testing.assert_array_equal(_run(coded), _run(plain))
+    extra = QuantizedWeights({**codes.tensors, "layers.9.mlp.up_proj": codes.tensors["lm_head"]}, codes.config,
+                             codes.promoted_to_8bit)
+    with pytest.raises(ValueError, match="does not have"):  # codes for a linear the module lacks: never dropped
+        place_codes(ExportLlama.from_hf(staged, 64, AttentionBackend.COREAI), extra, True, torch.float32)
+
+
+def test_an_fp16_asset_with_codes_stays_close_to_eager(tmp_path):
+    staged, codes = quantize_model(tiny_llama(seed=0), INT4)
+    coded = CoreAIExporter().export(staged, byte_tokenizer(), AimodelOptions(max_context=64), tmp_path / "c", QUIET,
+                                    codes)
+    got, want = _run(coded), _eager(staged, TOKENS)
+    np.testing.assert_allclose(got, want, atol=0.15, rtol=0)
+    assert float(np.mean(position_kl(want, got))) < 1e-3
+
+
+def test_what_core_ai_cannot_hold_is_refused_when_the_target_is_read(model, tmp_path):
+    assert AimodelOptions().codes_problems(QuantizeConfig(weight_bits=4, group_size=32)) == []
     from compress.targets import load_targets
 
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump({"version": 1, "targets": {"c": {
-        "stages": [{"quantize": {"weight_bits": 4, "group_size": 32}}], "export": {"format": "aimodel"},
-        "runtime": "coreai"}}}))
-    with pytest.raises(Exception, match="does not lower the quantize stage's codes"):
+        "stages": [{"quantize": {"weight_bits": 4, "group_size": 32, "activations": "int8_dynamic"}}],
+        "export": {"format": "aimodel"}, "runtime": "coreai"}}}))
+    with pytest.raises(Exception, match="'int8_dynamic' is not supported for aimodel"):
         load_targets(path)
     with pytest.raises(InputError, match="max_context: 4096 exceeds"):
         CoreAIExporter().export(model, byte_tokenizer(), AimodelOptions(max_context=4096), tmp_path / "x", QUIET)
@@ -129,3 +166,19 @@ def test_a_cli_build_passes_its_budgets_and_damaged_weights_fail_verify(tiny_dir
     assert result.code == 4, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "coreai refused to load the artifact" in last and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_probe_killed_once_is_tried_again_and_a_second_death_is_a_refusal(tmp_path, monkeypatch):
+    """Apple's loader once aborted on a good asset; a damaged one aborts every time (the test above)."""
+    import subprocess
+
+    from compress.runtimes import coreai as runtime
+
+    monkeypatch.setenv("COMPRESS_NATIVE_LOGS", str(tmp_path / "logs"))
+    codes = iter([-6, 0, -6, -6])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, next(codes), "", "abort"))
+    assert runtime._child_cannot_run("a", "model.aimodel", 64, 1, 8, (("x", 1, 1),)) == ""
+    assert "SIGABRT loading model.aimodel in a probe process; trying once more" in (
+        tmp_path / "logs" / "coreai.log").read_text()
+    assert runtime._child_cannot_run("a", "model.aimodel", 64, 1, 8, (("x", 1, 2),)) == \
+        "Core AI's runtime died with SIGABRT loading model.aimodel"
