@@ -13,7 +13,8 @@ or where its one is unusably slow, each saying why:
   - `silu`: coremltools has no value inference for it;
   - `linear` and `matmul`: coremltools multiplies in the inputs' dtype, and numpy has no fp16 BLAS
     (~100x slower than fp32). Here fp16 operands are widened to fp32 (exact), multiplied with fp32
-    accumulation and rounded back to fp16, as the GPU and CPU backends accumulate in fp32.
+    accumulation and rounded back to fp16: an assumption about the devices (Apple's Core AI interpreter sums in
+    fp16; docs/coreml.md).
 Constants are materialized once per load: compressed weights (`constexpr_*`) through coremltools'
 `materialized_val_inference`, and each linear's weight widened to fp32 once.
 """

@@ -67,3 +67,53 @@ def test_at_fp16_the_two_paths_agree_within_fp16_arithmetic(staged, tmp_path):
     assert float(np.abs(ours - apples).max()) < 0.15
     assert float(np.mean(position_kl(ours.astype(np.float64), apples.astype(np.float64)))) < 5e-4
     assert np.mean(ours.argmax(1) == apples.argmax(1)) >= 0.95
+
+
+def test_apples_interpreter_sums_fp16_dot_products_sequentially_in_fp16(tmp_path):
+    """What docs/coreai.md reports of Apple's Linux interpreter (coreai-core 1.0.0b3): an fp16 linear's output is
+    the left-to-right fp16 sum of fp16-rounded products, bit for bit; with 8192 positive terms that stalls at
+    ~50 where the true sum is ~81 (fp32 accumulation: 3e-4 relative error). Our MIL interpreter accumulates in
+    fp32; this pins the difference, so a coreai-core that changes it is noticed."""
+    import asyncio
+    import contextlib
+    import io
+
+    import coreai_torch
+    import torch
+    from coreai.authoring import AIModelAsset
+    from coreai.runtime import NDArray
+
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.rand(4, 8192, generator=gen) * 0.01 + 0.005).half()
+    x = (torch.rand(1, 8192, generator=gen) + 0.5).half()
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(weight)
+
+        def forward(self, v):
+            return torch.nn.functional.linear(v, self.weight)
+
+    converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
+    converter.add_pytorch_module(Linear().eval(), export_fn=lambda m: torch.export.export(m, args=(x,))
+                                 .run_decompositions(coreai_torch.get_decomp_table()),
+                                 input_names=["x"], output_names=["y"], entrypoint_name="main")
+    with contextlib.redirect_stdout(io.StringIO()):
+        converter.to_coreai().save_asset(tmp_path / "linear.aimodel")
+
+    async def run() -> np.ndarray:
+        async with AIModelAsset.load(tmp_path / "linear.aimodel").executable() as model:
+            function = model.load_function("main")
+            function = await function if asyncio.iscoroutine(function) else function
+            return np.asarray((await function({"x": NDArray(x.numpy())}, {}))["y"].numpy())[0]
+
+    got = asyncio.run(run())
+    w, v = weight.numpy(), x.numpy()[0]
+    sequential = np.zeros(4, np.float16)
+    for k in range(v.size):
+        sequential = (sequential + (w[:, k] * v[k]).astype(np.float16)).astype(np.float16)
+    exact = w.astype(np.float64) @ v.astype(np.float64)
+    np.testing.assert_array_equal(got, sequential)
+    assert np.all(got < 0.7 * exact)  # stalled far below the true sum
+    np.testing.assert_allclose(w.astype(np.float32) @ v.astype(np.float32), exact, rtol=1e-3)
