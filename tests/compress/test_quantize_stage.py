@@ -345,7 +345,7 @@ def test_every_shipped_quantized_target_holds_its_codes():
 
     shipped = load_targets()
     quantized = [t for t in shipped.targets.values() if any(s.kind is StageKind.QUANTIZE for s in t.stages)]
-    assert {t.name for t in quantized} == {"android", "android-small", "ios", "web", "desktop"}
+    assert {t.name for t in quantized} == {"android", "android-small", "ios", "ios-coreai", "web", "desktop"}
     for t in quantized:
         stage = next(s for s in t.stages if s.kind is StageKind.QUANTIZE)
         assert t.export.options.codes_problems(stage.config) == [], t.name
