@@ -22,8 +22,6 @@ from torch import nn
 
 from compress.quantized import QuantizedWeights, QuantTensor
 
-EMBEDDING = "embed_tokens"
-
 
 def _dequantizer(t: QuantTensor, dtype: torch.dtype) -> nn.Module:
     # coreai-torch's private module path: the one coreai-opt imports for this (coreai_opt/_utils/import_utils.py).
