@@ -58,6 +58,7 @@ def render_markdown(v: dict[str, Any], title: str, stages: list[dict[str, Any]] 
                   f"{int(m.get('greedy_tokens', 0))} greedy tokens.",
               f"Runtime `{v['runtime']}`, {v['threads']} threads; measured on {mo['cpu']} "
               f"({mo['logical_cores']} logical cores, {mo['os']}). CI latency is not phone latency.", ""]
+    lines += _bound(v.get("bound"))
     if v.get("greedy_samples"):
         lines += ["### Greedy samples", "", "| prompt | reference | candidate | matched |", "|---|---|---|---|"]
         for s in v["greedy_samples"]:
@@ -66,6 +67,20 @@ def render_markdown(v: dict[str, Any], title: str, stages: list[dict[str, Any]] 
         lines.append("")
     lines += _bits_vs_kl(stages)
     return "\n".join(lines)
+
+
+def _bound(bound: dict[str, Any] | None) -> list[str]:
+    """The accuracy pass repeated in the runtime's other arithmetic: its metrics, gated above by the same budgets."""
+    if not bound:
+        return []
+    m = bound["metrics"]
+    rows = [(key, label, fmt) for key, label, fmt in _METRIC_ROWS[:6] if key in m]
+    return [f"### Bound: {bound['name']}", "",
+            (f"The teacher-forced pass again on the first {bound['windows']} windows ({m['positions']} positions), "
+             f"with {bound['description']}; {bound['seconds']:.0f} s. The budgets marked "
+             f"`({bound['name']} bound)` above gate these numbers."), "",
+            "| metric | value |", "|---|---|", *[f"| {label} | {_fmt(m.get(key), fmt)} |" for key, label, fmt in rows],
+            ""]
 
 
 def _bits_vs_kl(stages: list[dict[str, Any]]) -> list[str]:

@@ -26,6 +26,7 @@ from compress.errors import ConfigError, Problem
 from compress.exporters import EXPORTERS
 from compress.gate import Budgets
 from compress.runtimes import RUNTIMES
+from compress.runtimes.base import runtime_bounds
 from compress.stages.configs import STAGE_CONFIGS, StageKind
 
 SCHEMA_VERSION = 1
@@ -129,9 +130,15 @@ class EvalSpec:
     warmup: int = setting(1, ge=0, le=100)
     repeats: int = setting(5, ge=1, le=1000)
     latency: bool = setting(True, doc="measure latency and peak RSS (in a child process)")
+    arithmetic_bound: str | None = setting(None, doc="a second accuracy pass with the runtime loaded in this "
+                                                     "arithmetic (the runtime's `bounds`), gated by the same "
+                                                     "accuracy budgets")
+    bound_windows: int | None = setting(None, ge=1, le=4096, doc="the first N windows for the bound; all by default")
 
     def __post_init__(self) -> None:
         extra = [] if self.prompts else [Problem("prompts", "needs at least one prompt")]
+        if self.bound_windows is not None and self.bound_windows > self.windows:
+            extra.append(Problem("bound_windows", f"{self.bound_windows} exceeds windows ({self.windows})"))
         check_fields(self, extra)
 
 
@@ -151,6 +158,13 @@ class TargetSpec:
         if self.runtime.name not in allowed:
             extra.append(Problem("runtime.name", f"{self.runtime.name!r} cannot run format "
                                  f"{self.export.format!r}; use {', '.join(allowed)}"))
+        bound = self.eval.arithmetic_bound
+        if bound is not None and self.runtime.name in RUNTIMES:
+            offered = runtime_bounds(RUNTIMES.get(self.runtime.name))
+            if bound not in offered:
+                choice = f"choose one of {', '.join(map(repr, offered))}" if offered else "it offers none"
+                extra.append(Problem("eval.arithmetic_bound", f"{shown(bound)} is not a bound of runtime "
+                                                              f"{self.runtime.name!r}; {choice}"))
         ctx = self.export.max_context
         if ctx is not None:
             if self.eval.window_len > ctx:

@@ -41,6 +41,12 @@ class Runtime(Protocol):
     def load(self, artifact: Artifact, threads: int) -> Session: ...
 
 
+def runtime_bounds(runtime: object) -> dict[str, str]:
+    """The arithmetic bounds a runtime can also be loaded with (a runtime class may declare `bounds`, name -> what
+    changes; none by default). A runtime that declares them accepts `load(artifact, threads, bound=name)`."""
+    return dict(getattr(runtime, "bounds", {}))
+
+
 def process_env(runtime: object) -> dict[str, str]:
     """Environment a runtime's native libraries read only at process start (a runtime class may declare
     `process_env`; none by default). Processes that time a runtime start with it (runtimes/latency.py)."""

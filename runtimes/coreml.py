@@ -23,6 +23,10 @@ from compress.runtimes.base import ContextOverflow
 
 from compress.artifact import Artifact, Availability
 
+# The arithmetic bounds this runtime can also be loaded with (targets.yaml `eval.arithmetic_bound`): name -> what
+# changes. On macOS too they run in the MIL interpreter: a bound is an emulation, not what Core ML does there.
+BOUNDS = {"fp16_accumulation": "each fp16 linear and matmul summed as Apple's Core AI interpreter sums: fp16-rounded "
+                               "products added left to right in fp16 (the default pass sums in fp32)"}
 LINUX_LATENCY = "not measured: needs macOS (Core ML prediction); accuracy comes from executing the package's " \
                 "ML program op by op"
 
@@ -88,11 +92,12 @@ def _macos_session(package: Path, artifact: Artifact, vocab: int) -> CoreMLSessi
     return CoreMLSession(predict, reset, vocab, int(artifact.max_context), list(artifact.query_lengths))
 
 
-def _interpreter_session(package: Path, artifact: Artifact, vocab: int) -> CoreMLSession:
-    from compress.runtimes.mil_interpreter import MilInterpreter, load_program
+def _interpreter_session(package: Path, artifact: Artifact, vocab: int, bound: str | None) -> CoreMLSession:
+    from compress.runtimes.mil_interpreter import Accumulation, MilInterpreter, load_program
 
     program, _ = load_program(package)
-    interpreter = MilInterpreter(program)
+    interpreter = MilInterpreter(program, accumulation=Accumulation.FP32 if bound is None else
+                                 {"fp16_accumulation": Accumulation.FP16_SEQUENTIAL}[bound])
 
     def predict(tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
         return interpreter.run({"tokens": tokens, "input_pos": pos})["logits"]
@@ -107,18 +112,22 @@ def can_predict() -> bool:
 
 class CoreMLRuntime:
     name = "coreml"
+    bounds = BOUNDS
 
     def availability(self) -> Availability:
         if importlib.util.find_spec("coremltools") is None:
             return Availability(False, "coremltools is not installed; pip install 'compress[coreml]'")
         return Availability(True, latency_unmeasured="" if can_predict() else LINUX_LATENCY)
 
-    def load(self, artifact: Artifact, threads: int) -> CoreMLSession:
+    def load(self, artifact: Artifact, threads: int, bound: str | None = None) -> CoreMLSession:
+        """`bound`: one of BOUNDS, run in the MIL interpreter on every platform."""
         package = artifact.path / artifact.main
         vocab = int(artifact.vocab_size)
-        if can_predict():
+        if bound is not None and bound not in BOUNDS:
+            raise ValueError(f"unknown arithmetic bound {bound!r}; choose one of {sorted(BOUNDS)}")
+        if can_predict() and bound is None:
             return _macos_session(package, artifact, vocab)
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(threads, user_api="blas")  # the interpreter's matmuls are numpy's BLAS
-        return _interpreter_session(package, artifact, vocab)
+        return _interpreter_session(package, artifact, vocab, bound)

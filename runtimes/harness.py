@@ -33,6 +33,17 @@ class GreedySample:
 
 
 @dataclass
+class BoundRun:
+    """The accuracy pass repeated with the runtime in another arithmetic (targets.yaml `eval.arithmetic_bound`)."""
+
+    name: str  # one of the runtime's `bounds`
+    description: str  # what that arithmetic changes
+    windows: int  # the first N evaluation windows
+    metrics: dict[str, float]
+    seconds: float
+
+
+@dataclass
 class Verification:
     runtime: str
     threads: int
@@ -42,6 +53,7 @@ class Verification:
     eval_set: dict[str, Any]
     measured_on: dict[str, Any]
     latency: dict[str, Any] = field(default_factory=dict)
+    bound: BoundRun | None = None
 
     @property
     def passed(self) -> bool:
@@ -61,6 +73,7 @@ class Verification:
             "eval_set": self.eval_set,
             "measured_on": self.measured_on,
             "latency": self.latency,
+            "bound": None if self.bound is None else self.bound.__dict__,
         }
 
 
@@ -108,14 +121,20 @@ def run_reference(reference: Session, eval_set: EvalSet, greedy_tokens: int, sto
     return ReferenceRun(logits, greedy)
 
 
+def measure_windows(candidate: Session, ref_logits: Sequence[np.ndarray], windows: Sequence[Sequence[int]],
+                    console: Any, label: str = "candidate windows") -> dict[str, float]:
+    """Teacher-forced metrics over the windows (as many as `ref_logits` has)."""
+    acc = AccuracyAccumulator()
+    for window, logits in console.track(list(zip(windows, ref_logits)), label):
+        candidate.reset()
+        acc.add(logits, candidate.prefill(list(window)), window)
+    return acc.result()
+
+
 def measure_accuracy(candidate: Session, ref: ReferenceRun, eval_set: EvalSet, greedy_tokens: int,
                      stop_ids: set[int], decode: Any, console: Any) -> tuple[dict[str, float], list[GreedySample]]:
     """Teacher-forced metrics over every window, then greedy agreement over every prompt."""
-    acc = AccuracyAccumulator()
-    for window, ref_logits in console.track(list(zip(eval_set.windows, ref.logits)), "candidate windows"):
-        candidate.reset()
-        acc.add(ref_logits, candidate.prefill(list(window)), window)
-    metrics = acc.result()
+    metrics = measure_windows(candidate, ref.logits, eval_set.windows, console)
     samples = []
     for text, prompt, ref_ids in zip(eval_set.prompts, eval_set.prompt_ids, ref.greedy):
         cand_ids = generate(candidate, prompt, greedy_tokens, stop_ids)

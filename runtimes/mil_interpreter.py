@@ -14,22 +14,32 @@ or where its one is unusably slow, each saying why:
   - `linear` and `matmul`: coremltools multiplies in the inputs' dtype, and numpy has no fp16 BLAS
     (~100x slower than fp32). Here fp16 operands are widened to fp32 (exact), multiplied with fp32
     accumulation and rounded back to fp16: an assumption about the devices (Apple's Core AI interpreter sums in
-    fp16; docs/coreml.md).
+    fp16; docs/coreml.md). `Accumulation.FP16_SEQUENTIAL` computes fp16 linears and matmuls as that interpreter
+    does instead (runtimes/fp16_sums.py): the bound a build reports next to the default.
 Constants are materialized once per load: compressed weights (`constexpr_*`) through coremltools'
 `materialized_val_inference`, and each linear's weight widened to fp32 once.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from compress.runtimes.fp16_sums import sequential_fp16_linear, sequential_fp16_matmul
 
 _REDUCTIONS = {"reduce_max": np.max, "reduce_min": np.min, "reduce_sum": np.sum, "reduce_mean": np.mean,
                "reduce_prod": np.prod}
 WEIGHTS_DIR = Path("Data") / "com.apple.CoreML" / "weights"
+
+
+class Accumulation(enum.StrEnum):
+    """How an fp16 linear or matmul sums its products (fp32 operands always sum in fp32)."""
+
+    FP32 = "fp32"  # widened to fp32, one BLAS call, rounded once to fp16
+    FP16_SEQUENTIAL = "fp16_sequential"  # each product and each partial sum rounded to fp16, left to right
 
 
 class _Value:
@@ -61,7 +71,7 @@ def _np_dtype(var: Any) -> Any:
 class MilInterpreter:
     """One function of a loaded MIL program, ready to run many times; state lives in `self.states`."""
 
-    def __init__(self, program: Any, function: str = "main"):
+    def __init__(self, program: Any, function: str = "main", accumulation: Accumulation = Accumulation.FP32):
         from coremltools.converters.mil.mil import types
 
         fn = program.functions[function]
@@ -72,7 +82,9 @@ class MilInterpreter:
                            types.nptype_from_builtin(var.sym_type.wrapped_type().get_primitive()))
             for name, var in self._state_vars.items()}
         self._outputs = list(fn.outputs)
+        self.accumulation = accumulation
         self._weights32: dict[str, np.ndarray] = {}
+        self._weights16_t: dict[str, np.ndarray] = {}
         self._steps: list[tuple[Any, Callable[[Any], Any], list[tuple[Any, Any]]]] = []
         own = {"read_state": self._read_state, "coreml_update_state": self._update_state,
                "shape": self._shape, "reshape": self._reshape, "silu": self._silu, "linear": self._linear, "matmul": self._matmul}
@@ -88,7 +100,11 @@ class MilInterpreter:
             outs = [(out, _np_dtype(out)) for out in op.outputs]
             self._steps.append((op, own.get(op.op_type, self._infer), outs))
         for op in fn.operations:
-            if op.op_type == "linear" and op.weight.val is not None:
+            if op.op_type != "linear" or op.weight.val is None:
+                continue
+            if self._sums_fp16(op.weight.val):
+                self._weights16_t[op.weight.name] = np.ascontiguousarray(op.weight.val.T)
+            else:
                 self._weights32[op.weight.name] = np.ascontiguousarray(op.weight.val, dtype=np.float32)
         self.op_types = sorted({op.op_type for op, _, _ in self._steps})
 
@@ -150,8 +166,15 @@ class MilInterpreter:
         with np.errstate(over="ignore"):  # exp(-x) -> inf for very negative x gives x / inf = -0, as it should
             return x / (1 + np.exp(-x))
 
+    def _sums_fp16(self, *operands: np.ndarray) -> bool:
+        return self.accumulation is Accumulation.FP16_SEQUENTIAL and all(v.dtype == np.float16 for v in operands)
+
     def _linear(self, op: Any) -> np.ndarray:
         x = op.x.val
+        if self._sums_fp16(x, op.weight.val):
+            weight_t = self._weights16_t.get(op.weight.name)
+            out = sequential_fp16_linear(x, op.weight.val.T if weight_t is None else weight_t)
+            return out if op.bias is None else out + op.bias.val.astype(np.float16)
         weight = self._weights32.get(op.weight.name)
         if weight is None:
             weight = op.weight.val.astype(np.float32)
@@ -160,11 +183,12 @@ class MilInterpreter:
             out += op.bias.val
         return out
 
-    @staticmethod
-    def _matmul(op: Any) -> np.ndarray:
-        x, y = op.x.val.astype(np.float32), op.y.val.astype(np.float32)
+    def _matmul(self, op: Any) -> np.ndarray:
+        x, y = op.x.val, op.y.val
         if op.transpose_x.val:
             x = np.swapaxes(x, -1, -2)
         if op.transpose_y.val:
             y = np.swapaxes(y, -1, -2)
-        return np.matmul(x, y)
+        if self._sums_fp16(x, y):
+            return sequential_fp16_matmul(x, y)
+        return np.matmul(x.astype(np.float32), y.astype(np.float32))

@@ -16,6 +16,7 @@ from compress.exporters.coreai import AimodelOptions, CoreAIExporter
 from compress.exporters.coreml import ComputeUnits, CoreMLExporter, MlpackageOptions
 from compress.runtimes.coreai import CoreAIRuntime
 from compress.runtimes.coreml import CoreMLRuntime
+from compress.runtimes.fp16_sums import sequential_fp16_linear
 
 from compress.artifact import Dtype
 from compress.metrics import position_kl
@@ -73,7 +74,8 @@ def test_apples_interpreter_sums_fp16_dot_products_sequentially_in_fp16(tmp_path
     """What docs/coreai.md reports of Apple's Linux interpreter (coreai-core 1.0.0b3): an fp16 linear's output is
     the left-to-right fp16 sum of fp16-rounded products, bit for bit; with 8192 positive terms that stalls at
     ~50 where the true sum is ~81 (fp32 accumulation: 3e-4 relative error). Our MIL interpreter accumulates in
-    fp32; this pins the difference, so a coreai-core that changes it is noticed."""
+    fp32 by default; its fp16_accumulation bound (runtimes/fp16_sums.py) must compute exactly what Apple's does.
+    This pins both, so a coreai-core that changes is noticed."""
     import asyncio
     import contextlib
     import io
@@ -115,5 +117,6 @@ def test_apples_interpreter_sums_fp16_dot_products_sequentially_in_fp16(tmp_path
         sequential = (sequential + (w[:, k] * v[k]).astype(np.float16)).astype(np.float16)
     exact = w.astype(np.float64) @ v.astype(np.float64)
     np.testing.assert_array_equal(got, sequential)
+    np.testing.assert_array_equal(sequential_fp16_linear(v[None], w.T)[0], got)  # the bound's arithmetic
     assert np.all(got < 0.7 * exact)  # stalled far below the true sum
     np.testing.assert_allclose(w.astype(np.float32) @ v.astype(np.float32), exact, rtol=1e-3)

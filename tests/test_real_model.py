@@ -236,6 +236,12 @@ def test_the_ios_target_builds_and_passes_its_budgets_through_the_mil_interprete
     budgets = {b["name"]: b for b in manifest["verification"]["budgets"]}
     assert all(b["passed"] for b in budgets.values() if b["metric"] != "decode_tok_s")
     assert "decode_tok_s" not in metrics  # never estimated on Linux
+    # Summed in fp16 as Apple's Core AI interpreter sums (docs/coreml.md): worse, and still within the budgets.
+    bound = manifest["verification"]["bound"]
+    assert bound["name"] == "fp16_accumulation" and bound["metrics"]["positions"] == 8 * 256
+    assert metrics["mean_kl"] < bound["metrics"]["mean_kl"] < 0.01
+    assert budgets["max_mean_kl (fp16_accumulation bound)"]["passed"]
+    assert budgets["max_p99_kl (fp16_accumulation bound)"]["passed"]
     _answers_paris(cli, real_home, out)
 
 
@@ -255,7 +261,10 @@ def test_the_ios_coreai_target_builds_and_apples_runtime_passes_its_budgets(smol
     assert metrics["mean_kl"] < 0.002 and metrics["top1_agreement"] > 0.98 and 110 < metrics["size_mb"] < 125
     assert all(b["passed"] for b in manifest["verification"]["budgets"])
     assert manifest["verification"]["latency"] == {}  # the interpreter is not device speed: never timed
-    _answers_paris(cli, real_home, out, max_tokens=8)
+    # Apple's runtime answers the capital prompt from the asset (the harness's greedy pass; `compress generate` is the
+    # same Session protocol, tested on the other real targets).
+    capital = next(s for s in manifest["verification"]["greedy_samples"] if "capital of France" in s["prompt"])
+    assert "Paris" in capital["candidate"]
 
 
 def test_the_off_grid_model_has_the_default_s_outputs_and_no_4_bit_grid(smollm2):

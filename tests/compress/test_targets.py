@@ -97,6 +97,10 @@ BAD_CASES = [
     ("runtime", {"name": "onnxruntime"}, ["runtime.name", "cannot run format 'pte'", "executorch"]),
     ("eval", {"window_len": 1024}, ["eval.window_len", "exceeds export.max_context 512"]),
     ("eval", {"prompts": []}, ["eval.prompts", "at least one"]),
+    ("eval", {"arithmetic_bound": "fp16_accumulation"}, ["eval.arithmetic_bound", "'fp16_accumulation'",
+                                                         "runtime 'executorch'", "it offers none"]),
+    ("eval", {"windows": 2, "bound_windows": 3}, ["eval.bound_windows", "3 exceeds windows (2)"]),
+    ("eval", {"bound_windows": 0}, ["eval.bound_windows", "out of range", ">= 1"]),
 ]
 
 
@@ -108,6 +112,18 @@ def test_each_bad_config_names_the_key_the_value_and_what_is_allowed(key, value,
     assert message.startswith("mine.yaml: "), message
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_an_arithmetic_bound_must_be_one_the_runtime_offers():
+    data = _with("export", {"format": "mlpackage", "max_context": 512, "compute_units": "cpu_and_gpu"})
+    data["targets"]["t"].update(runtime="coreml", stages=[])
+    data["targets"]["t"]["eval"] = {"arithmetic_bound": "fp16_accumulation", "bound_windows": 2}
+    spec = parse_targets(data, "mine.yaml").get("t")
+    assert (spec.eval.arithmetic_bound, spec.eval.bound_windows) == ("fp16_accumulation", 2)
+    data["targets"]["t"]["eval"] = {"arithmetic_bound": "bf16"}
+    with pytest.raises(ConfigError, match="eval.arithmetic_bound: 'bf16' is not a bound of runtime 'coreml'; "
+                                          "choose one of 'fp16_accumulation'"):
+        parse_targets(data, "mine.yaml")
 
 
 def test_all_problems_are_reported_together():

@@ -56,7 +56,8 @@ def test_the_build_gates_on_the_package_and_the_harness_sees_one_corrupted_weigh
         "export": {"format": "mlpackage", "max_context": 96, "query_lengths": [1, 16],
                    "compute_units": "cpu_and_gpu"},
         "runtime": "coreml",
-        "eval": {"windows": 2, "window_len": 64, "greedy_tokens": 8, "prefill_len": 32, "decode_tokens": 8},
+        "eval": {"windows": 2, "window_len": 64, "greedy_tokens": 8, "prefill_len": 32, "decode_tokens": 8,
+                 "arithmetic_bound": "fp16_accumulation", "bound_windows": 1},
         "budgets": {"max_mean_kl": 0.01, "min_top1_agreement": 0.95, "min_decode_tok_s": 1.0}}}}))
     out = tmp_path / "out"
     result = cli("build", "--target", "ios", "--model", str(tiny_dir), "--targets", str(targets), "--out", str(out))
@@ -67,6 +68,22 @@ def test_the_build_gates_on_the_package_and_the_harness_sees_one_corrupted_weigh
     assert budgets["min_decode_tok_s"]["passed"] is None and budgets["min_decode_tok_s"]["note"] == LINUX_LATENCY
     assert manifest["artifact"]["compute_units"] == "cpu_and_gpu"
     assert "not measured" in (out / "report.md").read_text()
+    # The fp16-accumulation bound: the first window again in Apple's interpreter's arithmetic, gated alike.
+    bound = manifest["verification"]["bound"]
+    assert bound["name"] == "fp16_accumulation" and bound["windows"] == 1 and bound["metrics"]["positions"] == 64
+    assert budgets["max_mean_kl (fp16_accumulation bound)"]["value"] == bound["metrics"]["mean_kl"]
+    assert budgets["min_top1_agreement (fp16_accumulation bound)"]["passed"]
+    assert "min_decode_tok_s (fp16_accumulation bound)" not in budgets  # accuracy budgets only
+    assert "### Bound: fp16_accumulation" in (out / "report.md").read_text()
+    # A budget the default arithmetic meets (measured 7e-6) and the bound does not (4e-5) fails the gate.
+    spec = yaml.safe_load(targets.read_text())
+    spec["targets"]["ios"]["budgets"]["max_mean_kl"] = 2e-5
+    tighter = tmp_path / "tighter.yaml"
+    tighter.write_text(yaml.safe_dump(spec))
+    gated = cli("verify", str(out), "--targets", str(tighter))
+    assert gated.code == 4, gated.stderr[-2000:]
+    last = gated.stderr.strip().splitlines()[-1]
+    assert "max_mean_kl (fp16_accumulation bound)" in last and "max_mean_kl: mean_kl" not in last
 
     _corrupt_weight(out / "coreml" / "model.mlpackage", "layers_1_mlp_down_proj_weight_to_fp16")
     tampered = cli("verify", str(out))
@@ -81,3 +98,28 @@ def test_the_build_gates_on_the_package_and_the_harness_sees_one_corrupted_weigh
     broken = cli("verify", str(out))
     assert broken.code == 4, broken.stderr[-2000:]
     assert "max_mean_kl" in broken.stderr.strip().splitlines()[-1]
+
+
+def test_the_fp16_accumulation_bound_changes_fp16_programs_only(tmp_path: Path):
+    """The bound re-sums fp16 linears and matmuls; an fp32 program's arithmetic is left as it is."""
+    pytest.importorskip("coremltools")
+    from compress.exporters.coreml import ComputeUnits, CoreMLExporter, MlpackageOptions
+
+    from compress.artifact import Dtype
+    from compress.models.tiny import byte_tokenizer, tiny_llama
+    from compress.progress import Console
+
+    tokens = list(range(10, 42))
+    for precision in (Dtype.FLOAT16, Dtype.FLOAT32):
+        artifact = CoreMLExporter().export(tiny_llama(seed=0), byte_tokenizer(), MlpackageOptions(
+            max_context=64, query_lengths=(1, 16), compute_units=ComputeUnits.CPU_AND_GPU, compute_precision=precision),
+            tmp_path / precision.value, Console(quiet=True))
+        default = CoreMLRuntime().load(artifact, threads=2).prefill(tokens)
+        bound = CoreMLRuntime().load(artifact, threads=2, bound="fp16_accumulation").prefill(tokens)
+        if precision is Dtype.FLOAT32:
+            np.testing.assert_array_equal(bound, default)
+        else:
+            assert np.any(bound != default) and np.abs(bound - default).max() < 0.1
+            assert np.mean(bound.argmax(1) == default.argmax(1)) >= 0.9
+    with pytest.raises(ValueError, match="unknown arithmetic bound"):
+        CoreMLRuntime().load(artifact, threads=2, bound="bf16")
