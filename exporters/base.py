@@ -12,6 +12,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +45,27 @@ def model_problems(config: Any, max_context: int, rope: tuple[RopeType, ...], wh
         out.append(Problem("export.max_context", f"{max_context} exceeds the model's max_position_embeddings "
                                                  f"{limit}"))
     return out
+
+
+@dataclass(frozen=True)
+class SourceCard:
+    """Who made the source model and under what terms, for the metadata fields formats carry."""
+
+    name: str
+    author: str
+    license: str
+
+
+def source_card(model: Any) -> SourceCard:
+    """The source GGUF's own `general.*` where the checkpoint was converted from one, else the checkpoint's
+    directory name and pointers to the source's own terms."""
+    from compress.models.gguf import source_general
+
+    where = Path(model.config.name_or_path or "llama")
+    general = source_general(where) if where.is_dir() else {}
+    name = general.get("name") or (where.parent.name if where.name == "hf" else where.name)
+    return SourceCard(name, general.get("organization") or "the source model's authors (see its license)",
+                      general.get("license") or "the source model's license")
 
 
 @contextmanager

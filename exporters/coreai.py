@@ -12,6 +12,10 @@ conversion, so fp16 storage with fp32 arithmetic is not offered.
 The quantize stage's codes, when a target has that stage, go in as Core AI's compressed weights
 (exporters/coreai_codes.py: `constexpr_blockwise_shift_scale` over uint4/uint8 codes, w = codes * scale + offset
 as the stage wrote them); a tied embedding gathers rows of the lm_head's compressed matrix (one stored copy).
+The asset's metadata.json carries author, license and a description (the source GGUF's `general.*` where the
+checkpoint came from one) and, as custom entries, compress's version, the context, the end-of-sequence id and a
+description of every input, output and state; it is written for `minimum_os` v27, the only release coreai-core
+writes.
 The artifact is a directory: `model.aimodel`, the tokenizer files and `compress-aimodel.json`.
 """
 
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.exporters.base import atomic_dir, model_problems
+from compress.exporters.base import atomic_dir, model_problems, source_card
 
 from compress.artifact import Artifact, Availability, CacheShape, Dtype
 from compress.config import check_fields, setting
@@ -48,6 +52,8 @@ def state_names(num_layers: int) -> list[str]:
 class AimodelOptions:
     max_context: int = setting(512, ge=16, le=8192, doc="positions the Core AI states hold")
     compute_precision: Dtype = setting(Dtype.FLOAT16, choices=(Dtype.FLOAT16, Dtype.FLOAT32), doc="weights, math")
+    minimum_os: str = setting("v27", choices=("v27",), doc="the OS release the asset is written for (iOS/macOS 27); "
+                                                           "coreai-core writes no other")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -69,7 +75,7 @@ class CoreAIExporter:
     options = AimodelOptions
     runtimes = ("coreai",)  # the runtimes that run this format
     artifact_name = "coreai"  # its name in the build directory
-    version = "2"
+    version = "3"
 
     def availability(self) -> Availability:
         missing = [pkg for mod, pkg in (("coreai_torch", "coreai-torch"), ("coreai", "coreai-core"))
@@ -100,23 +106,55 @@ class CoreAIExporter:
         timings: dict[str, float] = {}
         with atomic_dir(out_dir) as tmp:
             program = _convert(module, options, timings, console)
+            from coreai.authoring import OSVersion
+
             with console.step("Saving the asset") as step:
-                program.save_asset(tmp / ASSET)
+                asset = program.save_asset(tmp / ASSET, minimum_os=OSVersion(options.minimum_os))
+                io_ = _io_descriptions(dims, options)
+                asset.update_metadata(lambda m: _describe(m, model, dims, options, coverage, io_))
             timings["save"] = step["seconds"]
             tokenizer.save_pretrained(tmp)
             sidecar = {"function": FUNCTION, "max_context": options.max_context, "vocab_size": dims.vocab_size,
-                       "inputs": {"tokens": "(1, q) int32, q in 1..max_context", "input_pos": "(1,) int32"},
-                       "outputs": {"logits": f"(1, q, vocab) {options.compute_precision.value}"},
-                       "states": {name: f"({options.max_context}, {dims.num_kv_heads}, {dims.head_dim}) float16"
-                                  for name in state_names(dims.num_layers)},
-                       "compute_precision": options.compute_precision.value, "coverage": coverage,
-                       "export_seconds": timings}
+                       **io_, "compute_precision": options.compute_precision.value,
+                       "minimum_os": options.minimum_os, "coverage": coverage, "export_seconds": timings}
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         files = tuple(str(p) for p in files_under(out_dir))
         return Artifact(out_dir, self.format, files, main=ASSET, max_context=options.max_context,
                         vocab_size=dims.vocab_size, cache=CacheShape(dims.num_layers, dims.num_kv_heads, dims.head_dim),
                         record={"compute_precision": options.compute_precision.value, "coverage": coverage,
                                 "export_seconds": timings})
+
+
+def _io_descriptions(dims: Any, options: AimodelOptions) -> dict[str, dict[str, str]]:
+    """Every input, output and state of `main`, with its shape and meaning (the sidecar and the asset's metadata)."""
+    precision = options.compute_precision.value
+    states = {f"layers_{i}_{kind}_cache": f"layer {i}'s cached {'keys' if kind == 'k' else 'values'}, float16 "
+                                          f"({options.max_context} positions, {dims.num_kv_heads} kv heads, "
+                                          f"{dims.head_dim} head dim), written in place at the call's positions"
+              for i in range(dims.num_layers) for kind in ("k", "v")}
+    return {"inputs": {"tokens": "token ids, (1, q) int32, q in 1..max_context: q = 1 decodes one token, longer "
+                                 "calls prefill",
+                       "input_pos": "cache position of the first of this call's tokens, (1,) int32"},
+            "outputs": {"logits": f"next-token logits for each of the q positions, (1, q, vocab) {precision}"},
+            "states": states}
+
+
+def _describe(metadata: Any, model: Any, dims: Any, options: AimodelOptions, coverage: dict[str, Any],
+              io_: dict[str, dict[str, str]]) -> None:
+    """The asset's metadata.json: author, license, a description, and compress's facts as custom entries."""
+    from compress import __version__
+
+    card = source_card(model)
+    metadata.author = card.author
+    metadata.license = card.license
+    metadata.model_description = (f"{card.name}: a Llama causal LM ({dims.num_layers} layers, vocabulary "
+                                  f"{dims.vocab_size}, a {options.max_context}-position KV cache as states); "
+                                  f"{coverage['quantization']}; written by compress {__version__}")
+    for key, value in {"version": __version__, "function": FUNCTION, "max_context": options.max_context,
+                       "eos_token_id": dims.eos_token_id, "compute_precision": options.compute_precision.value,
+                       **io_}.items():
+        if value is not None:
+            metadata.set_custom(f"compress.{key}", value)
 
 
 def _convert(module: Any, options: AimodelOptions, timings: dict[str, float], console: Any) -> Any:

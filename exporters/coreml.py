@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.exporters.base import atomic_dir, model_problems
+from compress.exporters.base import atomic_dir, model_problems, source_card
 from compress.exporters.coreml_codes import lower_codes
 
 from compress.artifact import Artifact, Availability, Dtype
@@ -192,18 +192,15 @@ def _describe(mlmodel: Any, model: Any, dims: Any, options: MlpackageOptions, no
     """What Xcode's model page shows: author, license, version, a short description (the source GGUF's own
     `general.*` where the checkpoint was converted from one), and a description of every input, output and state."""
     from compress import __version__
-    from compress.models.gguf import source_general
 
-    where = Path(model.config.name_or_path or "llama")
-    general = source_general(where) if where.is_dir() else {}
-    name = general.get("name") or (where.parent.name if where.name == "hf" else where.name)
+    card = source_card(model)
     lengths = sorted(set(options.query_lengths))
     weights = notes.get("quantization") or f"{options.compute_precision.value} weights"
-    mlmodel.short_description = (f"{name}: a Llama causal LM ({dims.num_layers} layers, vocabulary "
+    mlmodel.short_description = (f"{card.name}: a Llama causal LM ({dims.num_layers} layers, vocabulary "
                                  f"{dims.vocab_size}, a {options.max_context}-position KV cache as states); "
                                  f"{weights}; written by compress {__version__}")
-    mlmodel.author = general.get("organization") or "the source model's authors (see its license)"
-    mlmodel.license = general.get("license") or "the source model's license"
+    mlmodel.author = card.author
+    mlmodel.license = card.license
     mlmodel.version = __version__
     mlmodel.input_description["tokens"] = (f"Token ids, shape (1, q), q in {lengths}: q = 1 decodes one token, "
                                            f"longer calls prefill a prompt in chunks")

@@ -76,6 +76,25 @@ def test_the_asset_declares_its_function_inputs_and_states(exported):
     assert artifact.size_bytes() < exported[Dtype.FLOAT32].size_bytes() * 0.6  # fp16 weights
 
 
+def test_the_asset_carries_its_metadata_and_described_io_read_back_by_coreai(exported):
+    """Read back with coreai-core's own asset reader: author, license, description, compress's custom entries
+    (one description per input, output and state, matching the function's real names), the OS release."""
+    from coreai.authoring import AIModelAsset
+
+    asset = AIModelAsset.load(exported[Dtype.FLOAT16].path / "model.aimodel")
+    meta = asset.metadata
+    assert meta.author and meta.license and meta.model_description.startswith("llama: a Llama causal LM")
+    assert "2 layers" in meta.model_description and "float16 weights" in meta.model_description
+    custom = meta.creator_defined_metadata  # `custom_metadata` in the stub; the binary names it so
+    assert custom["compress.max_context"] == 64 and custom["compress.function"] == "main"
+    summary = asset.summary(include_statistics=False)
+    assert sorted(custom["compress.inputs"]) == sorted(name for name, _ in summary.function_inputs("main"))
+    assert list(custom["compress.outputs"]) == [name for name, _ in summary.function_outputs("main")]
+    assert sorted(custom["compress.states"]) == sorted(state_names(2))  # stored as an unordered JSON object
+    assert all("(64 positions" in text for text in custom["compress.states"].values())
+    assert summary._compatibility_version.startswith("27")
+
+
 def test_the_session_refuses_to_run_past_max_context(exported):
     session = CoreAIRuntime().load(exported[Dtype.FLOAT16], threads=1)
     session.prefill(list(range(60)))
@@ -127,6 +146,10 @@ def test_what_core_ai_cannot_hold_is_refused_when_the_target_is_read(model, tmp_
         "stages": [{"quantize": {"weight_bits": 4, "group_size": 32, "activations": "int8_dynamic"}}],
         "export": {"format": "aimodel"}, "runtime": "coreai"}}}))
     with pytest.raises(Exception, match="'int8_dynamic' is not supported for aimodel"):
+        load_targets(path)
+    path.write_text(yaml.safe_dump({"version": 1, "targets": {"c": {
+        "export": {"format": "aimodel", "minimum_os": "v26"}, "runtime": "coreai"}}}))
+    with pytest.raises(Exception, match=r"export.minimum_os: 'v26' is not allowed; choose one of 'v27'"):
         load_targets(path)
     with pytest.raises(InputError, match="max_context: 4096 exceeds"):
         CoreAIExporter().export(model, byte_tokenizer(), AimodelOptions(max_context=4096), tmp_path / "x", QUIET)
