@@ -53,7 +53,7 @@ class Artifact:
     vocab_size: int | None = None
     query_lengths: tuple[int, ...] = ()  # tokens per call the program was specialized for (Core ML)
     cache: CacheShape | None = None
-    compute_units: str = ""  # where a Core ML program may run (all, cpu_only, cpu_and_gpu, cpu_and_ne)
+    compute_units: str = ""  # where a Core ML program may run (all, cpu_only, ...) or a Core AI asset is specialized
     record: dict[str, Any] = field(default_factory=dict)
 
     def size_bytes(self) -> int:

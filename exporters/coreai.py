@@ -22,6 +22,7 @@ The artifact is a directory: `model.aimodel`, the tokenizer files and `compress-
 from __future__ import annotations
 
 import contextlib
+import enum
 import importlib.util
 import io
 import json
@@ -48,10 +49,21 @@ def state_names(num_layers: int) -> list[str]:
     return [f"layers_{i}_{kind}_cache" for i in range(num_layers) for kind in ("k", "v")]
 
 
+class ComputeUnit(enum.StrEnum):
+    """Where macOS/iOS 27 specializes the asset when it loads (runtimes/coreai.py); Linux's interpreter has none."""
+
+    DEFAULT = "default"  # the OS chooses
+    CPU = "cpu"  # CPU only
+    GPU = "gpu"  # preferred: GPU
+    NEURAL_ENGINE = "neural_engine"  # preferred: Neural Engine
+
+
 @dataclass(frozen=True)
 class AimodelOptions:
     max_context: int = setting(512, ge=16, le=8192, doc="positions the Core AI states hold")
     compute_precision: Dtype = setting(Dtype.FLOAT16, choices=(Dtype.FLOAT16, Dtype.FLOAT32), doc="weights, math")
+    compute_unit: ComputeUnit = setting(ComputeUnit.DEFAULT, doc="the compute unit the asset is specialized for "
+                                                                 "when it loads on an Apple device")
     minimum_os: str = setting("v27", choices=("v27",), doc="the OS release the asset is written for (iOS/macOS 27); "
                                                            "coreai-core writes no other")
 
@@ -75,7 +87,7 @@ class CoreAIExporter:
     options = AimodelOptions
     runtimes = ("coreai",)  # the runtimes that run this format
     artifact_name = "coreai"  # its name in the build directory
-    version = "3"
+    version = "4"
 
     def availability(self) -> Availability:
         missing = [pkg for mod, pkg in (("coreai_torch", "coreai-torch"), ("coreai", "coreai-core"))
@@ -121,6 +133,7 @@ class CoreAIExporter:
         files = tuple(str(p) for p in files_under(out_dir))
         return Artifact(out_dir, self.format, files, main=ASSET, max_context=options.max_context,
                         vocab_size=dims.vocab_size, cache=CacheShape(dims.num_layers, dims.num_kv_heads, dims.head_dim),
+                        compute_units=options.compute_unit.value,
                         record={"compute_precision": options.compute_precision.value, "coverage": coverage,
                                 "export_seconds": timings})
 

@@ -3,7 +3,8 @@
 `coreai-core` ships Apple's Core AI runtime; on Linux it is the interpreter inside that wheel (the same API that
 specializes the asset for the CPU, GPU or Neural Engine on macOS 27), so the accuracy numbers come from Apple's
 implementation of every op, not from ours. Latency is not measured on Linux: the interpreter is not device speed.
-On macOS the same calls load the asset with the OS runtime (that path is present but not run here).
+On macOS 27 with the OS runtime (`USE_OS_COREAI=1`), the same calls load the asset specialized for the compute unit
+the export recorded (`_specialization`); that path is present but has not run here (no Mac).
 
 The API is asynchronous; the Session runs it on an event loop of its own, one call at a time.
 
@@ -40,7 +41,8 @@ class CoreAISession:
 
         self.vocab_size, self.max_context = int(artifact.vocab_size), int(artifact.max_context)
         self._loop = asyncio.new_event_loop()
-        self._context = AIModelAsset.load(artifact.path / artifact.main).executable()
+        self._context = AIModelAsset.load(artifact.path / artifact.main).executable(
+            _specialization(artifact.compute_units))
         model = self._loop.run_until_complete(self._context.__aenter__())
         function = model.load_function("main")
         self._function = self._loop.run_until_complete(function) if asyncio.iscoroutine(function) else function
@@ -98,10 +100,28 @@ class CoreAIRuntime:
             files = sorted(p for p in asset.rglob("*") if p.is_file())
             stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
             if why := _child_cannot_run(str(artifact.path), artifact.main, int(artifact.max_context),
-                                        artifact.cache.kv_heads, artifact.cache.head_dim, stamp):
+                                        artifact.cache.kv_heads, artifact.cache.head_dim, artifact.compute_units,
+                                        stamp):
                 raise CoreAIRefused(why)
         with native_stderr_to(native_log_path(self.name)):  # "ODIE [default]: Loading function 'main'"
             return CoreAISession(artifact)
+
+
+def _specialization(compute_unit: str) -> Any:
+    """coreai-core's SpecializationOptions for the recorded compute unit where the platform specializes (macOS 27
+    with the OS runtime); None elsewhere, where the interpreter runs the asset as it is. Not run here: no Mac."""
+    from coreai.runtime import SpecializationOptions
+
+    if not compute_unit or not SpecializationOptions.is_supported():
+        return None
+    if compute_unit == "default":
+        return SpecializationOptions.default()
+    if compute_unit == "cpu":
+        return SpecializationOptions.cpu_only()
+    from coreai.runtime import ComputeUnitKind
+
+    kind = {"gpu": ComputeUnitKind.gpu, "neural_engine": ComputeUnitKind.neural_engine}[compute_unit]()
+    return SpecializationOptions.from_preferred_compute_unit_kind(kind)
 
 
 class CoreAIRefused(RuntimeError):
@@ -112,7 +132,7 @@ PROBE_TIMEOUT_S = 300
 
 
 @functools.cache
-def _child_cannot_run(folder: str, main: str, max_context: int, kv_heads: int, head_dim: int,
+def _child_cannot_run(folder: str, main: str, max_context: int, kv_heads: int, head_dim: int, compute_unit: str,
                       stamp: tuple[tuple[str, int, int], ...]) -> str:
     """"" when a child process loads the asset and runs one token; else why not. Once per asset state
     (`stamp`: its files' sizes and times) and process.
@@ -121,7 +141,7 @@ def _child_cannot_run(folder: str, main: str, max_context: int, kv_heads: int, h
     that then loaded in every later process (SmolLM2's off-grid ios-coreai build), while a damaged program aborts
     every time. The first death is written to the runtime's log."""
     cmd = [sys.executable, "-m", "compress.runtimes.coreai", folder, main, str(max_context), str(kv_heads),
-           str(head_dim)]
+           str(head_dim), compute_unit]
     for attempt in (1, 2):
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
@@ -142,18 +162,18 @@ def _child_cannot_run(folder: str, main: str, max_context: int, kv_heads: int, h
     return f"Core AI's runtime cannot load {main}: {last}"
 
 
-def _probe(folder: str, main: str, max_context: int, kv_heads: int, head_dim: int) -> None:
+def _probe(folder: str, main: str, max_context: int, kv_heads: int, head_dim: int, compute_unit: str) -> None:
     from pathlib import Path
 
     from compress.artifact import CacheShape
 
     artifact = Artifact(Path(folder), "aimodel", (), main=main, max_context=max_context, vocab_size=1,
-                        cache=CacheShape(1, kv_heads, head_dim))
+                        cache=CacheShape(1, kv_heads, head_dim), compute_units=compute_unit)
     session = CoreAIRuntime().load(artifact, threads=1, probe=False)
     session.decode(0)
     session.close()
 
 
 if __name__ == "__main__":
-    folder_arg, main_arg, *numbers = sys.argv[1:]
-    _probe(folder_arg, main_arg, *(int(n) for n in numbers))
+    folder_arg, main_arg, context_arg, heads_arg, dim_arg, unit_arg = sys.argv[1:]
+    _probe(folder_arg, main_arg, int(context_arg), int(heads_arg), int(dim_arg), unit_arg)

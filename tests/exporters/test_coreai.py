@@ -14,7 +14,7 @@ import yaml
 pytest.importorskip("coreai_torch")
 pytest.importorskip("coreai")
 
-from compress.exporters.coreai import AimodelOptions, CoreAIExporter, state_names
+from compress.exporters.coreai import AimodelOptions, ComputeUnit, CoreAIExporter, state_names
 from compress.exporters.coreai_codes import place_codes
 from compress.exporters.llama import AttentionBackend, ExportLlama
 from compress.runtimes.base import ContextOverflow
@@ -200,8 +200,36 @@ def test_a_probe_killed_once_is_tried_again_and_a_second_death_is_a_refusal(tmp_
     monkeypatch.setenv("COMPRESS_NATIVE_LOGS", str(tmp_path / "logs"))
     codes = iter([-6, 0, -6, -6])
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, next(codes), "", "abort"))
-    assert runtime._child_cannot_run("a", "model.aimodel", 64, 1, 8, (("x", 1, 1),)) == ""
+    assert runtime._child_cannot_run("a", "model.aimodel", 64, 1, 8, "", (("x", 1, 1),)) == ""
     assert "SIGABRT loading model.aimodel in a probe process; trying once more" in (
         tmp_path / "logs" / "coreai.log").read_text()
-    assert runtime._child_cannot_run("a", "model.aimodel", 64, 1, 8, (("x", 1, 2),)) == \
+    assert runtime._child_cannot_run("a", "model.aimodel", 64, 1, 8, "", (("x", 1, 2),)) == \
         "Core AI's runtime died with SIGABRT loading model.aimodel"
+
+
+def test_the_recorded_compute_unit_picks_apples_specialization_where_the_platform_has_one(exported, monkeypatch):
+    """Linux's interpreter has no specialization: the session loads the asset as it is. Where coreai-core says it
+    specializes (macOS 27 with the OS runtime; simulated here, never run: no Mac), each compute unit maps onto its
+    SpecializationOptions constructor."""
+    from compress.runtimes import coreai as runtime
+    from coreai.runtime import SpecializationOptions
+
+    assert exported[Dtype.FLOAT16].compute_units == "default"
+    assert not SpecializationOptions.is_supported() and runtime._specialization("gpu") is None
+    monkeypatch.setattr(SpecializationOptions, "is_supported", staticmethod(lambda: True))
+    monkeypatch.setattr(SpecializationOptions, "default", classmethod(lambda cls: "default"))
+    monkeypatch.setattr(SpecializationOptions, "cpu_only", classmethod(lambda cls: "cpu_only"))
+    monkeypatch.setattr(SpecializationOptions, "from_preferred_compute_unit_kind",
+                        classmethod(lambda cls, kind: f"preferred {kind}"))
+
+    class Kinds:
+        gpu = staticmethod(lambda: "gpu")
+        neural_engine = staticmethod(lambda: "neural engine")
+
+    import coreai.runtime
+
+    monkeypatch.setattr(coreai.runtime, "ComputeUnitKind", Kinds, raising=False)
+    got = {unit.value: runtime._specialization(unit.value) for unit in ComputeUnit}
+    assert got == {"default": "default", "cpu": "cpu_only", "gpu": "preferred gpu",
+                   "neural_engine": "preferred neural engine"}
+    assert runtime._specialization("") is None  # an artifact recorded before the option existed
