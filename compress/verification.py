@@ -30,9 +30,9 @@ from compress.runtimes.torch_eager import TorchEagerRuntime
 from compress.targets import TargetSpec
 from compress.threads import torch_threads
 
-# What the latency child measures that a build records as metrics (compress.gate's speed budgets name them).
 # What a bound's pass measures that budgets gate on (the teacher-forced metrics; no greedy pass, no latency).
 BOUND_METRICS = ("mean_kl", "p99_kl", "top1_agreement", "perplexity_ratio")
+# What the latency child measures that a build records as metrics (compress.gate's speed budgets name them).
 LATENCY_METRICS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "itl_p50_ms", "itl_p95_ms", "peak_rss_mb")
 
 
