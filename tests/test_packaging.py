@@ -59,4 +59,7 @@ def test_the_installed_package_reads_its_targets_and_builds_a_target(installed, 
                  "--model", str(model), "--out", str(out), env={"COMPRESS_HOME": str(tmp_path / "home")})
     assert build.returncode == 0, build.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["verdict"] == "pass" and manifest["verification"]["metrics"]["mean_kl"] == 0.0
+    # The same fp32 weights through the same eager code; the reference target's budgets allow fp32 noise (1e-6), and
+    # one clean-clone CI run measured 2.6e-9 here (every other run 0.0). Why is not established: same weights, same
+    # code; kernel paths that depend on the tensors' allocation are a guess, not a finding.
+    assert manifest["verdict"] == "pass" and manifest["verification"]["metrics"]["mean_kl"] < 1e-6
