@@ -14,6 +14,16 @@ from pathlib import Path
 from typing import Any
 
 
+class AppleComputeUnit(enum.StrEnum):
+    """Where an Apple device specializes a Core AI asset when it loads (the exporter records it in
+    `Artifact.compute_units`, the runtime asks for it)."""
+
+    DEFAULT = "default"  # the OS chooses
+    CPU = "cpu"  # CPU only
+    GPU = "gpu"  # preferred: GPU
+    NEURAL_ENGINE = "neural_engine"  # preferred: Neural Engine
+
+
 class Dtype(enum.StrEnum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"

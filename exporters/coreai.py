@@ -22,7 +22,6 @@ The artifact is a directory: `model.aimodel`, the tokenizer files and `compress-
 from __future__ import annotations
 
 import contextlib
-import enum
 import importlib.util
 import io
 import json
@@ -32,7 +31,7 @@ from typing import Any
 
 from compress.exporters.base import atomic_dir, model_problems, source_card
 
-from compress.artifact import Artifact, Availability, CacheShape, Dtype
+from compress.artifact import AppleComputeUnit, Artifact, Availability, CacheShape, Dtype
 from compress.config import check_fields, setting
 from compress.errors import InputError, Problem
 from compress.hashing import files_under
@@ -49,20 +48,11 @@ def state_names(num_layers: int) -> list[str]:
     return [f"layers_{i}_{kind}_cache" for i in range(num_layers) for kind in ("k", "v")]
 
 
-class ComputeUnit(enum.StrEnum):
-    """Where macOS/iOS 27 specializes the asset when it loads (runtimes/coreai.py); Linux's interpreter has none."""
-
-    DEFAULT = "default"  # the OS chooses
-    CPU = "cpu"  # CPU only
-    GPU = "gpu"  # preferred: GPU
-    NEURAL_ENGINE = "neural_engine"  # preferred: Neural Engine
-
-
 @dataclass(frozen=True)
 class AimodelOptions:
     max_context: int = setting(512, ge=16, le=8192, doc="positions the Core AI states hold")
     compute_precision: Dtype = setting(Dtype.FLOAT16, choices=(Dtype.FLOAT16, Dtype.FLOAT32), doc="weights, math")
-    compute_unit: ComputeUnit = setting(ComputeUnit.DEFAULT, doc="the compute unit the asset is specialized for "
+    compute_unit: AppleComputeUnit = setting(AppleComputeUnit.DEFAULT, doc="the compute unit the asset is specialized for "
                                                                  "when it loads on an Apple device")
     minimum_os: str = setting("v27", choices=("v27",), doc="the OS release the asset is written for (iOS/macOS 27); "
                                                            "coreai-core writes no other")

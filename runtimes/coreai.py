@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from compress.runtimes.base import ContextOverflow, native_log_path, native_stderr_to
 
-from compress.artifact import Artifact, Availability
+from compress.artifact import AppleComputeUnit, Artifact, Availability
 
 LINUX_LATENCY = "not measured: Core AI's interpreter on Linux is not device speed (Apple's code computes the " \
                 "accuracy numbers; latency needs a Mac or an iPhone)"
@@ -114,13 +114,14 @@ def _specialization(compute_unit: str) -> Any:
 
     if not compute_unit or not SpecializationOptions.is_supported():
         return None
-    if compute_unit == "default":
+    unit = AppleComputeUnit(compute_unit)
+    if unit is AppleComputeUnit.DEFAULT:
         return SpecializationOptions.default()
-    if compute_unit == "cpu":
+    if unit is AppleComputeUnit.CPU:
         return SpecializationOptions.cpu_only()
     from coreai.runtime import ComputeUnitKind
 
-    kind = {"gpu": ComputeUnitKind.gpu, "neural_engine": ComputeUnitKind.neural_engine}[compute_unit]()
+    kind = ComputeUnitKind.gpu() if unit is AppleComputeUnit.GPU else ComputeUnitKind.neural_engine()
     return SpecializationOptions.from_preferred_compute_unit_kind(kind)
 
 

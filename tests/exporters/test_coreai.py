@@ -14,13 +14,13 @@ import yaml
 pytest.importorskip("coreai_torch")
 pytest.importorskip("coreai")
 
-from compress.exporters.coreai import AimodelOptions, ComputeUnit, CoreAIExporter, state_names
+from compress.exporters.coreai import AimodelOptions, CoreAIExporter, state_names
 from compress.exporters.coreai_codes import place_codes
 from compress.exporters.llama import AttentionBackend, ExportLlama
 from compress.runtimes.base import ContextOverflow
 from compress.runtimes.coreai import CoreAIRuntime
 
-from compress.artifact import Dtype
+from compress.artifact import AppleComputeUnit, Dtype
 from compress.errors import InputError
 from compress.metrics import position_kl
 from compress.models.tiny import byte_tokenizer, tiny_llama
@@ -229,7 +229,7 @@ def test_the_recorded_compute_unit_picks_apples_specialization_where_the_platfor
     import coreai.runtime
 
     monkeypatch.setattr(coreai.runtime, "ComputeUnitKind", Kinds, raising=False)
-    got = {unit.value: runtime._specialization(unit.value) for unit in ComputeUnit}
+    got = {unit.value: runtime._specialization(unit.value) for unit in AppleComputeUnit}
     assert got == {"default": "default", "cpu": "cpu_only", "gpu": "preferred gpu",
                    "neural_engine": "preferred neural engine"}
     assert runtime._specialization("") is None  # an artifact recorded before the option existed
