@@ -74,7 +74,8 @@ def _bound(bound: dict[str, Any] | None) -> list[str]:
     if not bound:
         return []
     m = bound["metrics"]
-    rows = [(key, label, fmt) for key, label, fmt in _METRIC_ROWS[:6] if key in m]
+    accuracy = ("mean_kl", "p99_kl", "top1_agreement", "reference_perplexity", "perplexity", "perplexity_ratio")
+    rows = [(key, label, fmt) for key, label, fmt in _METRIC_ROWS if key in accuracy and key in m]
     return [f"### Bound: {bound['name']}", "",
             (f"The teacher-forced pass again on the first {bound['windows']} windows ({m['positions']} positions), "
              f"with {bound['description']}; {bound['seconds']:.0f} s. The budgets marked "
