@@ -54,6 +54,15 @@ class SourceCard:
     name: str
     author: str
     license: str
+    hub_id: str = ""  # the Hugging Face Hub repo the checkpoint was fetched from, when it was
+
+
+def _hub_id(where: Path) -> str:
+    """`org/name` of a checkpoint in huggingface_hub's cache (`.../models--org--name/snapshots/REV`), else ""."""
+    parts = where.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/", 1)
+    return ""
 
 
 def source_card(model: Any) -> SourceCard:
@@ -63,9 +72,10 @@ def source_card(model: Any) -> SourceCard:
 
     where = Path(model.config.name_or_path or "llama")
     general = source_general(where) if where.is_dir() else {}
-    name = general.get("name") or (where.parent.name if where.name == "hf" else where.name)
+    hub = _hub_id(where)
+    name = general.get("name") or hub.rpartition("/")[2] or (where.parent.name if where.name == "hf" else where.name)
     return SourceCard(name, general.get("organization") or "the source model's authors (see its license)",
-                      general.get("license") or "the source model's license")
+                      general.get("license") or "the source model's license", hub)
 
 
 @contextmanager

@@ -1,13 +1,20 @@
 """Core ML `.mlpackage`: our export-friendly Llama traced and converted by coremltools, KV cache as states.
 
-The package's one function is `main(tokens (1, q) int32, input_pos (1,) int32) -> logits (1, q, vocab)`
-with q one of `query_lengths` (enumerated shapes: prefill chunks and decode, q = 1), and one fp16 state
-per layer and cache (`layers_{i}_self_attn_{k,v}_cache`, (1, n_kv, max_context, head_dim)), updated in
-place. It computes in fp16 (or fp32 on request) for iOS 18 / macOS 15, the first releases with states.
-The quantize stage's codes, when a target has that stage, are lowered afterwards as they are
-(exporters/coreml_codes.py: constexpr_blockwise_shift_scale); without it the weights stay fp16. The tied
-embedding / lm_head pair is one shared compressed constant when both have the same precision, and two
-deliberate copies otherwise. Coverage is a post-condition: a linear with codes left uncompressed fails the
+Two interfaces (`export.io`), both for iOS 18 / macOS 15, the first releases with states:
+  - `apple_llama` (default), the convention of Apple's "On Device Llama 3.1 with Core ML" and of swift-transformers'
+    `LanguageModelWithStatefulKVCache`: `main(inputIds (1, q) int32, causalMask (1, 1, q, end) fp16) -> logits
+    (1, q, vocab)` with q and end ranged 1..max_context (RangeDim), and two fp16 states `keyCache` / `valueCache`
+    (layers, 1, n_kv, max_context, head_dim). The call's first position is end - q (no position input); the
+    program adds a causal mask of its own to the caller's, so an all-zero mask (swift-transformers sends
+    (1, 1, 1, end) zeros) still attends causally, and reads only the first `end` cache slots.
+  - `fixed_shape`: `main(tokens (1, q) int32, input_pos (1,) int32) -> logits (1, q, vocab)`, q one of
+    `query_lengths` (enumerated shapes), one fp16 state per layer and cache (`layers_{i}_self_attn_{k,v}_cache`,
+    (1, n_kv, max_context, head_dim)), attention over the whole static cache: fixed shapes, which the Neural
+    Engine needs (it runs a ranged input at its default shape only).
+It computes in fp16 (or fp32 on request). The quantize stage's codes, when a target has that stage, are lowered
+afterwards as they are (exporters/coreml_codes.py: constexpr_blockwise_shift_scale); without it the weights stay
+fp16. The tied embedding / lm_head pair is one shared compressed constant when both have the same precision, and
+two deliberate copies otherwise. Coverage is a post-condition: a linear with codes left uncompressed fails the
 export unless the target allows it.
 The artifact is a directory: `model.mlpackage`, the tokenizer files and `compress-mlpackage.json`.
 """
@@ -23,9 +30,11 @@ from typing import Any
 
 from compress.exporters.base import atomic_dir, model_problems, source_card
 from compress.exporters.coreml_codes import lower_codes
+from compress.exporters.coreml_interface import converter_io, describe_io, interface_record, trace_example
 
 from compress.artifact import Artifact, Availability, Dtype
 from compress.config import check_fields, setting
+from compress.coreml_io import HUB_NAME_KEY, LOGITS, CoreMLIO
 from compress.errors import ExportError, InputError, Problem
 from compress.hashing import files_under
 from compress.quantized import BITS_OF, Activations, QuantizeConfig, QuantizedWeights
@@ -34,6 +43,9 @@ from compress.rope import STATIC_ROPE
 PACKAGE = "model.mlpackage"
 SIDECAR = "compress-mlpackage.json"
 EMBEDDING = "embed_tokens"
+
+
+FIXED_QUERY_LENGTHS = (1, 64)  # fixed_shape's default: decode and prefill chunks of 64
 
 
 class ComputeUnits(enum.StrEnum):
@@ -46,26 +58,44 @@ class ComputeUnits(enum.StrEnum):
 @dataclass(frozen=True)
 class MlpackageOptions:
     max_context: int = setting(512, ge=16, le=8192, doc="positions the Core ML states hold")
-    compute_units: ComputeUnits = ComputeUnits.CPU_AND_NE
+    io: CoreMLIO = setting(CoreMLIO.APPLE_LLAMA, doc="apple_llama: the names and ranged shapes of Apple's Llama "
+                                                     "example and swift-transformers; fixed_shape: enumerated "
+                                                     "shapes the Neural Engine can run")
+    compute_units: ComputeUnits = ComputeUnits.CPU_AND_GPU  # swift-transformers' default too
     minimum_deployment_target: str = setting("iOS18", choices=("iOS18", "macOS15"), doc="states need iOS18/macOS15")
-    query_lengths: tuple[int, ...] = setting((1, 64), doc="the enumerated tokens-per-call shapes; 1 is decode")
+    query_lengths: tuple[int, ...] = setting((), doc="fixed_shape only: the enumerated tokens-per-call shapes, 1 "
+                                                     "is decode (default 1 and 64); apple_llama takes any 1..max_context")
     compute_precision: Dtype = setting(Dtype.FLOAT16, choices=(Dtype.FLOAT16, Dtype.FLOAT32))
     allow_unquantized_linears: bool = setting(False, doc="let the export succeed when a linear is not compressed")
 
     def __post_init__(self) -> None:
         extra = []
-        if not self.query_lengths or 1 not in self.query_lengths:
+        if self.io is CoreMLIO.APPLE_LLAMA:
+            if self.query_lengths:
+                extra.append(Problem("query_lengths", f"{list(self.query_lengths)}: enumerated lengths are for io: "
+                                                      f"fixed_shape; apple_llama takes any 1..max_context tokens"))
+            if self.compute_units is ComputeUnits.CPU_AND_NE:
+                extra.append(Problem("io", "apple_llama's ranged shapes run on the Neural Engine at their default "
+                                           "shape only; use compute_units cpu_and_gpu, or io: fixed_shape"))
+        elif 1 not in self.lengths:
             extra.append(Problem("query_lengths", f"{list(self.query_lengths)} must contain 1 (decode)"))
-        if any(q < 1 or q > self.max_context for q in self.query_lengths):
-            extra.append(Problem("query_lengths", f"{list(self.query_lengths)}: each must be in 1..max_context "
+        if any(q < 1 or q > self.max_context for q in self.lengths):
+            extra.append(Problem("query_lengths", f"{list(self.lengths)}: each must be in 1..max_context "
                                                   f"({self.max_context})"))
-        if len(set(self.query_lengths)) > 16:
-            extra.append(Problem("query_lengths", f"{len(set(self.query_lengths))} lengths; at most 16 (each is a "
+        if len(self.lengths) > 16:
+            extra.append(Problem("query_lengths", f"{len(self.lengths)} lengths; at most 16 (each is a "
                                                   f"shape Core ML specializes the model for)"))
         if self.compute_precision is Dtype.FLOAT32 and self.compute_units is ComputeUnits.CPU_AND_NE:
             extra.append(Problem("compute_precision", "float32 cannot run on the Neural Engine (fp16 only); use "
                                                       "float16, or compute_units cpu_only or cpu_and_gpu"))
         check_fields(self, extra)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """fixed_shape's enumerated query lengths, sorted (apple_llama: none, every length is allowed)."""
+        if self.io is CoreMLIO.APPLE_LLAMA:
+            return ()
+        return tuple(sorted(set(self.query_lengths or FIXED_QUERY_LENGTHS)))
 
     def codes_problems(self, q: QuantizeConfig) -> list[Problem]:
         """Core ML holds affine codes as constexpr_blockwise_shift_scale (exporters/coreml_codes.py) and computes
@@ -106,7 +136,8 @@ class CoreMLExporter:
                              f"max_position_embeddings {limit}")
         from compress.exporters.llama import AttentionBackend, ExportLlama  # torch: loaded when exporting
 
-        module = ExportLlama.from_hf(model, options.max_context, AttentionBackend.COREML, fp16_safe_norm=True)
+        backend = AttentionBackend.COREML_STACKED if options.io is CoreMLIO.APPLE_LLAMA else AttentionBackend.COREML
+        module = ExportLlama.from_hf(model, options.max_context, backend, fp16_safe_norm=True)
         codes = quantized
         q = codes.export_config() if codes is not None else None
         if q is not None and q.activations is not Activations.NONE:
@@ -136,12 +167,12 @@ class CoreMLExporter:
             timings["save"] = step["seconds"]
             tokenizer.save_pretrained(tmp)
             dims = module.dims
-            sidecar = {"max_context": options.max_context, "query_lengths": sorted(set(options.query_lengths)),
-                       "vocab_size": dims.vocab_size, "bos_id": dims.bos_token_id,
+            sidecar = {"max_context": options.max_context, "io": options.io.value,
+                       "query_lengths": list(options.lengths), "vocab_size": dims.vocab_size,
+                       "bos_id": dims.bos_token_id,
                        "eos_ids": sorted({int(i) for i in (dims.eos_token_id, tokenizer.eos_token_id) if i is not None}),
-                       "inputs": {"tokens": "(1, q) int32", "input_pos": "(1,) int32"},
-                       "outputs": {"logits": "(1, q, vocab) " + options.compute_precision.value},
-                       "states": _state_names(module), "compute_units": options.compute_units.value,
+                       **interface_record(options.io, module, options.compute_precision.value),
+                       "compute_units": options.compute_units.value,
                        "compute_precision": options.compute_precision.value,
                        "minimum_deployment_target": options.minimum_deployment_target,
                        "coverage": notes, "export_seconds": timings}
@@ -158,32 +189,25 @@ class CoreMLExporter:
     def _convert(module: Any, options: MlpackageOptions, dedup: bool, timings: dict[str, float],
                  console: Any) -> Any:
         import coremltools as ct
-        import numpy as np
         import torch
 
-        lengths = sorted(set(options.query_lengths))
-        example = (torch.zeros(1, lengths[-1], dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+        example = trace_example(options.io, options.lengths)
         with console.step("Tracing the export module") as step, torch.no_grad():
             traced = torch.jit.trace(module, example, check_trace=False)
         timings["trace"] = step["seconds"]
         module.reset_cache()  # the trace ran the module once; its buffers become the states' initial values
-        shape = (ct.EnumeratedShapes(shapes=[[1, n] for n in lengths], default=[1, lengths[-1]])
-                 if len(lengths) > 1 else (1, lengths[0]))
-        states = [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(buf.shape), dtype=np.float16), name=name)
-                  for name, buf in module.named_buffers() if name.endswith("_cache")]
+        inputs, states, detail = converter_io(options.io, module, options.max_context, options.lengths)
         pipeline = ct.PassPipeline.DEFAULT
         if not dedup:  # keep the untied copies apart: the embedding and lm_head are compressed differently
             pipeline.remove_passes(["common::const_deduplication"])
         precision = {Dtype.FLOAT16: ct.precision.FLOAT16, Dtype.FLOAT32: ct.precision.FLOAT32}
         with console.step("Converting with coremltools") as step:
             mlmodel = ct.convert(
-                traced, inputs=[ct.TensorType("tokens", shape=shape, dtype=np.int32),
-                                ct.TensorType("input_pos", shape=(1,), dtype=np.int32)],
-                outputs=[ct.TensorType("logits")], states=states,
+                traced, inputs=inputs, outputs=[ct.TensorType(LOGITS)], states=states,
                 minimum_deployment_target=getattr(ct.target, options.minimum_deployment_target),
                 compute_precision=precision[options.compute_precision], compute_units=_compute_unit(options),
                 pass_pipeline=pipeline, skip_model_load=True)  # loading needs macOS; the runtime loads it there
-            step["detail"] = f"query lengths {lengths}, {len(states)} states"
+            step["detail"] = detail
         timings["convert"] = step["seconds"]
         return mlmodel
 
@@ -194,7 +218,6 @@ def _describe(mlmodel: Any, model: Any, dims: Any, options: MlpackageOptions, no
     from compress import __version__
 
     card = source_card(model)
-    lengths = sorted(set(options.query_lengths))
     weights = notes.get("quantization") or f"{options.compute_precision.value} weights"
     mlmodel.short_description = (f"{card.name}: a Llama causal LM ({dims.num_layers} layers, vocabulary "
                                  f"{dims.vocab_size}, a {options.max_context}-position KV cache as states); "
@@ -202,16 +225,14 @@ def _describe(mlmodel: Any, model: Any, dims: Any, options: MlpackageOptions, no
     mlmodel.author = card.author
     mlmodel.license = card.license
     mlmodel.version = __version__
-    mlmodel.input_description["tokens"] = (f"Token ids, shape (1, q), q in {lengths}: q = 1 decodes one token, "
-                                           f"longer calls prefill a prompt in chunks")
-    mlmodel.input_description["input_pos"] = "Cache position of the first of this call's tokens, shape (1,)"
-    mlmodel.output_description["logits"] = "Next-token logits for each of the q positions, shape (1, q, vocabulary)"
-    for state in mlmodel._spec.description.state:  # coremltools has no setter for states' descriptions
-        layer, kind = state.name.split("_")[1], "keys" if state.name.endswith("k_cache") else "values"
-        state.shortDescription = f"Layer {layer}'s cached {kind}, fp16 (1, kv heads, positions, head dim)"
-    mlmodel.user_defined_metadata.update({"compress.max_context": str(options.max_context),
-                                          "compress.query_lengths": ",".join(map(str, lengths)),
-                                          "compress.eos_token_id": str(dims.eos_token_id)})
+    describe_io(mlmodel, options.io, options.max_context, options.lengths)
+    metadata = {"compress.max_context": str(options.max_context), "compress.io": options.io.value,
+                "compress.eos_token_id": str(dims.eos_token_id)}
+    if options.lengths:
+        metadata["compress.query_lengths"] = ",".join(map(str, options.lengths))
+    if card.hub_id:  # swift-transformers fetches config and tokenizer by it when the app passes no tokenizer
+        metadata[HUB_NAME_KEY] = card.hub_id
+    mlmodel.user_defined_metadata.update(metadata)
 
 
 def _codes_by_const(mlmodel: Any, codes: Any, share: bool) -> dict[str, Any]:
@@ -231,10 +252,6 @@ def _compute_unit(options: MlpackageOptions) -> Any:
     return {ComputeUnits.ALL: ct.ComputeUnit.ALL, ComputeUnits.CPU_ONLY: ct.ComputeUnit.CPU_ONLY,
             ComputeUnits.CPU_AND_GPU: ct.ComputeUnit.CPU_AND_GPU,
             ComputeUnits.CPU_AND_NE: ct.ComputeUnit.CPU_AND_NE}[options.compute_units]
-
-
-def _state_names(module: Any) -> list[str]:
-    return [name.replace(".", "_") for name, _ in module.named_buffers() if name.endswith("_cache")]
 
 
 def _const_name(module_name: str) -> str:

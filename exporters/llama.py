@@ -16,6 +16,11 @@ partially to ExecuTorch and did not trace for Core ML. This one has:
         per layer, against ~80 us for "xnnpack" with its cache-prefix copies); its prefill is slower (1 ms per layer
         at 128 tokens against ~0.4). On Linux x86 the pip runtime's kernel calls MKL, which must run single-threaded
         inside ExecuTorch's thread pool (runtimes/executorch.py); multi-threaded it costs 230-250 us per call.
+      "coreml_stacked": Apple's Llama convention (its Llama 3.1 Core ML article, swift-transformers): inputs
+        (input_ids (1, q), causal_mask (1, 1, q or 1, end)), every layer's fp16 cache stacked into one
+        (layers, 1, n_kv, ctx, d) tensor per kind; the call's first position is end - q, its keys and values are
+        written at [end - q, end) by slice assignment and attention reads slots [0, end) only, with the caller's
+        additive mask plus a causal one of its own (so an all-zero mask, as swift-transformers sends, is causal too).
       "eager": index_copy + SDPA with an explicit mask, plain PyTorch (for exporters without custom ops).
       "coreml": fp16 caches (1, n_kv, ctx, d) updated by slice assignment at a traced (tensor) start
         position, which coremltools turns into Core ML states (read_state/slice_update/update_state); then
@@ -23,21 +28,27 @@ partially to ExecuTorch and did not trace for Core ML. This one has:
   - an RMSNorm that is safe in fp16 on request (`fp16_safe_norm`): SmolLM2's residual stream reaches
     |x| ~ 2.5e4, so squaring x overflows fp16 (max 65504); the norm divides each row by its max |x| first,
     which is exact in real arithmetic (eps is rescaled with it).
-forward(tokens (1, seq) int64, input_pos (1,) int64) -> logits (1, seq, vocab), all positions.
+forward(tokens (1, seq) int64, input_pos (1,) int64) -> logits (1, seq, vocab), all positions (coreml_stacked: the
+causal mask (1, 1, seq or 1, end) in place of input_pos).
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+from compress.exporters.llama_parts import (
+    LlamaDims,
+    RMSNorm,
+    apply_rope,
+    fused_qkv_names,
+    rope_tables,
+    rotate_half_matrix,
+)
 from torch import nn
 from torch.nn import functional as F
-
-from compress.rope import STATIC_ROPE, RopeType, default_inv_freq, inv_freq, rope_parameters, rope_problems, rope_theta
 
 
 class AttentionBackend(enum.StrEnum):
@@ -45,106 +56,19 @@ class AttentionBackend(enum.StrEnum):
     CUSTOM = "custom"  # update_cache + custom_sdpa custom ops
     EAGER = "eager"  # plain PyTorch ops only
     COREML = "coreml"  # fp16 caches updated by slice assignment (Core ML states), plain ops only
+    # Apple's Llama convention: every layer's fp16 cache in one stacked (layers, 1, kv, ctx, d) tensor per kind, the
+    # position taken from the caller's causal mask (its length minus the query's), attention over the written prefix
+    COREML_STACKED = "coreml_stacked"
     # fp16 caches laid out (positions, kv heads, head dim), written with index_copy_ along positions: what
     # torch.export and coreai-torch lower (its index_put takes a dynamic count on dim 0 only); plain ops only
     COREAI = "coreai"
 
 
-@dataclass(frozen=True)
-class LlamaDims:
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    head_dim_override: int | None = None  # config.head_dim when it is not hidden_size // num_heads (head-pruned)
-    scaled_inv_freq: tuple[float, ...] | None = None  # RoPE scaling's frequencies (compress/rope.py); None: default
-
-    @property
-    def head_dim(self) -> int:
-        return self.head_dim_override or self.hidden_size // self.num_heads
-
-    @classmethod
-    def from_hf(cls, config: Any) -> LlamaDims:
-        problems = rope_problems(config, STATIC_ROPE, "the export module")
-        if problems:
-            raise ValueError(str(problems[0]))
-        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-        head_dim = getattr(config, "head_dim", None)
-        scaled = None
-        if rope_parameters(config)["rope_type"] != RopeType.DEFAULT:
-            scaled = tuple(inv_freq(config, head_dim or config.hidden_size // config.num_attention_heads).tolist())
-        return cls(config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                   config.num_key_value_heads, config.intermediate_size, float(config.rms_norm_eps),
-                   rope_theta(config), bool(config.tie_word_embeddings), config.bos_token_id, eos, head_dim, scaled)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, fp16_safe: bool = False):
-        super().__init__()
-        self.eps, self.fp16_safe = eps, fp16_safe
-        self.weight = nn.Parameter(torch.ones(dim))
-        # The mean over the last dim as a matmul with a (1, dim) row of 1/dim: XNNPACK has no last-dim mean
-        # for 3-D tensors, so `x.pow(2).mean(-1)` would cut every block into several partitions.
-        self.register_buffer("mean_row", torch.full((1, dim), 1.0 / dim), persistent=False)
-        self.register_buffer("eps_bias", torch.full((1,), eps), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Casts only where they do something: a no-op .float() still costs graph nodes that every export pass retraces.
-        x32 = x if x.dtype == torch.float32 else x.float()  # (1, seq, dim)
-        if self.fp16_safe:
-            # rms(x / s) * s == rms(x): with s = max |x| per row the squares stay <= 1 in fp16. The floor keeps an
-            # all-zero row finite; eps / s^2 is formed as (sqrt(eps) / s)^2 so s^2 never underflows fp16.
-            scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-2)  # (1, seq, 1)
-            x32 = x32 / scale
-            mean_sq = F.linear(x32 * x32, self.mean_row) + (math.sqrt(self.eps) / scale) ** 2  # (1, seq, 1)
-        else:
-            mean_sq = F.linear(x32 * x32, self.mean_row, self.eps_bias)  # eps as the matmul's bias: one op fewer
-        out = x32 * torch.rsqrt(mean_sq)
-        return (out if out.dtype == x.dtype else out.to(x.dtype)) * self.weight
-
-
-def fused_qkv_names(num_layers: int) -> dict[str, tuple[str, str, str]]:
-    """The fused projection of each layer and the q/k/v projections it stacks, in order."""
-    return {f"layers.{i}.self_attn.qkv_proj": tuple(f"layers.{i}.self_attn.{n}_proj" for n in "qkv")
-            for i in range(num_layers)}
-
-
-def rope_tables(dims: LlamaDims, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if dims.scaled_inv_freq is not None:
-        freq = torch.tensor(dims.scaled_inv_freq, dtype=torch.float64)  # (d/2,)
-    else:
-        freq = default_inv_freq(dims.rope_theta, dims.head_dim)
-    freqs = torch.outer(torch.arange(max_context, dtype=torch.float64), freq)  # (ctx, d/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (ctx, d)
-    return emb.cos().float(), emb.sin().float()
-
-
-def rotate_half_matrix(d: int) -> torch.Tensor:
-    """R with F.linear(x, R) == cat(-x[d/2:], x[:d/2]): HF's rotate_half as a matmul XNNPACK can run
-    (slices on the last dim would leave the block split around them)."""
-    half = d // 2
-    r = torch.zeros(d, d)
-    r[torch.arange(half), torch.arange(half) + half] = -1.0
-    r[torch.arange(half) + half, torch.arange(half)] = 1.0
-    return r
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate: torch.Tensor) -> torch.Tensor:
-    # x (1, seq, heads, d); cos/sin (seq, 1 or heads, d) broadcast against it
-    return x * cos + F.linear(x, rotate) * sin
-
-
 class Attention(nn.Module):
-    def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend, fuse_qkv: bool = False):
+    def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend, fuse_qkv: bool = False,
+                 index: int = 0):
         super().__init__()
-        self.dims, self.backend, self.fuse_qkv = dims, backend, fuse_qkv
+        self.dims, self.backend, self.fuse_qkv, self.index = dims, backend, fuse_qkv, index
         h, kv, d = dims.num_heads, dims.num_kv_heads, dims.head_dim
         if fuse_qkv:  # one matmul for q, k and v (rows stacked q, k, v): see ExportLlama
             self.qkv_proj = nn.Linear(dims.hidden_size, (h + 2 * kv) * d, bias=False)
@@ -161,11 +85,13 @@ class Attention(nn.Module):
             shape, dtype = (1, kv, max_context, d), torch.float16
         elif backend is AttentionBackend.COREAI:
             shape, dtype = (max_context, kv, d), torch.float16
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        if backend is not AttentionBackend.COREML_STACKED:  # stacked: the model holds every layer's caches
+            self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+            self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
-                rotate: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+                rotate: torch.Tensor, mask: torch.Tensor | None = None,
+                stacked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         _, seq, _ = x.shape  # (1, seq, hidden)
         dims = self.dims
         h, kv, d = dims.num_heads, dims.num_kv_heads, dims.head_dim
@@ -186,6 +112,8 @@ class Attention(nn.Module):
             out = self._coreml(q, k, v, start, seq, mask)
         elif self.backend is AttentionBackend.COREAI:
             out = self._coreai(q, k, v, start, seq, mask)
+        elif self.backend is AttentionBackend.COREML_STACKED:
+            out = self._coreml_stacked(q, k, v, start, seq, mask, stacked)
         else:
             out = self._eager(q, k, v, start, seq)
         return self.o_proj(out.reshape(1, -1, dims.num_heads * dims.head_dim))  # (1, seq, hidden)
@@ -217,6 +145,21 @@ class Attention(nn.Module):
         values = self.v_cache.to(q.dtype)
         q_grouped = q.view(1, seq, kv, groups, d).transpose(1, 2).reshape(1, kv, seq * groups, d)  # (1,kv,seq*g,d)
         scores = torch.matmul(q_grouped, keys.transpose(2, 3)) * (1.0 / math.sqrt(d)) + mask  # (1, kv, seq*g, ctx)
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (1, kv, seq*g, d)
+        return out.view(1, kv, seq, groups, d).transpose(1, 2)  # (1, seq, kv, g, d) = (1, seq, h, d)
+
+    def _coreml_stacked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Any, seq: Any,
+                        mask: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        kv, d = self.dims.num_kv_heads, self.dims.head_dim
+        groups = self.dims.num_heads // kv
+        key_cache, value_cache = stacked  # (layers, 1, kv, ctx, d) each
+        end = start + seq  # traced from the inputs' shapes: the slice bounds stay graph values
+        key_cache[self.index, :, :, start:end] = k.transpose(1, 2).to(key_cache.dtype)  # (1, kv, seq, d)
+        value_cache[self.index, :, :, start:end] = v.transpose(1, 2).to(value_cache.dtype)
+        keys = key_cache[self.index, :, :, :end].to(q.dtype)  # (1, kv, end, d): the written prefix only
+        values = value_cache[self.index, :, :, :end].to(q.dtype)
+        q_grouped = q.view(1, seq, kv, groups, d).transpose(1, 2).reshape(1, kv, seq * groups, d)  # (1,kv,seq*g,d)
+        scores = torch.matmul(q_grouped, keys.transpose(2, 3)) * (1.0 / math.sqrt(d)) + mask  # (1, kv, seq*g, end)
         out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (1, kv, seq*g, d)
         return out.view(1, kv, seq, groups, d).transpose(1, 2)  # (1, seq, kv, g, d) = (1, seq, h, d)
 
@@ -260,16 +203,17 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend, fp16_safe_norm: bool,
-                 fuse_qkv: bool):
+                 fuse_qkv: bool, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, fp16_safe_norm)
-        self.self_attn = Attention(dims, max_context, backend, fuse_qkv)
+        self.self_attn = Attention(dims, max_context, backend, fuse_qkv, index)
         self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, fp16_safe_norm)
         self.mlp = MLP(dims)
 
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
-                rotate: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), start, cos, sin, rotate, mask)
+                rotate: torch.Tensor, mask: torch.Tensor | None,
+                stacked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), start, cos, sin, rotate, mask, stacked)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -279,8 +223,12 @@ class ExportLlama(nn.Module):
         super().__init__()
         self.dims, self.max_context, self.backend, self.fuse_qkv = dims, max_context, backend, fuse_qkv
         self.embed_tokens = nn.Embedding(dims.vocab_size, dims.hidden_size)
-        self.layers = nn.ModuleList(Block(dims, max_context, backend, fp16_safe_norm, fuse_qkv)
-                                    for _ in range(dims.num_layers))
+        self.layers = nn.ModuleList(Block(dims, max_context, backend, fp16_safe_norm, fuse_qkv, i)
+                                    for i in range(dims.num_layers))
+        if backend is AttentionBackend.COREML_STACKED:  # Core ML states named as Apple's Llama example names them
+            shape = (dims.num_layers, 1, dims.num_kv_heads, max_context, dims.head_dim)
+            self.register_buffer("keyCache", torch.zeros(shape, dtype=torch.float16), persistent=False)
+            self.register_buffer("valueCache", torch.zeros(shape, dtype=torch.float16), persistent=False)
         self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, fp16_safe_norm)
         # Always its own Linear, even when the source ties it to the embedding: the gather (embedding) and
         # the matmul (lm_head) are quantized into different formats, deliberately, never one copy twice.
@@ -291,6 +239,9 @@ class ExportLlama(nn.Module):
         self.register_buffer("rope_rotate", rotate_half_matrix(dims.head_dim), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """tokens (1, seq); input_pos (1,), or for `coreml_stacked` the causal mask (1, 1, seq or 1, end)."""
+        if self.backend is AttentionBackend.COREML_STACKED:
+            return self._forward_stacked(tokens, input_pos)
         seq = tokens.shape[1]  # tokens (1, seq), input_pos (1,)
         if self.backend is AttentionBackend.COREML:
             start = input_pos[0]  # stays a tensor, so a trace keeps the position dynamic
@@ -325,6 +276,22 @@ class ExportLlama(nn.Module):
             x = layer(x, start, cos, sin, self.rope_rotate, mask)
         return self.lm_head(self.norm(x))  # (1, seq, vocab)
 
+    def _forward_stacked(self, tokens: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        seq, end = tokens.shape[1], causal_mask.shape[-1]  # a trace keeps both as the inputs' (flexible) sizes
+        start = end - seq
+        cos = self.rope_cos[start:end].view(1, seq, 1, -1)  # (1, seq, 1, head_dim)
+        sin = self.rope_sin[start:end].view(1, seq, 1, -1)
+        groups = self.dims.num_heads // self.dims.num_kv_heads
+        visible = torch.arange(end).view(1, -1) <= (torch.arange(seq) + start).view(-1, 1)  # (seq, end)
+        # Our causal mask plus the caller's (finite -3e4: see _grouped_mask); a query axis of 1 broadcasts
+        mask = (visible.to(torch.float32) - 1.0) * 3.0e4 + causal_mask[0, 0].to(torch.float32)  # (seq, end)
+        mask = mask.view(seq, 1, end).expand(seq, groups, end).reshape(seq * groups, end)
+        stacked = (self.keyCache, self.valueCache)
+        x = self.embed_tokens(tokens)  # (1, seq, hidden)
+        for layer in self.layers:
+            x = layer(x, start, cos, sin, self.rope_rotate, mask, stacked)
+        return self.lm_head(self.norm(x))  # (1, seq, vocab)
+
     def _grouped_mask(self, start: int | torch.Tensor, seq: int, finite: bool = False,
                       keys: int | None = None) -> torch.Tensor:
         """Additive causal mask over `keys` cache slots (default: the whole cache), one row per (position, query
@@ -343,6 +310,10 @@ class ExportLlama(nn.Module):
         return mask.view(seq, 1, -1).expand(seq, groups, keys).reshape(seq * groups, keys)
 
     def reset_cache(self) -> None:
+        if self.backend is AttentionBackend.COREML_STACKED:
+            self.keyCache.zero_()
+            self.valueCache.zero_()
+            return
         for layer in self.layers:
             layer.self_attn.k_cache.zero_()
             layer.self_attn.v_cache.zero_()

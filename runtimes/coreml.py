@@ -5,10 +5,11 @@ recorded. Elsewhere (Linux CI) there is no Core ML, so the Session executes the 
 op by op in its own dtypes (runtimes/mil_interpreter.py): accuracy is the program's, latency is not
 measured (never estimated).
 
-The package accepts the enumerated query lengths only, so a prefill is cut into chunks: the longest
-allowed length that fits, or one padded call when a longer allowed length covers the rest. Padding
-writes cache slots beyond the last real token; every query's causal mask hides them, and the next real
-tokens overwrite them before anything can read them.
+The package's interface is read from its own inputs (compress/coreml_io.py). `apple_llama` takes any number of
+tokens per call: a prefill is one call, with the causal mask of Apple's example. `fixed_shape` accepts the
+enumerated query lengths only, so a prefill is cut into chunks: the longest allowed length that fits, or one padded
+call when a longer allowed length covers the rest. Padding writes cache slots beyond the last real token; every
+query's causal mask hides them, and the next real tokens overwrite them before anything can read them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from compress.runtimes.base import ContextOverflow
 
 from compress.artifact import Artifact, Availability
+from compress.coreml_io import CAUSAL_MASK, INPUT_IDS, INPUT_POS, LOGITS, TOKENS, CoreMLIO, causal_mask, convention_of
 
 # The arithmetic bounds this runtime can also be loaded with (targets.yaml `eval.arithmetic_bound`): name -> what
 # changes. On macOS too they run in the MIL interpreter: a bound is an emulation, not what Core ML does there.
@@ -32,7 +34,9 @@ LINUX_LATENCY = "not measured: needs macOS (Core ML prediction); accuracy comes 
 
 
 def plan_chunks(n: int, start: int, lengths: Sequence[int], max_context: int) -> list[tuple[int, int]]:
-    """(tokens taken, call length) per call to feed n tokens from position `start`."""
+    """(tokens taken, call length) per call to feed n tokens from position `start`; no `lengths`: any length."""
+    if not lengths:
+        return [(n, n)]
     allowed = sorted(set(lengths))
     out, pos = [], start
     while n > 0:
@@ -46,10 +50,18 @@ def plan_chunks(n: int, start: int, lengths: Sequence[int], max_context: int) ->
     return out
 
 
-class CoreMLSession:
-    """Session protocol over `predict(tokens (1, q) int32, input_pos (1,) int32) -> logits (1, q, vocab)`."""
+def feeds(io: CoreMLIO, tokens: np.ndarray, past: int) -> dict[str, np.ndarray]:
+    """The package's inputs for `tokens` (1, q) int32 after `past` cached positions."""
+    if io is CoreMLIO.APPLE_LLAMA:
+        return {INPUT_IDS: tokens, CAUSAL_MASK: causal_mask(tokens.shape[1], past)}
+    return {TOKENS: tokens, INPUT_POS: np.array([past], dtype=np.int32)}
 
-    def __init__(self, predict: Callable[[np.ndarray, np.ndarray], np.ndarray], reset: Callable[[], None],
+
+class CoreMLSession:
+    """Session protocol over `predict(tokens (1, q) int32, past) -> logits (1, q, vocab)`; `query_lengths` empty:
+    any q."""
+
+    def __init__(self, predict: Callable[[np.ndarray, int], np.ndarray], reset: Callable[[], None],
                  vocab_size: int, max_context: int, query_lengths: Sequence[int]):
         self._predict, self._reset = predict, reset
         self.vocab_size, self.max_context = vocab_size, max_context
@@ -67,7 +79,7 @@ class CoreMLSession:
         rows, i = [], 0
         for take, length in plan_chunks(len(ids), self._pos, self.query_lengths, self.max_context):
             chunk = ids[i:i + take] + [0] * (length - take)  # padding: see the module docstring
-            logits = self._predict(np.array([chunk], dtype=np.int32), np.array([self._pos], dtype=np.int32))
+            logits = self._predict(np.array([chunk], dtype=np.int32), self._pos)
             rows.append(np.asarray(logits, dtype=np.float32)[0, :take])  # (take, vocab)
             i, self._pos = i + take, self._pos + take
         return np.concatenate(rows)
@@ -81,10 +93,11 @@ def _macos_session(package: Path, artifact: Artifact, vocab: int) -> CoreMLSessi
 
     units = getattr(ct.ComputeUnit, (artifact.compute_units or "all").upper())
     model = ct.models.MLModel(str(package), compute_units=units)
+    io = convention_of(i.name for i in model.get_spec().description.input)
     state = [model.make_state()]
 
-    def predict(tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        return model.predict({"tokens": tokens, "input_pos": pos}, state=state[0])["logits"]
+    def predict(tokens: np.ndarray, past: int) -> np.ndarray:
+        return model.predict(feeds(io, tokens, past), state=state[0])[LOGITS]
 
     def reset() -> None:
         state[0] = model.make_state()
@@ -95,12 +108,13 @@ def _macos_session(package: Path, artifact: Artifact, vocab: int) -> CoreMLSessi
 def _interpreter_session(package: Path, artifact: Artifact, vocab: int, bound: str | None) -> CoreMLSession:
     from compress.runtimes.mil_interpreter import Accumulation, MilInterpreter, load_program
 
-    program, _ = load_program(package)
+    program, spec = load_program(package)
+    io = convention_of(i.name for i in spec.description.input)
     interpreter = MilInterpreter(program, accumulation=Accumulation.FP32 if bound is None else
                                  {"fp16_accumulation": Accumulation.FP16_SEQUENTIAL}[bound])
 
-    def predict(tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        return interpreter.run({"tokens": tokens, "input_pos": pos})["logits"]
+    def predict(tokens: np.ndarray, past: int) -> np.ndarray:
+        return interpreter.run(feeds(io, tokens, past))[LOGITS]
 
     return CoreMLSession(predict, interpreter.reset, vocab, int(artifact.max_context), list(artifact.query_lengths))
 

@@ -43,7 +43,7 @@ def _logits(session) -> np.ndarray:
 def _both(staged, root: Path, precision: Dtype) -> tuple[np.ndarray, np.ndarray]:
     model, codes = staged
     coreml = CoreMLExporter().export(model, byte_tokenizer(), MlpackageOptions(
-        max_context=64, query_lengths=(1, 16), compute_units=ComputeUnits.CPU_AND_GPU, compute_precision=precision),
+        max_context=64, compute_units=ComputeUnits.CPU_AND_GPU, compute_precision=precision),
         root / "coreml", QUIET, codes)
     coreai = CoreAIExporter().export(model, byte_tokenizer(), AimodelOptions(max_context=64, compute_precision=precision),
                                      root / "coreai", QUIET, codes)

@@ -27,7 +27,7 @@ LAYERS = {  # the longest matching prefix decides
     "compress.metrics": CONTRACTS, "compress.threads": CONTRACTS, "compress.distributed": CONTRACTS,
     "compress.llamacpp_lib": CONTRACTS, "compress.report": CONTRACTS, "compress.data": CONTRACTS,
     "compress.models": CONTRACTS, "compress.manifest": CONTRACTS, "compress.stages.configs": CONTRACTS,
-    "compress.rope": CONTRACTS, "compress.memory": CONTRACTS,
+    "compress.rope": CONTRACTS, "compress.memory": CONTRACTS, "compress.coreml_io": CONTRACTS,
     "compress.targets": CONFIG,
     "compress.stages": COMPONENTS, "compress.exporters": COMPONENTS, "compress.runtimes": COMPONENTS,
     "compress.cache": COMPONENTS, "compress.checkpoint": COMPONENTS,

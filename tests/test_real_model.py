@@ -233,6 +233,11 @@ def test_the_ios_target_builds_and_passes_its_budgets_through_the_mil_interprete
     # docs/results.md has the measured numbers.
     assert metrics["mean_kl"] < 0.01 and metrics["top1_agreement"] > 0.96 and metrics["size_mb"] < 110
     assert coverage["with_float_offsets"] == 210
+    from compress.runtimes.mil_interpreter import load_program
+
+    _, spec = load_program(out / "coreml" / "model.mlpackage")  # Apple's Llama convention, as swift-transformers loads
+    assert [f.name for f in spec.description.input] == ["inputIds", "causalMask"]
+    assert [s.name for s in spec.description.state] == ["keyCache", "valueCache"]
     budgets = {b["name"]: b for b in manifest["verification"]["budgets"]}
     assert all(b["passed"] for b in budgets.values() if b["metric"] != "decode_tok_s")
     assert "decode_tok_s" not in metrics  # never estimated on Linux

@@ -329,7 +329,8 @@ def test_quantized_tensor_refuses_inconsistent_shapes():
      "shares the output layer's quantized matrix"),
     ("mlpackage", "coreml", {"compute_units": "cpu_and_gpu"}, {"activations": "int8_dynamic"},
      "stages[0].quantize.activations", "fp16 activations"),
-    ("mlpackage", "coreml", {"compute_units": "cpu_and_ne"}, {"group_size": 32}, "stages[0].quantize.group_size",
+    ("mlpackage", "coreml", {"io": "fixed_shape", "compute_units": "cpu_and_ne"}, {"group_size": 32},
+     "stages[0].quantize.group_size",
      "Neural Engine"),
 ])
 def test_what_a_format_cannot_hold_of_the_codes_is_refused_when_targets_are_read(fmt, runtime, export, quantize,

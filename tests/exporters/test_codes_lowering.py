@@ -239,8 +239,7 @@ def test_core_ml_runs_the_stage_codes_exactly_in_an_fp32_program(model, tmp_path
     from compress.artifact import Dtype
 
     staged = _stage(model, tmp_path, algorithm=algorithm)
-    options = MlpackageOptions(max_context=64, query_lengths=(1, 8), compute_units=ComputeUnits.CPU_AND_GPU,
-                               compute_precision=Dtype.FLOAT32)
+    options = MlpackageOptions(max_context=64, compute_units=ComputeUnits.CPU_AND_GPU, compute_precision=Dtype.FLOAT32)
     art = CoreMLExporter().export(staged.model, byte_tokenizer(), options, tmp_path / "coreml", QUIET, staged.quantized)
     coverage = art.record["coverage"]
     assert coverage["codes_lowered"] == 15 and coverage["linears_not_compressed"] == []
@@ -248,9 +247,9 @@ def test_core_ml_runs_the_stage_codes_exactly_in_an_fp32_program(model, tmp_path
     session = CoreMLRuntime().load(art, threads=2)
     got = np.concatenate([session.prefill(TOKENS[:17])] + [session.decode(t)[None] for t in TOKENS[17:]])
     # The export module Core ML traces (its fp16-safe RMSNorm rescales rows: ~1e-3 from HF's in fp32), in eager.
-    module = ExportLlama.from_hf(staged.model, 64, AttentionBackend.COREML, fp16_safe_norm=True)
+    module = ExportLlama.from_hf(staged.model, 64, AttentionBackend.COREML_STACKED, fp16_safe_norm=True)
     with torch.no_grad():
-        expected = module(torch.tensor([TOKENS], dtype=torch.int32), torch.tensor([0], dtype=torch.int32))[0]
+        expected = module(torch.tensor([TOKENS], dtype=torch.int32), torch.zeros(1, 1, len(TOKENS), len(TOKENS)))[0]
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-3, rtol=1e-3)  # quantization errors are ~1e-1
 
 

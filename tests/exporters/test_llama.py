@@ -14,7 +14,7 @@ def test_export_module_matches_hf_in_one_pass_and_incrementally(backend, fuse_qk
         pytest.importorskip("executorch")
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
     # Core ML's and Core AI's caches are fp16 (states): keys and values are rounded once, nothing else changes.
-    fp16_cache = backend in (AttentionBackend.COREML, AttentionBackend.COREAI)
+    fp16_cache = backend in (AttentionBackend.COREML, AttentionBackend.COREAI, AttentionBackend.COREML_STACKED)
     tol = 1e-2 if fp16_cache else 1e-4
     hf = tiny_llama(seed=4, num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
     tokens = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(1))
@@ -23,10 +23,16 @@ def test_export_module_matches_hf_in_one_pass_and_incrementally(backend, fuse_qk
         module = ExportLlama.from_hf(hf, max_context=64, backend=backend,
                                      fp16_safe_norm=fp16_cache, fuse_qkv=fuse_qkv)
         assert hasattr(module.layers[0].self_attn, "qkv_proj") is fuse_qkv
-        torch.testing.assert_close(module(tokens, torch.tensor([0])), expected, atol=tol, rtol=tol)
+
+        def position(start: int, seq: int) -> torch.Tensor:  # coreml_stacked: the mask says where the call starts
+            if backend is AttentionBackend.COREML_STACKED:
+                return torch.zeros(1, 1, seq, start + seq)
+            return torch.tensor([start])
+
+        torch.testing.assert_close(module(tokens, position(0, 48)), expected, atol=tol, rtol=tol)
         module.reset_cache()
-        parts = [module(tokens[:, :20], torch.tensor([0]))]
-        parts += [module(tokens[:, i:i + 1], torch.tensor([i])) for i in range(20, 48)]
+        parts = [module(tokens[:, :20], position(0, 20))]
+        parts += [module(tokens[:, i:i + 1], position(i, 1)) for i in range(20, 48)]
         torch.testing.assert_close(torch.cat(parts, dim=1), expected, atol=tol, rtol=tol)
 
 

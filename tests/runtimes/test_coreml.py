@@ -24,6 +24,10 @@ def test_prefill_is_cut_into_the_enumerated_query_lengths(n, start, expected):
     assert plan_chunks(n, start, (1, 64), max_context=512) == expected
 
 
+def test_a_ranged_package_prefills_in_one_call():
+    assert plan_chunks(300, 7, (), max_context=512) == [(300, 300)]
+
+
 def test_linux_reports_latency_as_not_measured_instead_of_estimating_it():
     pytest.importorskip("coremltools")
     available = CoreMLRuntime().availability()
@@ -53,8 +57,7 @@ def test_the_build_gates_on_the_package_and_the_harness_sees_one_corrupted_weigh
     pytest.importorskip("coremltools")
     targets = tmp_path / "targets.yaml"
     targets.write_text(yaml.safe_dump({"version": 1, "targets": {"ios": {
-        "export": {"format": "mlpackage", "max_context": 96, "query_lengths": [1, 16],
-                   "compute_units": "cpu_and_gpu"},
+        "export": {"format": "mlpackage", "max_context": 96, "compute_units": "cpu_and_gpu"},
         "runtime": "coreml",
         "eval": {"windows": 2, "window_len": 64, "greedy_tokens": 8, "prefill_len": 32, "decode_tokens": 8,
                  "arithmetic_bound": "fp16_accumulation", "bound_windows": 1},
@@ -114,7 +117,7 @@ def test_the_fp16_accumulation_bound_changes_fp16_programs_only(tmp_path: Path):
     tokens = list(range(10, 42))
     for precision in (Dtype.FLOAT16, Dtype.FLOAT32):
         artifact = CoreMLExporter().export(tiny_llama(seed=0), byte_tokenizer(), MlpackageOptions(
-            max_context=64, query_lengths=(1, 16), compute_units=ComputeUnits.CPU_AND_GPU, compute_precision=precision),
+            max_context=64, compute_units=ComputeUnits.CPU_AND_GPU, compute_precision=precision),
             tmp_path / precision.value, Console(quiet=True))
         default = CoreMLRuntime().load(artifact, threads=2).prefill(tokens)
         bound = CoreMLRuntime().load(artifact, threads=2, bound="fp16_accumulation").prefill(tokens)
