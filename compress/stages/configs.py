@@ -23,6 +23,7 @@ class StageKind(enum.StrEnum):
 
 class Importance(enum.StrEnum):
     ACTIVATION = "activation"  # Minitron-style activation norms on calibration text
+    OBS = "obs"  # MLP units by the output error their removal leaves after the refit (structured OBS); heads as above
 
 
 @dataclass(frozen=True)
@@ -33,19 +34,26 @@ class PruneConfig:
     heads_keep: float = setting(1.0, gt=0, le=1, doc="fraction of KV groups kept (GQA-aware: whole groups)")
     query_heads_keep: float = setting(1.0, gt=0, le=1, doc="fraction of query heads kept inside each KV group")
     drop_layers: int = setting(0, ge=0, le=1000)
-    importance: Importance = Importance.ACTIVATION
+    # how MLP units are chosen: obs (the least-squares error their removal leaves) or activation (mean contribution)
+    importance: Importance = Importance.OBS
     calibration_samples: int = setting(64, ge=1, le=100000)
     calibration_len: int = setting(256, ge=8, le=32768)
     kl_windows: int = setting(4, ge=0, le=1000, doc="held-out calibration windows for the KL right after pruning")
     multiple_of: int = setting(32, ge=1, le=4096, doc="kept MLP width is a multiple of this (int4 group size)")
     protect_ratio: float = setting(20.0, ge=1, doc="keep any MLP unit whose peak contribution exceeds this "
                                                    "multiple of its layer's median peak (massive activations)")
+    reconstruct: bool = setting(True, doc="refit each layer's down_proj (and o_proj when heads go) by least "
+                                          "squares on the calibration text, so the kept units stand in for the "
+                                          "removed ones")
 
     def __post_init__(self) -> None:
         extra = []
         if self.mlp_keep == 1 and self.heads_keep == 1 and self.query_heads_keep == 1 and self.drop_layers == 0:
             extra.append(Problem("", "removes nothing: set mlp_keep, heads_keep or query_heads_keep below 1, "
                                      "or drop_layers above 0"))
+        if self.importance == Importance.OBS and not self.reconstruct:
+            extra.append(Problem("importance", "obs chooses units by the error left after the refit: it needs "
+                                               "reconstruct: true"))
         check_fields(self, extra)
 
 

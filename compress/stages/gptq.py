@@ -16,13 +16,10 @@ from typing import Any
 import torch
 
 from compress.quantized import QuantTensor
+from compress.stages.layerwise import first_layer_inputs, input_grams, layer_output
 
 BLOCK = 128  # columns per lazy-batch update (the paper's B); a multiple of the group size is used
 DAMP = 0.01  # Hessian dampening, as a fraction of its mean diagonal
-
-
-class _Stop(Exception):
-    """Raised by the hook that captures the first decoder layer's inputs, so the rest of the model never runs."""
 
 
 def gptq_linears(model: Any, windows: list[list[int]], plans: dict[str, tuple[int, int]],
@@ -32,13 +29,13 @@ def gptq_linears(model: Any, windows: list[list[int]], plans: dict[str, tuple[in
     import copy
 
     layers = model.model.layers
-    hidden, kwargs = _first_layer_inputs(model, windows)  # (windows, seq, hidden)
+    hidden, kwargs = first_layer_inputs(model, windows)  # (windows, seq, hidden)
     out: dict[str, QuantTensor] = {}
     for index in console.track(range(len(layers)), f"GPTQ, layer by layer ({len(windows)} calibration windows)"):
         layer = copy.deepcopy(layers[index])
         linears = {f"layers.{index}.{name}": m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
                    and f"layers.{index}.{name}" in plans}
-        hessians = _hessians(layer, linears, hidden, kwargs)
+        hessians = input_grams(layer, linears, hidden, kwargs)
         for name, linear in linears.items():
             bits, group = plans[name]
             t = gptq(linear.weight.detach().float(), hessians[name], bits, group, scale_bits)
@@ -46,7 +43,7 @@ def gptq_linears(model: Any, windows: list[list[int]], plans: dict[str, tuple[in
             with torch.no_grad():
                 linear.weight.copy_(t.dequantize())
         with torch.no_grad():
-            hidden = _output(layer(hidden, **kwargs))  # what the next layer reads: this layer quantized
+            hidden = layer_output(layer(hidden, **kwargs))  # what the next layer reads: this layer quantized
     return out
 
 
@@ -91,54 +88,3 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_bits: in
             err[:, i] = e
         w[:, end:] -= err @ hinv[start:end, end:]
     return QuantTensor(codes, scale.clone(), offset.clone(), bits, group)
-
-
-def _first_layer_inputs(model: Any, windows: list[list[int]]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The first decoder layer's hidden states and keyword arguments (rotary embeddings, mask) for the windows."""
-    captured: dict[str, Any] = {}
-
-    def grab(_module: Any, args: tuple, kwargs: dict) -> None:
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = kwargs
-        raise _Stop
-
-    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor(windows, device=model.device), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    kwargs = {k: v for k, v in captured["kwargs"].items() if k != "hidden_states"}
-    return captured["hidden"], kwargs
-
-
-def _hessians(layer: Any, linears: dict[str, Any], hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
-    """X^T X of each linear's input over every calibration token, from one forward pass of the layer. Linears that
-    read the same tensor (q/k/v, gate/up) share one product: the same numbers, computed once."""
-    sums: dict[str, torch.Tensor] = {}
-    # id of an input tensor -> (the tensor, its X^T X); holding the tensor keeps its id from being reused
-    by_input: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-    for name, m in linears.items():
-        def hook(_m: Any, args: tuple, _out: Any, name: str = name) -> None:
-            if id(args[0]) not in by_input:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-                by_input[id(args[0])] = (args[0], x.T @ x)
-            sums[name] = by_input[id(args[0])][1]
-        handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            layer(hidden, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [name for name in linears if name not in sums]
-    if missing:
-        raise RuntimeError(f"no calibration input reached {missing[:3]}")
-    return sums
-
-
-def _output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out

@@ -11,6 +11,10 @@ Importance comes from activations on calibration text, never from weight magnitu
 - Block (depth): the KL divergence of the model's output when that one block is skipped (layer 1 of
   SmolLM2 costs KL 4.4, most cost 1.3-2), measured on a few calibration windows.
 
+Then (`reconstruct`, on by default) each kept layer's down_proj and o_proj are refit by least squares so the kept
+units stand in for the removed ones, and under `importance: obs` the MLP units are chosen by the error their removal
+leaves after that refit (compress/stages/prune_refit.py).
+
 Widths are uniform across layers (LlamaConfig holds one intermediate_size and one head count).
 """
 
@@ -26,8 +30,12 @@ from torch import nn
 
 from compress.errors import InputError
 from compress.metrics import mean_kl, param_count
+from compress.progress import Console
 from compress.stages import StageContext, StageResult
-from compress.stages.configs import PruneConfig
+from compress.stages.configs import Importance, PruneConfig
+from compress.stages.prune_refit import refit_pruned
+
+QUIET = Console(quiet=True)
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,7 @@ def plan_prune(config: Any, cfg: PruneConfig) -> PrunePlan:
 
 
 @dataclass
-class Importance:
+class Scores:
     mlp: list[torch.Tensor]  # per layer: (intermediate,) mean contribution
     mlp_peak: list[torch.Tensor]  # per layer: (intermediate,) largest contribution at any position
     heads: list[torch.Tensor]  # per layer: (num_heads,) mean contribution through o_proj
@@ -106,7 +114,7 @@ def block_importance(model: Any, windows: list[list[int]]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def width_importance(model: Any, windows: list[list[int]], batch: int = 4) -> Importance:
+def width_importance(model: Any, windows: list[list[int]], batch: int = 4) -> Scores:
     """MLP-unit and head contributions accumulated over `windows` with forward pre-hooks."""
     cfg = model.config
     n_heads, head_dim = cfg.num_attention_heads, cfg.head_dim
@@ -146,12 +154,17 @@ def width_importance(model: Any, windows: list[list[int]], batch: int = 4) -> Im
     finally:
         for h in handles:
             h.remove()
-    return Importance([(m / tokens).float() for m in mlp], peak, [(h / tokens).float() for h in heads], None)
+    return Scores([(m / tokens).float() for m in mlp], peak, [(h / tokens).float() for h in heads], None)
+
+
+def massive_units(peak: torch.Tensor, protect_ratio: float) -> torch.Tensor:
+    """(units,) bool: the units whose peak contribution is `protect_ratio` times their layer's median peak."""
+    return peak > protect_ratio * peak.median().clamp_min(1e-12)
 
 
 def choose_units(score: torch.Tensor, peak: torch.Tensor, keep: int, protect_ratio: float) -> tuple[torch.Tensor, int]:
     """Indices (sorted) of the `keep` units to keep: every protected unit first, then by mean score."""
-    protected = peak > protect_ratio * peak.median().clamp_min(1e-12)
+    protected = massive_units(peak, protect_ratio)
     if int(protected.sum()) > keep:
         raise InputError(f"prune.mlp_keep keeps {keep} units per layer but {int(protected.sum())} carry massive "
                          f"activations (peak > {protect_ratio}x the median); keep more units or raise protect_ratio")
@@ -234,7 +247,8 @@ class Pruned:
     groups: list[torch.Tensor]  # per kept block: original indices of the kept KV groups
 
 
-def prune(model: Any, cfg: PruneConfig, windows: list[list[int]], depth_windows: int = 4) -> Pruned:
+def prune(model: Any, cfg: PruneConfig, windows: list[list[int]], depth_windows: int = 4,
+          console: Any = QUIET) -> Pruned:
     """The pruned model, what was kept and what was removed; `windows` are calibration token windows."""
     plan = plan_prune(model.config, cfg)
     old = model.config
@@ -251,6 +265,12 @@ def prune(model: Any, cfg: PruneConfig, windows: list[list[int]], depth_windows:
         g, q = choose_heads(imp.heads[i], old.num_key_value_heads, plan.kv_groups, plan.q_per_group)
         units.append(u), groups.append(g), q_heads.append(q), protected.append(n_protected)
     pruned = apply_plan(model, plan, keep_layers, units, groups, q_heads)
+    refit = {}
+    if cfg.reconstruct:
+        # under obs the units are chosen again inside the refit walk (units[j] replaced), massive ones kept
+        masks = [massive_units(imp.mlp_peak[i], cfg.protect_ratio) for i in keep_layers] \
+            if cfg.importance == Importance.OBS else None
+        refit = refit_pruned(model, pruned, keep_layers, units, q_heads, windows, console, masks)
     notes = {
         "dropped_layers": [i for i in range(old.num_hidden_layers) if i not in keep_layers],
         "block_kl_when_skipped": None if blocks is None else [round(float(b), 4) for b in blocks],
@@ -261,13 +281,14 @@ def prune(model: Any, cfg: PruneConfig, windows: list[list[int]], depth_windows:
         "protected_mlp_units": {str(i): n for i, n in zip(keep_layers, protected) if n},
         "params_before": param_count(model),
         "params_after": param_count(pruned),
+        **refit,
     }
     notes["params_removed_fraction"] = round(1 - notes["params_after"] / notes["params_before"], 4)
     return Pruned(pruned, notes, keep_layers, units, q_heads, groups)
 
 
 class PruneStage:
-    version = "1"
+    version = "2"
 
     def run(self, model: Any, config: PruneConfig, ctx: StageContext) -> StageResult:
         plan_prune(model.config, config)  # bad ratios fail here, before any calibration work
@@ -275,8 +296,8 @@ class PruneStage:
         windows = ctx.calibration(config.calibration_samples + n_kl, config.calibration_len)
         # Held-out: the first n_kl windows only measure KL; importance never sees them.
         held_out, calib = windows[:n_kl], windows[n_kl:]
-        with ctx.console.step(f"Importance on {len(calib)} x {config.calibration_len} calibration tokens") as step:
-            result = prune(model.eval(), config, calib)
+        with ctx.console.step(f"Importance and refit on {len(calib)} x {config.calibration_len} calibration tokens") as step:
+            result = prune(model.eval(), config, calib, console=ctx.console)
             pruned, notes = result.model, result.notes
             step["detail"] = f"{notes['params_before'] / 1e6:.1f}M -> {notes['params_after'] / 1e6:.1f}M params"
         if held_out:

@@ -76,7 +76,7 @@ def test_the_stage_fits_gptq_on_windows_apart_from_those_it_measures_and_beats_r
 
 
 def test_linears_reading_one_input_share_one_hessian_equal_to_its_own():
-    from compress.stages.gptq import _first_layer_inputs, _hessians
+    from compress.stages.layerwise import first_layer_inputs, input_grams
 
     from compress.models.tiny import tiny_llama
 
@@ -85,7 +85,7 @@ def test_linears_reading_one_input_share_one_hessian_equal_to_its_own():
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     windows = [[int(t) for t in torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i))]
                for i in range(3)]
-    hidden, kwargs = _first_layer_inputs(model, windows)
+    hidden, kwargs = first_layer_inputs(model, windows)
     inputs = {}
     handles = [m.register_forward_hook(lambda _m, args, _o, n=n: inputs.__setitem__(n, args[0].reshape(-1, args[0]
                                                                                                           .shape[-1])))
@@ -94,7 +94,7 @@ def test_linears_reading_one_input_share_one_hessian_equal_to_its_own():
         layer(hidden, **kwargs)
     for h in handles:
         h.remove()
-    sums = _hessians(layer, linears, hidden, kwargs)
+    sums = input_grams(layer, linears, hidden, kwargs)
     for name, x in inputs.items():
         torch.testing.assert_close(sums[name], x.T @ x)
     assert sums["self_attn.q_proj"] is sums["self_attn.k_proj"] is sums["self_attn.v_proj"]

@@ -14,7 +14,7 @@ from compress.metrics import mean_kl, param_count
 from compress.models.tiny import tiny_llama
 from compress.progress import Console
 from compress.stages import STAGES, StageContext
-from compress.stages.configs import PruneConfig
+from compress.stages.configs import Importance, PruneConfig
 from compress.stages.prune import plan_prune, prune
 
 QUIET = Console(quiet=True)
@@ -92,7 +92,8 @@ def _masked_logits(model, result, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_pruned_model_equals_masking_the_original(gqa_model):
-    config = PruneConfig(mlp_keep=0.5, heads_keep=2 / 3, query_heads_keep=0.5, drop_layers=1)
+    config = PruneConfig(mlp_keep=0.5, heads_keep=2 / 3, query_heads_keep=0.5, drop_layers=1, reconstruct=False,
+                         importance=Importance.ACTIVATION)
     result = prune(gqa_model, config, _windows(8, 32))
     cfg = result.model.config
     assert (cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_key_value_heads, cfg.num_attention_heads,
@@ -163,8 +164,9 @@ def test_importance_protects_a_planted_massive_activation_unit():
     windows = _windows(16, 256, seed=1)
     for w in windows[::4]:
         w[0] = trigger  # like a BOS: one position in 1024 carries the massive activation
-    protected = prune(model, PruneConfig(mlp_keep=0.5), windows)
-    unprotected = prune(model, PruneConfig(mlp_keep=0.5, protect_ratio=1e12), windows)
+    by_activation = {"reconstruct": False, "importance": Importance.ACTIVATION}
+    protected = prune(model, PruneConfig(mlp_keep=0.5, **by_activation), windows)
+    unprotected = prune(model, PruneConfig(mlp_keep=0.5, protect_ratio=1e12, **by_activation), windows)
     assert unit in protected.units[0].tolist() and protected.notes["protected_mlp_units"].get("0", 0) >= 1
     assert unit not in unprotected.units[0].tolist()  # by mean contribution alone it would be removed
     ids = torch.tensor(windows[::4])  # the windows that carry the trigger, at position 0
@@ -183,3 +185,88 @@ def test_stage_records_what_was_removed_and_the_kl_after_pruning(gqa_model, tmp_
     assert notes["mlp_units_per_layer"] == "128 -> 64" and len(notes["block_kl_when_skipped"]) == 3
     assert notes["kl_after_prune"] > 0 and "2 held-out calibration windows" in notes["kl_measured_on"]
     assert 0 < notes["params_removed_fraction"] < 1
+    assert 0 <= notes["mlp_output_error_after_refit"] < notes["mlp_output_error_before_refit"]
+
+
+def _with_duplicated_units(seed: int, strength: float = 0.25):
+    """A tiny Llama whose MLP units 64..127 are copies of units 0..63 (same gate and up rows; a random down column
+    `strength` times as long): every unit's activation is exactly its twin's."""
+    model = tiny_llama(seed, num_hidden_layers=3, intermediate_size=128)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            mlp.gate_proj.weight[64:] = mlp.gate_proj.weight[:64]
+            mlp.up_proj.weight[64:] = mlp.up_proj.weight[:64]
+            mlp.down_proj.weight[:, 64:] = strength * torch.randn_like(mlp.down_proj.weight[:, :64]) \
+                * mlp.down_proj.weight[:, :64].norm(dim=0, keepdim=True) / mlp.down_proj.weight.shape[0] ** 0.5
+    return model
+
+
+def test_reconstruction_recovers_units_the_kept_ones_duplicate():
+    from compress.stages.prune import apply_plan
+    from compress.stages.prune_refit import refit_pruned
+
+    model = _with_duplicated_units(4)
+    config = PruneConfig(mlp_keep=0.5)
+    plan = plan_prune(model.config, config)
+    keep = list(range(3))
+    units, groups, heads = [torch.arange(64)] * 3, [torch.arange(2)] * 3, [torch.arange(4)] * 3  # copies go
+
+    def pruned(reconstruct: bool):
+        new = apply_plan(model, plan, keep, units, groups, heads)
+        notes = refit_pruned(model, new, keep, units, heads, _windows(16, 64, seed=2), QUIET) if reconstruct else {}
+        return new, notes
+
+    (plain, _), (refit, notes) = pruned(False), pruned(True)
+    ids = torch.tensor(_windows(4, 48, seed=9))  # held out
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        kl_plain = mean_kl(ref, plain(input_ids=ids, use_cache=False).logits)
+        kl_refit = mean_kl(ref, refit(input_ids=ids, use_cache=False).logits)
+    # W_down[:, a] + W_down[:, copy of a] is the exact answer; the 1% ridge damping keeps it from being exact
+    assert kl_refit < 0.02 * kl_plain and kl_plain > 1e-4
+    assert notes["mlp_output_error_after_refit"] < 0.02 < notes["mlp_output_error_before_refit"]
+    w = model.model.layers[0].mlp.down_proj.weight.detach()
+    torch.testing.assert_close(refit.model.layers[0].mlp.down_proj.weight, w[:, :64] + w[:, 64:],
+                               atol=0.02 * float(w.abs().max()), rtol=0.02)
+
+
+def test_obs_keeps_one_unit_of_every_twin_pair_and_recovers_the_mlp():
+    """Twins of equal strength: activation importance keeps both units of the strong pairs and loses both of the
+    weak ones; structured OBS sees that a twin costs nothing once its partner absorbs it."""
+    model = _with_duplicated_units(5, strength=1.0)
+    windows = _windows(16, 64, seed=2)
+    by_activation = prune(model, PruneConfig(mlp_keep=0.5, importance=Importance.ACTIVATION), windows)
+    by_obs = prune(model, PruneConfig(mlp_keep=0.5, importance=Importance.OBS), windows)
+    for units in by_obs.units:
+        assert sorted((units % 64).tolist()) == list(range(64))  # one of each pair
+    assert any(sorted((u % 64).tolist()) != list(range(64)) for u in by_activation.units)
+    ids = torch.tensor(_windows(4, 48, seed=9))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        kl_activation = mean_kl(ref, by_activation.model(input_ids=ids, use_cache=False).logits)
+        kl_obs = mean_kl(ref, by_obs.model(input_ids=ids, use_cache=False).logits)
+    assert kl_obs < 0.05 * kl_activation
+    assert by_obs.notes["mlp_output_error_after_refit"] < 0.02
+
+
+def test_obs_without_the_refit_is_refused_when_parsed():
+    with pytest.raises(ConfigError, match="obs chooses units by the error left after the refit"):
+        PruneConfig(mlp_keep=0.5, importance=Importance.OBS, reconstruct=False)
+
+
+def test_reconstruction_refits_o_proj_when_heads_go(gqa_model):
+    windows = _windows(16, 32, seed=3)
+    plain = prune(gqa_model, PruneConfig(heads_keep=2 / 3, reconstruct=False, importance=Importance.ACTIVATION),
+                  windows)
+    refit = prune(gqa_model, PruneConfig(heads_keep=2 / 3), windows)
+    assert all(torch.equal(a, b) for a, b in zip(plain.q_heads, refit.q_heads))
+    changed = [not torch.equal(p.self_attn.o_proj.weight, r.self_attn.o_proj.weight)
+               for p, r in zip(plain.model.model.layers, refit.model.model.layers)]
+    assert all(changed)
+    ids = torch.tensor(_windows(4, 32, seed=11))
+    with torch.no_grad():
+        ref = gqa_model(input_ids=ids, use_cache=False).logits
+        kl_plain = mean_kl(ref, plain.model(input_ids=ids, use_cache=False).logits)
+        kl_refit = mean_kl(ref, refit.model(input_ids=ids, use_cache=False).logits)
+    assert kl_refit < kl_plain

@@ -26,7 +26,9 @@ def test_pruning_keeps_the_massive_units_and_distillation_starts_recovering(smol
     assert notes["params_before"] == 134_515_008 and notes["params_after"] <= 0.8 * notes["params_before"]
     # The units behind the residual stream's massive activations (layers 11 and 28 here) are protected.
     assert {"11", "28"} <= set(notes["protected_mlp_units"])
-    assert 0.3 < notes["kl_after_prune"] < 1.5, notes  # measured 0.83 with 64 calibration windows
+    # structured OBS + least-squares refit; the target's 64 windows measured 0.397 (activation importance alone: 0.999)
+    assert 0.05 < notes["kl_after_prune"] < 0.8, notes
+    assert notes["mlp_output_error_after_refit"] < notes["mlp_output_error_before_refit"], notes
     ids = torch.tensor([calibration_windows(smollm2.tokenizer, "pydoc", 1, 32)[0]])
     with torch.no_grad():
         hf = pruned.model(input_ids=ids, use_cache=False).logits[0]  # (seq, vocab)
