@@ -4,9 +4,9 @@ wrote into the residual stream.
 
 For a layer whose full-width inputs A (tokens x units) feed W (hidden x units), keeping units K, the refit weights
 minimise ||A W^T - A_K X^T||^2: X = W H[:, K] H[K, K]^-1 with H = A^T A (the optimal-brain-surgeon update that
-SparseGPT and ZipLM apply to structured removal). Layers are refit in order and each sees the inputs the refit
-layers before it produce, as GPTQ does. Only the removed units' share moves: a unit whose activation is a linear
-combination of kept ones is recovered exactly.
+ZipLM and SlimGPT apply to structured removal), with a 1% ridge on H[K, K]'s diagonal. Layers are refit in order and
+each sees the inputs the refit layers before it produce, as GPTQ does. A removed unit whose activation is a linear
+combination of kept ones is recovered up to that ridge (a test checks it within 2%).
 
 Why our own: torch-pruning and LLM-Pruner remove structure but recover only by training; NNCF's structured
 pruning targets convolutional filters; none refits a Llama's projections from calibration statistics.
