@@ -65,6 +65,8 @@ class Artifact:
     cache: CacheShape | None = None
     compute_units: str = ""  # where a Core ML program may run (all, cpu_only, ...) or a Core AI asset is specialized
     record: dict[str, Any] = field(default_factory=dict)
+    # Each call returns the logits of its last position only (ExecuTorch `export.logits: last`), as an app needs
+    last_logits_only: bool = False
 
     def size_bytes(self) -> int:
         base = self.path if self.path.is_dir() else self.path.parent
@@ -86,4 +88,5 @@ class Artifact:
         return cls(root / data["path"], str(data["format"]), tuple(data["files"]), data.get("main", ""),
                    data.get("data", ""), data.get("max_context"), data.get("vocab_size"),
                    tuple(data.get("query_lengths", ())), CacheShape(**cache) if cache else None,
-                   data.get("compute_units", ""), dict(data.get("record", {})))
+                   data.get("compute_units", ""), dict(data.get("record", {})),
+                   bool(data.get("last_logits_only", False)))

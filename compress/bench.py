@@ -210,15 +210,32 @@ def source_gguf(source: models.ModelSource) -> Path | None:
     return None
 
 
+PEER_CONTEXT = 2048  # positions a peer's cache holds unless --depths needs more
+
+
+def peer_context(req: BenchRequest, max_positions: int) -> int:
+    """Positions a peer is made with: PEER_CONTEXT, or what the deepest --depths decode needs (depth + the decoded
+    tokens), so every peer is measured at every depth a build is; never beyond the model's own positions."""
+    return min(max([PEER_CONTEXT] + [d + EvalSpec().decode_tokens for d in req.depths]), max_positions)
+
+
+def _max_positions(checkpoint: Path) -> int:
+    import json
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or PEER_CONTEXT)
+
+
 def collect_peers(req: BenchRequest, source: models.ModelSource, runtimes: Registry[Runtime]) -> list[Entry]:
     from compress.exporters.gguf import describe_gguf
 
+    context = peer_context(req, _max_positions(source.checkpoint))
     entries = []
     for peer in req.peers:
         if peer == EAGER:
             ckpt = source.checkpoint
             files = tuple(str(p.relative_to(ckpt)) for p in sorted(ckpt.rglob("*")) if p.is_file())
-            art = Artifact(ckpt, SafetensorsExporter.format, files, max_context=2048)
+            art = Artifact(ckpt, SafetensorsExporter.format, files, max_context=context)
             entries.append(Entry("eager fp32 (peer)", "peer", art.format, "torch_eager", "fp32", art, peer=peer))
             continue
         runtime = runtimes.get(peer_runtime(peer))
@@ -233,7 +250,7 @@ def collect_peers(req: BenchRequest, source: models.ModelSource, runtimes: Regis
                 raise InputError(f"peer {SOURCE!r}: model {source.spec!r} has no source GGUF (only a catalog model "
                                  f"or a .gguf file has one); leave it out of --peers")
             info = describe_gguf(path)
-            art = Artifact(path, GgufExporter.format, (path.name,), max_context=2048, record=info)
+            art = Artifact(path, GgufExporter.format, (path.name,), max_context=context, record=info)
             counts = {k: n for k, n in info["tensor_type_counts"].items() if k not in ("F32", "F16")}
             ftype = max(counts, key=counts.get).lower() if counts else "f32"  # the type most tensors have
             entries.append(Entry(f"llama.cpp source {ftype} (peer)", "peer", "gguf", "llamacpp", ftype, art, peer=peer))
@@ -290,6 +307,7 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
         step["detail"] = f"{source.spec}, sha256 {source.sha256[:12]}"
     entries += collect_peers(req, source, runtimes)
     loaded = models.load(source)
+    peer_ctx = peer_context(req, _max_positions(source.checkpoint))
     spec = EvalSpec(repeats=req.repeats)
     eval_set = build_eval_set(loaded.tokenizer, spec, req.eval_data)
     stops = stop_ids(loaded.tokenizer)
@@ -309,7 +327,8 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
                     try:
                         if e.gguf_type is not None:  # a peer quantized by llama.cpp from the same fp32 weights
                             e.artifact = GgufExporter().export(loaded.model, loaded.tokenizer,
-                                                               GgufOptions(file_type=e.gguf_type),
+                                                               GgufOptions(file_type=e.gguf_type,
+                                                                           max_context=peer_ctx),
                                                                Path(work) / f"{e.gguf_type.value}.gguf", quiet)
                         elif e.builder_precision:  # onnxruntime-genai's builder, its defaults, the same weights
                             e.artifact = export_builder_defaults(loaded.model, loaded.tokenizer, e.builder_precision,

@@ -22,7 +22,7 @@ from compress.errors import InputError, VerificationFailed
 from compress.home import native_logs_in
 from compress.manifest import Manifest
 from compress.runtimes import RUNTIMES
-from compress.runtimes.base import Session
+from compress.runtimes.base import Session, prompt_logits
 from compress.targets import parse_target
 
 
@@ -89,7 +89,7 @@ class Conversation:
         self.timing = timing = Timing(prompt_tokens=len(ids) - len(keep))
         rng = np.random.default_rng(sampling.seed)
         start = time.perf_counter()
-        logits = self.session.prefill(ids[len(keep):])[-1]
+        logits = prompt_logits(self.session, ids[len(keep):])
         timing.prefill_s = time.perf_counter() - start
         self.cached = ids
         for step in range(sampling.max_tokens):

@@ -2,9 +2,9 @@
 on XNNPACK (or ExecuTorch's custom SDPA kernel, `export.attention`), the quantize stage's codes lowered into
 XNNPACK's integer layouts (exporters/xnnpack_codes.py), XNNPACK lowering.
 
-The program has one method, `forward(tokens (1, seq), input_pos (1,)) -> logits (1, seq, vocab)`, with a
-dynamic `seq` (1..max_context), so a whole prompt prefills in one call and decode is seq = 1. It returns
-logits for every position: the harness needs them, and the stock llama runner reads the last one.
+The program has one method, `forward(tokens (1, seq), input_pos (1,)) -> logits (1, 1, vocab)`, with a
+dynamic `seq` (1..max_seq_len), so a prompt prefills in calls of up to max_seq_len tokens and decode is seq = 1. It
+returns the last position's logits, as ExecuTorch's own LLM export does (`export.logits: all` returns (1, seq, vocab)).
 Beside the program: `tokenizer.json` and `compress-pte.json` (ids, context, coverage), and the runner's
 metadata is baked into the program as constant methods (get_bos_id, get_eos_ids, get_max_context_len...).
 Coverage is a post-condition: a linear left outside XNNPACK fails the export unless the target allows it.
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from compress.exporters.base import atomic_dir, model_problems
+from compress.exporters.kv_cache import KvCachePrecision
 
 from compress.artifact import Artifact, Availability
 from compress.config import check_fields, setting
@@ -35,6 +36,7 @@ PROGRAM = "model.pte"
 DATA_TAG = "model"  # external data (export.external_data) goes to DATA_TAG + ".ptd"
 DATA = DATA_TAG + ".ptd"
 SIDECAR = "compress-pte.json"
+DEFAULT_SEQ_LEN = 256  # tokens per call unless export.max_seq_len says otherwise: the harness's windows in one call
 # Weight matmuls (names as _count_delegation normalizes them): none may run on portable kernels. Attention's
 # bmm, the custom cache/SDPA ops, the quantized embedding and shape bookkeeping may stay outside.
 _LINEAR_OPS = frozenset({"linear", "addmm", "mm"})
@@ -42,6 +44,11 @@ _LINEAR_OPS = frozenset({"linear", "addmm", "mm"})
 
 def _needed_modules() -> list[str]:
     return [m for m in ("executorch", "torchao") if importlib.util.find_spec(m) is None]
+
+
+class PteLogits(enum.StrEnum):
+    LAST = "last"  # each call returns its last position's logits: what an app needs (export_llm's default)
+    ALL = "all"  # every position's logits (1, seq, vocab)
 
 
 class PteAttention(enum.StrEnum):
@@ -52,13 +59,33 @@ class PteAttention(enum.StrEnum):
 @dataclass(frozen=True)
 class PteOptions:
     max_context: int = setting(512, ge=16, le=32768, doc="KV-cache length baked into the program")
+    # Like export_llm's max_seq_length: a longer prompt is prefilled in chunks (the stock runner reads it from
+    # get_max_seq_len). ExecuTorch plans memory for the largest call, so this bounds activations and logits.
+    max_seq_len: int | None = setting(None, ge=1, le=32768,
+                                      doc="most tokens one call takes (default: 256, or max_context if smaller)")
     backend: str = setting("xnnpack", choices=("xnnpack",))
     attention: PteAttention = PteAttention.XNNPACK
+    # The KV cache's storage (exporters/kv_cache.py): fp16 and int8 need attention: custom_sdpa
+    kv_cache: KvCachePrecision = KvCachePrecision.FP32
+    # `last`: the lm_head runs on one row per call, and ExecuTorch plans (1, 1, vocab) logits instead of
+    # (1, max_seq_len, vocab); verification then feeds its windows one token per call (runtimes/executorch.py)
+    logits: PteLogits = PteLogits.LAST
     allow_unquantized_linears: bool = setting(False, doc="let the export succeed when a linear is skipped")
     external_data: bool = setting(True, doc="weights in model.ptd beside model.pte (tied weights stored once)")
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        extra = []
+        if self.max_seq_len is not None and self.max_seq_len > self.max_context:
+            extra.append(Problem("max_seq_len", f"{self.max_seq_len} exceeds max_context {self.max_context}"))
+        if self.kv_cache is not KvCachePrecision.FP32 and self.attention is not PteAttention.CUSTOM_SDPA:
+            extra.append(Problem("kv_cache", f"{self.kv_cache.value!r} needs attention: custom_sdpa (ExecuTorch's "
+                                             f"SDPA kernels read fp16 and int8 caches; XNNPACK's attention does not)"))
+        check_fields(self, extra)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per call the program takes."""
+        return self.max_seq_len or min(DEFAULT_SEQ_LEN, self.max_context)
 
     def codes_problems(self, q: QuantizeConfig) -> list[Problem]:
         """XNNPACK runs int4 weights only with int8 dynamic activations (8da4w); offsets it lacks are exact extra
@@ -88,10 +115,11 @@ class ExecuTorchExporter:
 
     def export(self, model: Any, tokenizer: Any, options: PteOptions, out_dir: Path, console: Any,
                quantized: QuantizedWeights | None = None) -> Artifact:
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers llama::update_cache/custom_sdpa
+        import executorch.kernels.quantized  # noqa: F401  out variants of the int8 KV cache's per-token quant ops
+        import torch
         from compress.exporters.llama import AttentionBackend, ExportLlama  # torch: loaded when exporting
         from compress.exporters.xnnpack_codes import apply_codes, check_codes, fuse_qkv_codes
-        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers llama::update_cache/custom_sdpa
-        import torch
 
         if problems := options.model_problems(model.config, None):
             raise InputError(str(problems[0]))
@@ -105,7 +133,9 @@ class ExecuTorchExporter:
         if fuse and codes is not None:
             fused = fuse_qkv_codes(codes, model.config.num_hidden_layers)
             fuse, codes = fused is not None, fused or codes
-        module = ExportLlama.from_hf(model, options.max_context, backend, fuse_qkv=fuse)
+        last = options.logits is PteLogits.LAST
+        module = ExportLlama.from_hf(model, options.max_context, backend, fuse_qkv=fuse,
+                                     kv_precision=options.kv_cache, last_logits=last)
         notes: dict[str, Any] = {"quantization": "fp32 (none)"}
         if codes is not None:  # the quantize stage ran: lower its codes as they are
             check_codes(codes)
@@ -119,6 +149,8 @@ class ExecuTorchExporter:
             notes.update(linears_total=sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)),
                          linears_quantized=0)
         notes["qkv_fused"] = fuse
+        notes["kv_cache"] = options.kv_cache.value
+        notes["logits"] = options.logits.value
         timings: dict[str, float] = {}
         with atomic_dir(out_dir) as tmp:
             program, delegation = self._lower(module, options, tokenizer, timings, console)
@@ -129,7 +161,8 @@ class ExecuTorchExporter:
                     raise ExportError(f"ExecuTorch wrote no {DATA} although export.external_data is set")
             tokenizer.save_pretrained(tmp)  # tokenizer.json: what the stock llama runner's --tokenizer_path reads
             data = {"data": DATA} if options.external_data else {}
-            sidecar = {"max_context": options.max_context, "vocab_size": module.dims.vocab_size,
+            sidecar = {"max_context": options.max_context, "max_seq_len": options.seq_len,
+                       "vocab_size": module.dims.vocab_size,
                        "bos_id": module.dims.bos_token_id, "eos_ids": _eos_ids(tokenizer, module), **data,
                        "coverage": {**notes, **delegation}, "export_seconds": timings}
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
@@ -137,7 +170,8 @@ class ExecuTorchExporter:
         files = tuple(str(p) for p in files_under(out_dir))
         return Artifact(out_dir, self.format, files, main=PROGRAM, data=DATA if options.external_data else "",
                         max_context=options.max_context, vocab_size=module.dims.vocab_size,
-                        record={"coverage": {**notes, **delegation}, "export_seconds": timings})
+                        record={"coverage": {**notes, **delegation}, "export_seconds": timings},
+                        last_logits_only=last)
 
     def _lower(self, module: Any, options: PteOptions, tokenizer: Any, timings: dict[str, float],
                console: Any) -> tuple[Any, dict[str, Any]]:
@@ -149,7 +183,7 @@ class ExecuTorchExporter:
         from torch.export import Dim
 
         example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
-        seq = Dim("seq", min=1, max=options.max_context)
+        seq = Dim("seq", min=1, max=options.seq_len)
         with console.step("torch.export") as step, torch.no_grad():
             # torchao's quantized weights are tensor subclasses; as plain parameters (qdata, scale, zero point)
             # they are placeholders of their own that the external-data tags below can name.
@@ -341,7 +375,7 @@ def _runner_metadata(module: Any, tokenizer: Any, options: PteOptions) -> dict[s
     dims = module.dims
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else dims.bos_token_id
     return {"get_bos_id": int(bos if bos is not None else 0), "get_eos_ids": _eos_ids(tokenizer, module),
-            "get_max_seq_len": options.max_context, "get_max_context_len": options.max_context,
+            "get_max_seq_len": options.seq_len, "get_max_context_len": options.max_context,
             "get_n_layers": dims.num_layers, "get_vocab_size": dims.vocab_size, "use_kv_cache": True,
             "use_sdpa_with_kv_cache": True, "enable_dynamic_shape": True}
 

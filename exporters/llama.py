@@ -28,8 +28,8 @@ partially to ExecuTorch and did not trace for Core ML. This one has:
   - an RMSNorm that is safe in fp16 on request (`fp16_safe_norm`): SmolLM2's residual stream reaches
     |x| ~ 2.5e4, so squaring x overflows fp16 (max 65504); the norm divides each row by its max |x| first,
     which is exact in real arithmetic (eps is rescaled with it).
-forward(tokens (1, seq) int64, input_pos (1,) int64) -> logits (1, seq, vocab), all positions (coreml_stacked: the
-causal mask (1, 1, seq or 1, end) in place of input_pos).
+forward(tokens (1, seq) int64, input_pos (1,) int64) -> logits (1, seq, vocab), all positions, or (1, 1, vocab) with
+`last_logits` (coreml_stacked: the causal mask (1, 1, seq or 1, end) in place of input_pos).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import math
 from typing import Any
 
 import torch
+from compress.exporters.kv_cache import KvCachePrecision, attend_with_cache, register_caches, reset_caches
 from compress.exporters.llama_parts import (
     LlamaDims,
     RMSNorm,
@@ -66,7 +67,7 @@ class AttentionBackend(enum.StrEnum):
 
 class Attention(nn.Module):
     def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend, fuse_qkv: bool = False,
-                 index: int = 0):
+                 index: int = 0, kv_precision: KvCachePrecision = KvCachePrecision.FP32):
         super().__init__()
         self.dims, self.backend, self.fuse_qkv, self.index = dims, backend, fuse_qkv, index
         h, kv, d = dims.num_heads, dims.num_kv_heads, dims.head_dim
@@ -85,7 +86,9 @@ class Attention(nn.Module):
             shape, dtype = (1, kv, max_context, d), torch.float16
         elif backend is AttentionBackend.COREAI:
             shape, dtype = (max_context, kv, d), torch.float16
-        if backend is not AttentionBackend.COREML_STACKED:  # stacked: the model holds every layer's caches
+        if backend is AttentionBackend.CUSTOM:  # fp32, fp16 or int8 (exporters/kv_cache.py)
+            register_caches(self, max_context, kv, d, kv_precision)
+        elif backend is not AttentionBackend.COREML_STACKED:  # stacked: the model holds every layer's caches
             self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
             self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
@@ -105,9 +108,7 @@ class Attention(nn.Module):
         if self.backend is AttentionBackend.XNNPACK:
             out = self._xnnpack(q, k, v, start, seq, mask)
         elif self.backend is AttentionBackend.CUSTOM:
-            torch.ops.llama.update_cache(k, self.k_cache, start)
-            torch.ops.llama.update_cache(v, self.v_cache, start)
-            out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True)  # (1,seq,h,d)
+            out = attend_with_cache(self, q, k, v, start)  # (1, seq, h, d)
         elif self.backend is AttentionBackend.COREML:
             out = self._coreml(q, k, v, start, seq, mask)
         elif self.backend is AttentionBackend.COREAI:
@@ -203,10 +204,10 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend, fp16_safe_norm: bool,
-                 fuse_qkv: bool, index: int = 0):
+                 fuse_qkv: bool, index: int = 0, kv_precision: KvCachePrecision = KvCachePrecision.FP32):
         super().__init__()
         self.input_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, fp16_safe_norm)
-        self.self_attn = Attention(dims, max_context, backend, fuse_qkv, index)
+        self.self_attn = Attention(dims, max_context, backend, fuse_qkv, index, kv_precision)
         self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, fp16_safe_norm)
         self.mlp = MLP(dims)
 
@@ -219,11 +220,15 @@ class Block(nn.Module):
 
 class ExportLlama(nn.Module):
     def __init__(self, dims: LlamaDims, max_context: int, backend: AttentionBackend = AttentionBackend.EAGER,
-                 fp16_safe_norm: bool = False, fuse_qkv: bool = False):
+                 fp16_safe_norm: bool = False, fuse_qkv: bool = False,
+                 kv_precision: KvCachePrecision = KvCachePrecision.FP32, last_logits: bool = False):
         super().__init__()
+        self.last_logits = last_logits  # logits of each call's last position only (1, 1, vocab)
+        if kv_precision is not KvCachePrecision.FP32 and backend is not AttentionBackend.CUSTOM:
+            raise ValueError(f"a {kv_precision.value} KV cache needs the custom attention backend, not {backend.value}")
         self.dims, self.max_context, self.backend, self.fuse_qkv = dims, max_context, backend, fuse_qkv
         self.embed_tokens = nn.Embedding(dims.vocab_size, dims.hidden_size)
-        self.layers = nn.ModuleList(Block(dims, max_context, backend, fp16_safe_norm, fuse_qkv, i)
+        self.layers = nn.ModuleList(Block(dims, max_context, backend, fp16_safe_norm, fuse_qkv, i, kv_precision)
                                     for i in range(dims.num_layers))
         if backend is AttentionBackend.COREML_STACKED:  # Core ML states named as Apple's Llama example names them
             shape = (dims.num_layers, 1, dims.num_kv_heads, max_context, dims.head_dim)
@@ -274,7 +279,9 @@ class ExportLlama(nn.Module):
         x = self.embed_tokens(tokens)  # (1, seq, hidden)
         for layer in self.layers:
             x = layer(x, start, cos, sin, self.rope_rotate, mask)
-        return self.lm_head(self.norm(x))  # (1, seq, vocab)
+        if self.last_logits:  # an app's prompt needs one row: the lm_head skips the others
+            x = x.narrow(1, seq - 1, 1)  # (1, 1, hidden)
+        return self.lm_head(self.norm(x))  # (1, seq or 1, vocab)
 
     def _forward_stacked(self, tokens: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         seq, end = tokens.shape[1], causal_mask.shape[-1]  # a trace keeps both as the inputs' (flexible) sizes
@@ -315,15 +322,19 @@ class ExportLlama(nn.Module):
             self.valueCache.zero_()
             return
         for layer in self.layers:
+            if self.backend is AttentionBackend.CUSTOM:
+                reset_caches(layer.self_attn)
+                continue
             layer.self_attn.k_cache.zero_()
             layer.self_attn.v_cache.zero_()
 
     @classmethod
     def from_hf(cls, hf_model: Any, max_context: int, backend: AttentionBackend = AttentionBackend.EAGER,
-                fp16_safe_norm: bool = False, fuse_qkv: bool = False) -> ExportLlama:
+                fp16_safe_norm: bool = False, fuse_qkv: bool = False,
+                kv_precision: KvCachePrecision = KvCachePrecision.FP32, last_logits: bool = False) -> ExportLlama:
         """Copy an HF LlamaForCausalLM's weights (fp32) into a fresh export module."""
         dims = LlamaDims.from_hf(hf_model.config)
-        module = cls(dims, max_context, backend, fp16_safe_norm, fuse_qkv)
+        module = cls(dims, max_context, backend, fp16_safe_norm, fuse_qkv, kv_precision, last_logits)
         state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
         if "lm_head.weight" not in state:  # tied: HF omits it
             state["lm_head.weight"] = state["embed_tokens.weight"]

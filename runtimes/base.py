@@ -5,6 +5,10 @@ A Session holds one sequence's KV cache:
                         appends to the cache, so a long prompt may be fed in chunks
   decode(token_id)   -> logits for the next position, (vocab,) float32
   reset()            -> empty the cache
+and optionally
+  prefill_last(token_ids) -> the last position's logits only, (vocab,): how an app processes a prompt. A session
+                        whose runtime can skip the other positions' logits defines it; `prompt_logits` below
+                        falls back to prefill(token_ids)[-1] for one that does not.
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ class Session(Protocol):
     def decode(self, token_id: int) -> np.ndarray: ...
 
     def reset(self) -> None: ...
+
+
+def prompt_logits(session: Session, token_ids: Sequence[int]) -> np.ndarray:
+    """A prompt's last-position logits (vocab,), computed as an app computes them: through the session's own
+    `prefill_last` when it has one (only the last position's logits), else its `prefill`."""
+    last = getattr(session, "prefill_last", None)
+    return last(list(token_ids)) if last is not None else session.prefill(list(token_ids))[-1]
 
 
 class Runtime(Protocol):

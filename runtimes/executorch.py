@@ -18,10 +18,15 @@ from compress.errors import InputError
 
 
 class ExecuTorchSession:
-    def __init__(self, method: Any, vocab_size: int, max_context: int):
+    """`last_only` programs return one row of logits per call: `prefill` then feeds one token per call to give every
+    position's logits (the teacher-forced accuracy pass), and `prefill_last` feeds the prompt in chunks, as an app."""
+
+    def __init__(self, method: Any, vocab_size: int, max_context: int, max_seq_len: int, last_only: bool):
         self._method = method
         self.vocab_size = vocab_size
         self.max_context = max_context
+        self.max_seq_len = max_seq_len  # tokens per call: longer inputs go in chunks, as the stock runner does
+        self._last_only = last_only
         self._pos = 0
 
     def reset(self) -> None:
@@ -32,14 +37,23 @@ class ExecuTorchSession:
 
         if self._pos + len(ids) > self.max_context:
             raise ContextOverflow(f"position {self._pos + len(ids)} exceeds max_context {self.max_context}")
-        tokens = torch.tensor([list(ids)], dtype=torch.long)  # (1, seq)
-        pos = torch.tensor([self._pos], dtype=torch.long)  # (1,)
-        logits = self._method.execute([tokens, pos])[0]  # (1, seq, vocab)
-        self._pos += len(ids)
-        return logits[0].numpy()
+        ids = list(ids)
+        parts = []
+        for first in range(0, len(ids), self.max_seq_len):
+            chunk = ids[first:first + self.max_seq_len]
+            tokens = torch.tensor([chunk], dtype=torch.long)  # (1, seq)
+            pos = torch.tensor([self._pos], dtype=torch.long)  # (1,)
+            parts.append(self._method.execute([tokens, pos])[0][0].numpy())  # (seq, vocab), or (1, vocab)
+            self._pos += len(chunk)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        if self._last_only:
+            return np.stack([self._run([token])[-1] for token in token_ids])
         return self._run(token_ids)
+
+    def prefill_last(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run(token_ids)[-1]
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._run([token_id])[0]
@@ -77,4 +91,5 @@ class ExecuTorchRuntime:
                                                  data_path=artifact.path / data if data else None)
             method = program.load_method("forward")
             vocab = int(program.load_method("get_vocab_size").execute([])[0])
-        return ExecuTorchSession(method, vocab, int(artifact.max_context))
+            per_call = int(program.load_method("get_max_seq_len").execute([])[0])
+        return ExecuTorchSession(method, vocab, int(artifact.max_context), per_call, artifact.last_logits_only)

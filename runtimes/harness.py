@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from compress.runtimes.base import Session
+from compress.runtimes.base import Session, prompt_logits
 
 from compress.data.corpus import EvalSet
 from compress.gate import BudgetResult
@@ -92,7 +92,7 @@ def measured_on(threads: int) -> dict[str, Any]:
 def generate(session: Session, prompt_ids: Sequence[int], max_new: int, stop_ids: set[int]) -> list[int]:
     """Greedy decoding through the Session protocol; stops after a stop token or `max_new` tokens."""
     session.reset()
-    logits = session.prefill(list(prompt_ids))[-1]  # (vocab,)
+    logits = prompt_logits(session, prompt_ids)  # (vocab,)
     out: list[int] = []
     while len(out) < max_new:
         token = int(np.argmax(logits))

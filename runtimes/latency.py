@@ -2,7 +2,8 @@
 
 The parent (`measure_latency`) starts `python -m runtimes.latency`, sends the request as JSON on stdin
 and reads one JSON object from stdout. The child loads the artifact, then for warm-up + repeats runs:
-reset -> prefill the fixed prompt (time to first token) -> greedy-decode a fixed number of tokens.
+reset -> prefill the fixed prompt (time to first token; only the last position's logits where the runtime can skip
+the others, as an app's prompt processing does: runtimes/base.prompt_logits) -> greedy-decode a fixed number of tokens.
 Reported: load time, median TTFT, prefill tok/s, decode tok/s over the repeats, the inter-token latency
 (each decode step timed; p50 and p95 over all the repeats' steps), and the child's peak RSS (the whole process: interpreter and imports included; `rss_before_load_mb` is that baseline).
 """
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compress.runtimes.base import process_env
+from compress.runtimes.base import process_env, prompt_logits
 
 from compress.artifact import Artifact
 from compress.errors import RuntimeUnavailable
@@ -66,14 +67,14 @@ def _peak_rss_mb() -> float:
 
 def _decode_at(session: Any, prompt: list[int], depth: int, n: int) -> float:
     """Seconds for `n` greedy decode steps after `depth` tokens are in the cache (the prompt repeated, fed in
-    prompt-sized chunks so no chunk's logits grow with the depth), as llama-bench's n_depth does."""
+    prompt-sized chunks, each computing its last position's logits only), as llama-bench's n_depth does."""
     import numpy as np
 
     session.reset()
     context = (prompt * (depth // len(prompt) + 1))[:depth]
     for start in range(0, depth, len(prompt)):
-        logits = session.prefill(context[start:start + len(prompt)])
-    token = int(np.argmax(logits[-1]))
+        logits = prompt_logits(session, context[start:start + len(prompt)])
+    token = int(np.argmax(logits))
     t0 = time.perf_counter()
     for _ in range(n):
         token = int(np.argmax(session.decode(token)))
@@ -98,7 +99,7 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
     for i in range(request["warmup"] + request["repeats"]):
         session.reset()
         t0 = time.perf_counter()
-        token = int(np.argmax(session.prefill(prompt)[-1]))
+        token = int(np.argmax(prompt_logits(session, prompt)))
         t1 = time.perf_counter()
         ticks = [t1]
         for _ in range(n):

@@ -53,10 +53,12 @@ class LlamaCppSession:
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
         self._pos = 0
 
-    def _run(self, ids: Sequence[int]) -> np.ndarray:
+    def _run(self, ids: Sequence[int], every_position: bool = True) -> np.ndarray:
+        """Logits (seq, vocab) for every position, or (1, vocab) for the last one only (llama.cpp then computes
+        no output rows for the others, as its own tools do for a prompt)."""
         if self._pos + len(ids) > self.max_context:
             raise ContextOverflow(f"position {self._pos + len(ids)} exceeds max_context {self.max_context}")
-        out = np.empty((len(ids), self.vocab_size), dtype=np.float32)  # (seq, vocab)
+        out = np.empty((len(ids) if every_position else 1, self.vocab_size), dtype=np.float32)
         batch = self._batch
         for start in range(0, len(ids), self._n_batch):
             chunk = ids[start:start + self._n_batch]
@@ -66,18 +68,24 @@ class LlamaCppSession:
                 batch.pos[i] = self._pos + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = True  # an output row for every position, not just the last
+                batch.logits[i] = every_position or start + i == len(ids) - 1
             rc = self._lib.llama_decode(self._ctx, batch)
             if rc != 0:
                 raise LlamaCppError(f"llama_decode returned {rc} at position {self._pos}")
-            logits = np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx),
-                                           shape=(len(chunk), self.vocab_size))  # (chunk, vocab), C memory
-            out[start:start + len(chunk)] = logits
+            # llama_get_logits holds the rows asked for, in order (C memory)
+            if every_position:
+                out[start:start + len(chunk)] = np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx),
+                                                                      shape=(len(chunk), self.vocab_size))
+            elif start + len(chunk) == len(ids):
+                out[0] = np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx), shape=(1, self.vocab_size))[0]
             self._pos += len(chunk)
         return out
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         return self._run(list(token_ids))
+
+    def prefill_last(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run(list(token_ids), every_position=False)[0]
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._run([token_id])[0]

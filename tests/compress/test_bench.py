@@ -102,6 +102,16 @@ def test_plots_are_written_with_matplotlib(tmp_path: Path):
 
 # ---- bad input ---------------------------------------------------------------------------------
 
+def test_peers_hold_the_deepest_depth_asked_for(tmp_path):
+    """A peer made in the run gets a cache deep enough for every --depths decode (depth + 64 tokens), within the
+    model's max_position_embeddings."""
+    from compress.bench import PEER_CONTEXT, peer_context
+
+    assert peer_context(BenchRequest(builds=(), peers=("eager",), out_dir=tmp_path), 8192) == PEER_CONTEXT == 2048
+    deep = BenchRequest(builds=(), peers=("eager",), out_dir=tmp_path, depths=(512, 2048))
+    assert peer_context(deep, 8192) == 2048 + 64 and peer_context(deep, 1024) == 1024  # the model's own limit
+
+
 def test_peer_names_and_ranges_are_checked():
     assert parse_depths("2048, 512,512") == (512, 2048) and parse_depths("") == ()
     for bad in ("0", "-5", "1k", str(2**21)):

@@ -12,8 +12,8 @@ import yaml
 
 pytest.importorskip("executorch")
 
-from compress.exporters.executorch import ExecuTorchExporter, PteAttention, PteOptions  # noqa: E402
-from compress.exporters.llama import ExportLlama
+from compress.exporters.executorch import ExecuTorchExporter, PteAttention, PteLogits, PteOptions  # noqa: E402
+from compress.exporters.llama import AttentionBackend, ExportLlama
 from compress.runtimes.executorch import ExecuTorchRuntime
 from compress.runtimes.harness import measure_accuracy, run_reference
 from compress.runtimes.torch_eager import TorchEagerRuntime
@@ -34,7 +34,9 @@ def exported(tmp_path_factory):
     model = tiny_llama(seed=0)
     root = tmp_path_factory.mktemp("pte")
     exporter = ExecuTorchExporter()
-    fp32 = exporter.export(model, byte_tokenizer(), PteOptions(max_context=96), root / "fp32", QUIET)
+    # Every position's logits from the fp32 program, so its multi-token calls are compared position by position
+    fp32 = exporter.export(model, byte_tokenizer(), PteOptions(max_context=96, logits=PteLogits.ALL), root / "fp32",
+                           QUIET)
     # The shipped default (XNNPACK attention) gets the strict float test; the 8da4w program uses ExecuTorch's
     # custom SDPA kernel, so both attention paths run in the real runtime.
     staged, codes = quantize_model(model, Q8DA4W)  # what the quantize stage hands the exporter
@@ -152,6 +154,70 @@ def test_the_latency_child_runs_mkl_single_threaded(exported):
                              repeats=1)
     assert result["process_env"] == {"MKL_NUM_THREADS": "1"}
     assert result["decode_tok_s"] > 0
+
+
+def test_an_int8_kv_cache_program_prefills_in_chunks_and_runs_what_the_export_module_runs(exported, tmp_path: Path):
+    """`kv_cache: int8` stores keys and values as int8 with a scale and zero point per position and head, attended
+    by ExecuTorch's quantized SDPA kernel; `max_seq_len` bounds one call, so the runtime feeds a longer prompt in
+    chunks, and the stock runner reads that bound from get_max_seq_len."""
+    from compress.exporters.kv_cache import KvCachePrecision
+    from executorch.runtime import Runtime
+
+    from compress.metrics import position_kl
+
+    model = exported[0]
+    options = PteOptions(max_context=96, max_seq_len=16, attention=PteAttention.CUSTOM_SDPA,
+                         kv_cache=KvCachePrecision.INT8)
+    art = ExecuTorchExporter().export(model, byte_tokenizer(), options, tmp_path / "kv8", QUIET)
+    assert art.record["coverage"]["kv_cache"] == "int8"
+    assert "llama.custom_quantized_sdpa" in art.record["coverage"]["non_delegated_ops"]
+    program = Runtime.get().load_program(art.path / "model.pte", data_path=art.path / "model.ptd")
+    assert program.load_method("get_max_seq_len").execute([])[0] == 16
+    tokens = [(7 * i) % 250 + 3 for i in range(96)]  # fills every slot: a 40-token prompt is 3 calls
+    session = ExecuTorchRuntime().load(art, threads=2)
+    got = np.concatenate([session.prefill(tokens[:40])] + [session.decode(t)[None] for t in tokens[40:]])
+    module = ExportLlama.from_hf(model, 96, AttentionBackend.CUSTOM, kv_precision=KvCachePrecision.INT8)
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0].numpy()
+        same_ops = torch.cat([module(torch.tensor([tokens[i:i + 16]]), torch.tensor([i]))[0]
+                              for i in range(0, 96, 16)]).numpy()
+    # The program computes what the export module computes (fp32 matmuls in XNNPACK: float-close), and both sit a
+    # little off the fp32-cache model.
+    assert position_kl(same_ops, got).max() < 1e-5
+    assert 1e-7 < position_kl(expected, got).mean() < 1e-3
+
+
+def test_a_last_logits_program_gives_the_last_row_of_every_call_and_every_row_one_token_at_a_time(exported,
+                                                                                                  tmp_path: Path):
+    """The default program returns (1, 1, vocab) per call, as an app needs: its prompt logits equal the all-logits
+    program's last row, and the session still gives every position's logits by feeding one token per call."""
+    from executorch.runtime import Runtime
+
+    model, fp32, _ = exported
+    last = ExecuTorchExporter().export(model, byte_tokenizer(), PteOptions(max_context=96, max_seq_len=32),
+                                       tmp_path / "last", QUIET)
+    assert last.last_logits_only and not fp32.last_logits_only and last.record["coverage"]["logits"] == "last"
+    tokens = list(range(10, 50))
+    full = ExecuTorchRuntime().load(fp32, threads=2).prefill(tokens)  # (40, vocab)
+    session = ExecuTorchRuntime().load(last, threads=2)
+    np.testing.assert_allclose(session.prefill_last(tokens), full[-1], atol=1e-4, rtol=1e-4)  # calls of 32 and 8
+    session.reset()
+    np.testing.assert_allclose(session.prefill(tokens), full, atol=1e-4, rtol=1e-4)
+    program = Runtime.get().load_program(last.path / "model.pte", data_path=last.path / "model.ptd")
+    out = program.load_method("forward").execute([torch.tensor([tokens[:5]]), torch.tensor([0])])[0]
+    assert tuple(out.shape) == (1, 1, 259)
+
+
+def test_reduced_kv_cache_precision_needs_custom_sdpa_and_a_call_fits_the_context():
+    from compress.exporters.kv_cache import KvCachePrecision
+
+    from compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'int8' needs attention: custom_sdpa"):
+        PteOptions(kv_cache=KvCachePrecision.INT8)
+    with pytest.raises(ConfigError, match="max_seq_len: 600 exceeds max_context 512"):
+        PteOptions(max_seq_len=600)
+    assert PteOptions().seq_len == 256 and PteOptions(max_context=96).seq_len == 96
 
 
 def test_max_context_beyond_the_model_is_refused_before_work(tmp_path: Path):

@@ -79,3 +79,32 @@ def test_unsupported_rope_scaling_is_refused():
     with pytest.raises(ValueError, match="RoPE scaling 'dynamic' is not supported by the export module; "
                                          "supported: default, linear, llama3"):
         ExportLlama.from_hf(hf, max_context=32)
+
+
+def test_reduced_precision_kv_caches_stay_close_to_hf_in_one_pass_and_incrementally():
+    """fp16 and int8 caches (ExecuTorch's custom ops: exporters/kv_cache.py) cost a little KL against the fp32 cache,
+    int8 more than fp16, and a prompt fed in parts meets the cache the whole prompt would have written."""
+    pytest.importorskip("executorch")
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    from compress.exporters.kv_cache import KvCachePrecision
+
+    from compress.metrics import position_kl
+
+    hf = tiny_llama(seed=4, num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
+    tokens = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(1))
+    kl = {}
+    with torch.no_grad():
+        expected = hf(tokens).logits[0].numpy()
+        for p in (KvCachePrecision.FP16, KvCachePrecision.INT8):
+            module = ExportLlama.from_hf(hf, max_context=64, backend=AttentionBackend.CUSTOM, kv_precision=p)
+            assert module.layers[0].self_attn.k_cache.dtype == {"fp16": torch.float16, "int8": torch.int8}[p.value]
+            whole = module(tokens, torch.tensor([0]))[0].numpy()
+            module.reset_cache()
+            parts = [module(tokens[:, :20], torch.tensor([0]))[0]]
+            parts += [module(tokens[:, i:i + 1], torch.tensor([i]))[0] for i in range(20, 48)]
+            kl[p] = position_kl(expected, whole).mean()
+            # fp16 kernels sum in another order per call pattern (max |diff| ~2e-3 here), so compare in KL
+            assert position_kl(whole, torch.cat(parts).numpy()).mean() < 0.2 * kl[p]
+    assert 0 < kl[KvCachePrecision.FP16] < 1e-5 < kl[KvCachePrecision.INT8] < 1e-3, kl
+    with pytest.raises(ValueError, match="needs the custom attention backend"):  # the others keep fp32 caches
+        ExportLlama.from_hf(hf, 64, AttentionBackend.XNNPACK, kv_precision=KvCachePrecision.INT8)

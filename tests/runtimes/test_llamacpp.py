@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from compress.exporters.gguf import GgufExporter, GgufOptions, GgufType
-from compress.runtimes.base import ContextOverflow
+from compress.runtimes.base import ContextOverflow, prompt_logits
 from compress.runtimes.llamacpp import LlamaCppRuntime
 
 from compress import llamacpp_lib as llamacpp
@@ -80,6 +80,17 @@ def test_f32_gguf_matches_eager_for_prefill_decode_reset_and_long_prefills(tiny,
     np.testing.assert_allclose(session.prefill(TOKENS), eager(tiny, TOKENS), atol=2e-4, rtol=1e-4)
     with pytest.raises(ContextOverflow, match="position 641 exceeds max_context 640"):
         session.prefill(TOKENS[:41])
+
+
+@needs_llamacpp
+def test_a_prompt_s_last_logits_alone_are_the_last_row_and_the_cache_is_the_same(tiny, ggufs):
+    """prefill_last asks llama.cpp for one output row (what its own tools do for a prompt), across batches too."""
+    session = LlamaCppRuntime(exact=True).load(ggufs["f32"], threads=2)
+    expected = eager(tiny, TOKENS)  # (600, vocab)
+    np.testing.assert_allclose(prompt_logits(session, TOKENS), expected[-1], atol=2e-4, rtol=1e-4)  # 512 + 88
+    session.reset()
+    np.testing.assert_allclose(prompt_logits(session, TOKENS[:30]), expected[29], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(session.decode(TOKENS[30]), expected[30], atol=1e-4, rtol=1e-4)  # the cache is whole
 
 
 @needs_llamacpp
