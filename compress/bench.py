@@ -6,8 +6,10 @@ reference logits; then latency is measured in a child process per entry (`runtim
 alternating round by round so a noisy machine hits them all alike, and each metric is the median of the rounds.
 
 Peers: `eager` (the fp32 checkpoint on eager PyTorch), `llamacpp-<type>` (the reference written as a GGUF by
-exporters/gguf.py, quantized by llama.cpp's own quantizer for q4_0/q4_k_m/q5_k_m), and `llamacpp-source` (the
-catalog model's own GGUF, or the .gguf file the model was converted from).
+exporters/gguf.py, quantized by llama.cpp's own quantizer for q4_0/q4_k_m/q5_k_m), `llamacpp-source` (the
+catalog model's own GGUF, or the .gguf file the model was converted from), `ortgenai-int4|int8`
+(onnxruntime-genai's model builder with its CPU defaults) and `executorch-8da4w` (ExecuTorch's own LLM export,
+its documented Llama XNNPACK config). Each peer runs with its tool's defaults; deviations are in its record.
 
 Inputs are all checked before anything is measured (exit 2 or 5). After that, an entry that fails keeps its
 row, with the error, and the others are still measured and written; the command then exits 5.
@@ -25,6 +27,7 @@ from typing import Any
 from compress import models
 from compress.artifact import Artifact
 from compress.errors import InputError, RuntimeUnavailable
+from compress.exporters.executorch_llm import export_llm_peer
 from compress.exporters.gguf import GgufExporter, GgufOptions, GgufType
 from compress.exporters.onnx import BUILDER_DEFAULT_PRECISIONS, OnnxExporter, export_builder_defaults
 from compress.exporters.safetensors import SafetensorsExporter
@@ -43,20 +46,23 @@ EAGER = "eager"
 SOURCE = "llamacpp-source"
 LLAMACPP_PREFIX = "llamacpp-"
 ORTGENAI_PREFIX = "ortgenai-"  # onnxruntime-genai's model builder with its CPU defaults (exporters/onnx.py)
+EXECUTORCH_PEER = "executorch-8da4w"  # ExecuTorch's own LLM export, its Llama XNNPACK config (exporters/executorch_llm.py)
 BASELINE = "llamacpp-q4_0"  # speed ratios are stated against this peer, measured in the same run
-DEFAULT_PEERS = (EAGER, "llamacpp-q8_0", BASELINE, "llamacpp-q4_k_m", SOURCE, "ortgenai-int4")
+DEFAULT_PEERS = (EAGER, "llamacpp-q8_0", BASELINE, "llamacpp-q4_k_m", SOURCE, "ortgenai-int4", EXECUTORCH_PEER)
 LATENCY_KEYS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "itl_p50_ms", "itl_p95_ms", "peak_rss_mb")
 
 
 def valid_peers() -> list[str]:
     return ([EAGER, SOURCE] + [LLAMACPP_PREFIX + t.value for t in GgufType]
-            + [ORTGENAI_PREFIX + p for p in BUILDER_DEFAULT_PRECISIONS])
+            + [ORTGENAI_PREFIX + p for p in BUILDER_DEFAULT_PRECISIONS] + [EXECUTORCH_PEER])
 
 
 def peer_runtime(peer: str) -> str:
     """The runtime a peer is measured on."""
     if peer == EAGER:
         return "torch_eager"
+    if peer == EXECUTORCH_PEER:
+        return "executorch"
     return "onnxruntime" if peer.startswith(ORTGENAI_PREFIX) else "llamacpp"
 
 
@@ -244,6 +250,10 @@ def collect_peers(req: BenchRequest, source: models.ModelSource, runtimes: Regis
             precision = peer[len(ORTGENAI_PREFIX):]
             entries.append(Entry(f"onnxruntime-genai builder {precision} (peer)", "peer", "onnx", runtime.name,
                                  f"builder defaults (-p {precision} -e cpu)", builder_precision=precision, peer=peer))
+        elif peer == EXECUTORCH_PEER:
+            entries.append(Entry("ExecuTorch export_llm 8da4w (peer)", "peer", "pte", runtime.name,
+                                 "export_llm, llama_xnnpack.yaml: 8da4w group 32, embedding 4,32, custom SDPA + KV "
+                                 "cache, XNNPACK", peer=peer))
         elif peer == SOURCE:
             path = source_gguf(source)
             if path is None or not path.is_file():
@@ -338,6 +348,9 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
                                         f"{'/'.join(map(str, chosen['block_size']))}, accuracy_level "
                                         f"{'/'.join(map(str, chosen['accuracy_level']))}, "
                                         f"{chosen['with_zero_points']} with zero points")
+                        elif e.peer == EXECUTORCH_PEER:  # ExecuTorch's own LLM export of the same weights
+                            e.artifact = export_llm_peer(loaded.model, loaded.tokenizer, Path(work) / "executorch-peer",
+                                                         peer_ctx, req.out_dir / "logs" / "export_llm.log")
                         session = runtimes.get(e.runtime).load(e.artifact, req.threads)
                         e.runtime_settings = dict(getattr(session, "settings", {}))
                         e.metrics, _ = measure_accuracy(session, ref, eval_set, spec.greedy_tokens, stops, decode,

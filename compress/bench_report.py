@@ -52,7 +52,9 @@ def rows(entries: Sequence[Entry], baseline: str = BASELINE) -> list[dict[str, A
                     "perplexity_ratio": e.metrics.get("perplexity_ratio"),
                     "greedy_match_mean": e.metrics.get("greedy_match_mean"),
                     "latency_rounds": e.rounds, "note": e.latency_note, "error": e.error,
-                    "runtime_settings": e.runtime_settings})
+                    "runtime_settings": e.runtime_settings,
+                    # a peer's deviations from its tool's documented settings, and why (its exporter's record)
+                    "deviations": dict(e.artifact.record.get("deviations", {})) if e.artifact else {}})
     for r in out:  # every weight read once per decoded token: size on disk x decode speed
         ok = r["size_mb"] is not None and r["decode_tok_s"] is not None
         r["implied_gbs"] = r["size_mb"] * r["decode_tok_s"] / 1000 if ok else None
@@ -124,6 +126,7 @@ def render_markdown(table: list[dict[str, Any]], protocol: dict[str, Any]) -> st
     notes = [f"- {r['name']}: {r['note']}" for r in table if r["note"]]
     notes += [f"- {r['name']}: {key} = {s['value']} ({s['why']})" for r in table
               for key, s in r.get("runtime_settings", {}).items()]
+    notes += [f"- {r['name']}: {key}: {why}" for r in table for key, why in r.get("deviations", {}).items()]
     notes += [f"- {r['name']}: decode @{d} not measured: {why}" for r in table
               for d, why in r.get("depths_not_measured", {}).items()]
     notes += [f"- ⚠ {r['name']}: FAILED: {r['error']}" for r in table if r["error"]]

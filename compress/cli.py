@@ -129,9 +129,10 @@ def verify(out_dir: Path, targets_file: Path | None, eval_data: str | None, thre
 @click.argument("build_dirs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--peers", default=None,
               help="Comma-separated peers measured in the same run, or 'none' (default: eager, llamacpp-q8_0, "
-                   "llamacpp-q4_0, llamacpp-q4_k_m, llamacpp-source, ortgenai-int4). Valid: eager, llamacpp-source, "
-                   "llamacpp-{f32,f16,q8_0,q4_0,q4_k_m,q5_k_m}, ortgenai-{int4,int8} (onnxruntime-genai's model "
-                   "builder with its CPU defaults).")
+                   "llamacpp-q4_0, llamacpp-q4_k_m, llamacpp-source, ortgenai-int4, executorch-8da4w). Valid: eager, "
+                   "llamacpp-source, llamacpp-{f32,f16,q8_0,q4_0,q4_k_m,q5_k_m}, ortgenai-{int4,int8} "
+                   "(onnxruntime-genai's model builder with its CPU defaults), executorch-8da4w (ExecuTorch's own "
+                   "LLM export, its Llama XNNPACK config).")
 @click.option("--threads", type=int, default=2, show_default=True, help="Threads for every runtime (1..cores).")
 @click.option("--rounds", type=int, default=3, show_default=True,
               help="Alternating latency rounds (median reported); 0 measures accuracy only.")

@@ -43,7 +43,8 @@ class ExecuTorchSession:
             chunk = ids[first:first + self.max_seq_len]
             tokens = torch.tensor([chunk], dtype=torch.long)  # (1, seq)
             pos = torch.tensor([self._pos], dtype=torch.long)  # (1,)
-            parts.append(self._method.execute([tokens, pos])[0][0].numpy())  # (seq, vocab), or (1, vocab)
+            # (1, seq, vocab), (1, 1, vocab), or (1, vocab) from ExecuTorch's own export_llm: rows of logits
+            parts.append(self._method.execute([tokens, pos])[0].numpy().reshape(-1, self.vocab_size))
             self._pos += len(chunk)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -91,5 +92,8 @@ class ExecuTorchRuntime:
                                                  data_path=artifact.path / data if data else None)
             method = program.load_method("forward")
             vocab = int(program.load_method("get_vocab_size").execute([])[0])
-            per_call = int(program.load_method("get_max_seq_len").execute([])[0])
+            # Tokens per call: get_max_seq_len, within the bound the token input was planned for (export_llm
+            # plans max_seq_length - 1 and reports max_seq_length).
+            per_call = min(int(program.load_method("get_max_seq_len").execute([])[0]),
+                           int(program.metadata("forward").input_tensor_meta(0).sizes()[-1]))
         return ExecuTorchSession(method, vocab, int(artifact.max_context), per_call, artifact.last_logits_only)
