@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, exactly pinned: this machine carries the CPU wheel of 2.13.0; anything looser pulls CUDA.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
+	# llamacpp: pip compiles llama.cpp here (4 to 10 minutes on 2 cores), so that desktop-gguf, the GGUF
+	# quantizers and the llama.cpp peers are tested, not skipped.
+	$(BIN)/python -m pip install --quiet -e ".[all,dev,llamacpp]"
 	touch $(STAMP)
 
 # onnxruntime-web (WASM) and transformers.js (on onnxruntime-node) for the tests that run the web artifact the way a
