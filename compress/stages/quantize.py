@@ -1,4 +1,5 @@
-"""The quantize stage: quantize once, as codes every exporter lowers without re-rounding.
+"""The quantize stage: quantize once, as codes every exporter lowers (ExecuTorch alone rounds two terms again for its
+per-channel int8 kernels, an 8-bit per-group lm_head and the offset correction: exporters/xnnpack_codes.py).
 
 It plans a (bits, group) per linear (the config's scheme, `overrides` by glob on the export module's names,
 first match wins; the lm_head from `lm_head`), quantizes each weight with the configured algorithm
