@@ -27,7 +27,7 @@ from typing import Any
 from compress import models
 from compress.artifact import Artifact
 from compress.errors import InputError, RuntimeUnavailable
-from compress.exporters.executorch_llm import export_llm_peer
+from compress.exporters.executorch_llm import config_problem, export_llm_peer
 from compress.exporters.gguf import GgufExporter, GgufOptions, GgufType
 from compress.exporters.onnx import BUILDER_DEFAULT_PRECISIONS, OnnxExporter, export_builder_defaults
 from compress.exporters.safetensors import SafetensorsExporter
@@ -49,6 +49,9 @@ ORTGENAI_PREFIX = "ortgenai-"  # onnxruntime-genai's model builder with its CPU 
 EXECUTORCH_PEER = "executorch-8da4w"  # ExecuTorch's own LLM export, its Llama XNNPACK config (exporters/executorch_llm.py)
 BASELINE = "llamacpp-q4_0"  # speed ratios are stated against this peer, measured in the same run
 DEFAULT_PEERS = (EAGER, "llamacpp-q8_0", BASELINE, "llamacpp-q4_k_m", SOURCE, "ortgenai-int4", EXECUTORCH_PEER)
+# A peer that is the alternative to one format only joins the default peers when a build of that format is benched
+# (or when no build is): ExecuTorch's own export costs ~13 minutes at 135M, for nothing when only ONNX is measured.
+FORMAT_PEERS = {"ortgenai-int4": "onnx", EXECUTORCH_PEER: "pte"}
 LATENCY_KEYS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "itl_p50_ms", "itl_p95_ms", "peak_rss_mb")
 
 
@@ -64,6 +67,11 @@ def peer_runtime(peer: str) -> str:
     if peer == EXECUTORCH_PEER:
         return "executorch"
     return "onnxruntime" if peer.startswith(ORTGENAI_PREFIX) else "llamacpp"
+
+
+def default_peers(formats: set[str]) -> tuple[str, ...]:
+    """The peers a bench measures when `--peers` is not given, for builds of these formats (none: every peer)."""
+    return tuple(p for p in DEFAULT_PEERS if p not in FORMAT_PEERS or not formats or FORMAT_PEERS[p] in formats)
 
 
 def parse_peers(raw: str) -> tuple[str, ...]:
@@ -93,7 +101,7 @@ def parse_depths(raw: str) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class BenchRequest:
     builds: tuple[Path, ...]
-    peers: tuple[str, ...] = DEFAULT_PEERS
+    peers: tuple[str, ...] | None = None  # None: default_peers() for the builds' formats
     threads: int = 2
     rounds: int = 3  # alternating latency rounds; 0 measures accuracy only
     repeats: int = 5
@@ -110,7 +118,7 @@ class BenchRequest:
             raise InputError(f"--rounds {self.rounds}: must be 0..50 (0 measures accuracy only)")
         if not 1 <= self.repeats <= 1000:
             raise InputError(f"--repeats {self.repeats}: must be 1..1000")
-        if not self.builds and not self.peers:
+        if not self.builds and self.peers == ():
             raise InputError("nothing to measure: give at least one build directory or peer")
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise InputError(f"--out {self.out_dir}: exists and is not a directory")
@@ -232,12 +240,13 @@ def _max_positions(checkpoint: Path) -> int:
     return int(config.get("max_position_embeddings") or PEER_CONTEXT)
 
 
-def collect_peers(req: BenchRequest, source: models.ModelSource, runtimes: Registry[Runtime]) -> list[Entry]:
+def collect_peers(req: BenchRequest, peers: tuple[str, ...], source: models.ModelSource,
+                  runtimes: Registry[Runtime]) -> list[Entry]:
     from compress.exporters.gguf import describe_gguf
 
     context = peer_context(req, _max_positions(source.checkpoint))
     entries = []
-    for peer in req.peers:
+    for peer in peers:
         if peer == EAGER:
             ckpt = source.checkpoint
             files = tuple(str(p.relative_to(ckpt)) for p in sorted(ckpt.rglob("*")) if p.is_file())
@@ -304,7 +313,8 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
     from compress.runtimes.torch_eager import TorchEagerRuntime
 
     entries, model_record = collect_builds(req, runtimes)
-    for peer in req.peers:  # before the model is resolved (a first fetch takes ~30 s)
+    peers = req.peers if req.peers is not None else default_peers({e.format for e in entries})
+    for peer in peers:  # before the model is resolved (a first fetch takes ~30 s)
         if peer != EAGER:
             _check_runtime(runtimes.get(peer_runtime(peer)), f"peer {peer!r} (leave it out of --peers to skip it)")
         if peer.startswith(ORTGENAI_PREFIX) and not (builder := OnnxExporter().availability()).ok:
@@ -315,7 +325,12 @@ def run_bench(req: BenchRequest, console: Any, runtimes: Registry[Runtime] = RUN
             raise InputError(f"reference model {model_record['spec']!r} changed since the builds (sha256 "
                              f"{source.sha256[:12]} != {model_record['sha256'][:12]}); rebuild them")
         step["detail"] = f"{source.spec}, sha256 {source.sha256[:12]}"
-    entries += collect_peers(req, source, runtimes)
+    if EXECUTORCH_PEER in peers:  # a model export_llm cannot hold is refused here, not after the reference run
+        from transformers import AutoConfig
+
+        if problem := config_problem(AutoConfig.from_pretrained(source.checkpoint)):
+            raise InputError(f"{problem}; leave it out of --peers")
+    entries += collect_peers(req, peers, source, runtimes)
     loaded = models.load(source)
     peer_ctx = peer_context(req, _max_positions(source.checkpoint))
     spec = EvalSpec(repeats=req.repeats)

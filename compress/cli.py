@@ -129,7 +129,8 @@ def verify(out_dir: Path, targets_file: Path | None, eval_data: str | None, thre
 @click.argument("build_dirs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--peers", default=None,
               help="Comma-separated peers measured in the same run, or 'none' (default: eager, llamacpp-q8_0, "
-                   "llamacpp-q4_0, llamacpp-q4_k_m, llamacpp-source, ortgenai-int4, executorch-8da4w). Valid: eager, "
+                   "llamacpp-q4_0, llamacpp-q4_k_m, llamacpp-source, ortgenai-int4, executorch-8da4w; ortgenai-int4 "
+                   "only with an onnx build or none, executorch-8da4w only with a pte build or none). Valid: eager, "
                    "llamacpp-source, llamacpp-{f32,f16,q8_0,q4_0,q4_k_m,q5_k_m}, ortgenai-{int4,int8} "
                    "(onnxruntime-genai's model builder with its CPU defaults), executorch-8da4w (ExecuTorch's own "
                    "LLM export, its Llama XNNPACK config).")
@@ -150,13 +151,13 @@ def bench(build_dirs: tuple[Path, ...], peers: str | None, threads: int, rounds:
     """Measure built artifacts and peers with one protocol; write one table (md, json, csv) and plots."""
     import datetime as dt
 
-    from compress.bench import DEFAULT_PEERS, BenchRequest, parse_depths, parse_peers, run_bench
+    from compress.bench import BenchRequest, parse_depths, parse_peers, run_bench
     from compress.bench_report import rows, write_outputs, write_plots
     from compress.errors import InputError, RuntimeUnavailable
 
     if model and build_dirs:
         raise InputError("--model is only for a run without build directories (builds name their own model)")
-    req = BenchRequest(tuple(build_dirs), parse_peers(peers) if peers is not None else DEFAULT_PEERS, threads, rounds, repeats, out_dir, model, eval_data,
+    req = BenchRequest(tuple(build_dirs), parse_peers(peers) if peers is not None else None, threads, rounds, repeats, out_dir, model, eval_data,
                        parse_depths(depths))
     result = run_bench(req, _State.console)
     protocol = {**result["protocol"], "date": dt.date.today().isoformat()}

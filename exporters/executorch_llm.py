@@ -51,13 +51,32 @@ def _unpermute(w: Any, heads: int) -> Any:
                                                                                             in_features)
 
 
+# ExecuTorch's rope.apply_scaling fixes low_freq_factor 1 and an original context of 8192 (Llama 3.x's)
+_LLAMA3_FIXED = {"low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+
+
+def _rope(config: Any) -> tuple[str, dict[str, Any]]:
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    return scaling.get("rope_type") or scaling.get("type") or "default", scaling
+
+
+def config_problem(config: Any) -> str:
+    """Why export_llm cannot hold a model of this (HF) config, or "": checked before any work is done."""
+    rope_type, scaling = _rope(config)
+    if rope_type not in ("default", "llama3"):
+        return f"peer executorch-8da4w: RoPE scaling {rope_type!r} has no export_llm equivalent"
+    if rope_type == "llama3" and any(float(scaling.get(k, v)) != v for k, v in _LLAMA3_FIXED.items()):
+        return (f"peer executorch-8da4w: export_llm's llama3 RoPE fixes {_LLAMA3_FIXED}; this model has "
+                f"{ {k: scaling.get(k) for k in _LLAMA3_FIXED} }")
+    return ""
+
+
 def meta_checkpoint(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The HF Llama's weights under Meta's names (q/k rows interleaved per head), and its `params.json`."""
     config = model.config
-    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
-    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type not in ("default", "llama3"):
-        raise InputError(f"peer executorch-8da4w: RoPE scaling {rope_type!r} has no export_llm equivalent")
+    if problem := config_problem(config):
+        raise InputError(problem)
+    rope_type, scaling = _rope(config)
     theta = scaling.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
     sd = {}
     for key, value in model.state_dict().items():
@@ -87,11 +106,6 @@ def meta_checkpoint(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if head_dim and head_dim != config.hidden_size // config.num_attention_heads:
         params["head_dim"] = head_dim
     if rope_type == "llama3":
-        # ExecuTorch's rope.apply_scaling fixes low_freq_factor 1 and an original context of 8192 (Llama 3.x's)
-        fixed = {"low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
-        if any(float(scaling.get(k, v)) != v for k, v in fixed.items()):
-            raise InputError(f"peer executorch-8da4w: export_llm's llama3 RoPE fixes {fixed}; this model has "
-                             f"{ {k: scaling.get(k) for k in fixed} }")
         params["rope_scale_factor"] = scaling.get("factor", 8)
         params["high_freq_factor"] = scaling.get("high_freq_factor", 4)
     return sd, params

@@ -332,4 +332,34 @@ def test_the_cli_states_the_default_peers_it_uses():
     from compress.cli import cli
 
     shown = CliRunner().invoke(cli, ["bench", "--help"], terminal_width=400).output
-    assert f"(default: {', '.join(DEFAULT_PEERS)})" in " ".join(shown.split())
+    assert f"(default: {', '.join(DEFAULT_PEERS)};" in " ".join(shown.split())
+
+
+def test_a_formats_own_alternative_is_a_default_peer_only_when_that_format_is_benched():
+    from compress.bench import DEFAULT_PEERS, EXECUTORCH_PEER, default_peers
+
+    general = tuple(p for p in DEFAULT_PEERS if p not in ("ortgenai-int4", EXECUTORCH_PEER))
+    assert default_peers(set()) == DEFAULT_PEERS  # peers alone: all of them
+    assert default_peers({"onnx"}) == (*general, "ortgenai-int4")
+    assert default_peers({"pte"}) == (*general, EXECUTORCH_PEER)
+    assert default_peers({"gguf", "mlpackage"}) == general
+    assert default_peers({"pte", "onnx", "gguf"}) == DEFAULT_PEERS
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "linear", "factor": 2.0}, "RoPE scaling 'linear' has no export_llm equivalent"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, "export_llm's llama3 RoPE fixes"),
+])
+def test_a_model_export_llm_cannot_hold_is_refused_before_any_work(tmp_path: Path, cli, rope, message):
+    pytest.importorskip("executorch")
+    from compress.models.tiny import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny", rope_scaling=rope)
+    result = cli("bench", "--model", str(model), "--peers", "eager,executorch-8da4w", "--rounds", "0",
+                 "--out", str(tmp_path / "bench"))
+    assert result.code == ExitCode.BAD_INPUT, result.stderr
+    error = result.stderr.splitlines()[-1]  # after the model-resolving step's lines: one line, then nothing runs
+    assert error.startswith("error: ") and message in error and "leave it out of --peers" in error
+    assert "Running the fp32 reference" not in result.stderr
+    assert not (tmp_path / "bench").exists()
