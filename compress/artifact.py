@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# An ONNX graph input (exporters/onnx_last_logits.py, runtimes/onnxruntime.py): logits for the last N positions
+# of a call only (0: every position). transformers.js feeds it by this name.
+LOGITS_TO_KEEP = "num_logits_to_keep"
+
 
 class AppleComputeUnit(enum.StrEnum):
     """Where an Apple device specializes a Core AI asset when it loads (the exporter records it in

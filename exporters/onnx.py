@@ -10,8 +10,8 @@ same quantizer (docs/architecture.md).
 The builder writes `model.onnx` (+ `model.onnx.data`), `genai_config.json` and the tokenizer files (what
 onnxruntime-genai loads); every pass here edits that graph, and the finished folder is then laid out the way
 transformers.js loads it (`onnx/model_q4.onnx` + `onnx/model_q4.onnx_data`, `config.json`; exporters/onnx_layout.py).
-Inputs `input_ids`, `attention_mask`, `past_key_values.N.key|value`; outputs `logits` (every position),
-`present.N.key|value`. Coverage is a post-condition: a MatMul left in fp32 that the config says to quantize fails
+Inputs `input_ids`, `attention_mask`, `past_key_values.N.key|value` and the optional `logits_to_keep` (0, its
+default: every position; exporters/onnx_last_logits.py); outputs `logits`, `present.N.key|value`. Coverage is a post-condition: a MatMul left in fp32 that the config says to quantize fails
 the export unless the target allows it; a `web` target fails when the graph uses an op onnxruntime-web lacks.
 """
 
@@ -31,6 +31,7 @@ from typing import Any
 
 from compress.exporters.base import atomic_dir, model_problems
 from compress.exporters.onnx_codes import CORRECTION_SUFFIX, lower_codes
+from compress.exporters.onnx_last_logits import add_logits_to_keep
 from compress.exporters.onnx_layout import lay_out
 
 from compress.artifact import Artifact, Availability, CacheShape
@@ -52,7 +53,7 @@ WEB_OPS = frozenset({
     (_MS, "MatMulNBits"), (_MS, "GroupQueryAttention"), (_MS, "SkipSimplifiedLayerNormalization"),
     (_MS, "GatherBlockQuantized"), ("", "SimplifiedLayerNormalization"), ("", "MatMul"), ("", "Gather"),
     ("", "Mul"), ("", "Sigmoid"), ("", "Add"), ("", "Sub"), ("", "Cast"), ("", "ReduceSum"), ("", "Shape"),
-    ("", "Reshape"), ("", "Constant"), ("", "Transpose"),
+    ("", "Reshape"), ("", "Constant"), ("", "Transpose"), ("", "Slice"),
 })
 _IO_PATTERNS = ("input_ids", "attention_mask", "past_key_values.{}.key", "past_key_values.{}.value", "logits",
                 "present.{}.key", "present.{}.value")
@@ -165,6 +166,7 @@ class OnnxExporter:
                     lowering = lower_codes(tmp / MODEL, codes, int(builder_args["accuracy_level"]))
                     step["detail"] = f"{lowering['with_integer_zero_points']} with zero points, " \
                                      f"{lowering['with_offset_correction']} with an offset correction"
+            add_logits_to_keep(tmp / MODEL)  # a prompt may ask for its last position's logits only
             with console.step("Checking the graph") as step:
                 graph = {**inspect_graph(tmp / MODEL, config.num_hidden_layers), **lowering}
                 _check_graph(graph, options, q)

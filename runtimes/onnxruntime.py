@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from compress.runtimes.base import ContextOverflow
 
-from compress.artifact import Artifact, Availability
+from compress.artifact import LOGITS_TO_KEEP, Artifact, Availability
 from compress.errors import RuntimeUnavailable
 
 
@@ -39,6 +39,8 @@ class OnnxRuntimeSession:
         self._dtype = np.float32
         self._pos = 0
         self._cache: dict[str, Any] = {}
+        # exporters/onnx.py graphs take `num_logits_to_keep`; a builder graph of its defaults does not
+        self._keep = LOGITS_TO_KEEP in {i.name for i in session.get_inputs()}
         self.reset()
 
     def _names(self) -> list[tuple[str, str]]:
@@ -59,7 +61,8 @@ class OnnxRuntimeSession:
             empty = np.zeros((*self._shape[:2], 0, self._shape[3]), self._dtype)
             self._cache = {past: empty for past, _ in self._names()}
 
-    def _run(self, ids: Sequence[int]) -> np.ndarray:
+    def _run(self, ids: Sequence[int], keep: int = 0) -> np.ndarray:
+        """Logits of the last `keep` positions of the call, where the graph can skip the others (0: every one)."""
         if self._pos + len(ids) > self.max_context:
             raise ContextOverflow(f"position {self._pos + len(ids)} exceeds max_context {self.max_context}")
         input_ids = np.asarray([list(ids)], dtype=np.int64)  # (1, seq)
@@ -68,6 +71,8 @@ class OnnxRuntimeSession:
             binding = self._session.io_binding()
             binding.bind_cpu_input("input_ids", input_ids)
             binding.bind_cpu_input("attention_mask", mask)
+            if self._keep:
+                binding.bind_cpu_input(LOGITS_TO_KEEP, np.asarray(keep, dtype=np.int64))
             binding.bind_output("logits")  # first bound output: get_outputs()[0]
             for past, present in self._names():
                 binding.bind_ortvalue_input(past, self._cache[past])
@@ -76,6 +81,8 @@ class OnnxRuntimeSession:
             logits = binding.get_outputs()[0].numpy()
         else:
             feed = {"input_ids": input_ids, "attention_mask": mask, **self._cache}
+            if self._keep:
+                feed[LOGITS_TO_KEEP] = np.asarray(keep, dtype=np.int64)
             outputs = dict(zip(self._output_names(), self._session.run(None, feed)))
             logits = outputs["logits"]
             self._cache = {past: outputs[present] for past, present in self._names()}
@@ -88,8 +95,12 @@ class OnnxRuntimeSession:
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         return self._run(token_ids)
 
+    def prefill_last(self, token_ids: Sequence[int]) -> np.ndarray:
+        """The prompt's last position's logits (vocab,); only that row is computed where the graph allows it."""
+        return self._run(token_ids, keep=1)[-1]
+
     def decode(self, token_id: int) -> np.ndarray:
-        return self._run([token_id])[0]
+        return self._run([token_id], keep=1)[0]
 
 
 class OnnxRuntimeRuntime:

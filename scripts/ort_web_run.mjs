@@ -28,6 +28,9 @@ for (let i = 0; i < sidecar.num_layers; i++) {
       [1, sidecar.kv_heads, 0, sidecar.head_dim]);
   }
 }
+if (session.inputNames.includes("num_logits_to_keep")) {  // 0: every position's logits (transformers.js's default)
+  feeds.num_logits_to_keep = new ort.Tensor("int64", BigInt64Array.from([0n]), []);
+}
 const out = await session.run(feeds);
 const logits = out.logits;
 const vocab = logits.dims[2];

@@ -77,6 +77,18 @@ def test_fp32_graph_matches_eager_for_prefill_chunks_and_decode(exported, expect
     np.testing.assert_allclose(session.prefill(TOKENS[:5]), expected[:5], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["fp32", "int4", "int8"])
+def test_a_prompt_computes_only_its_last_positions_logits_and_they_equal_every_positions_last(exported, kind):
+    session = OnnxRuntimeRuntime().load(exported[kind], threads=2)
+    every = session.prefill(TOKENS)
+    session.reset()
+    assert session._run(TOKENS, keep=1).shape == (1, every.shape[1])  # the lm_head ran on one row
+    session.reset()
+    np.testing.assert_allclose(session.prefill_last(TOKENS), every[-1], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(session.decode(7), OnnxRuntimeRuntime().load(exported[kind], threads=2)
+                               .prefill([*TOKENS, 7])[-1], atol=1e-4, rtol=1e-4)
+
+
 def test_quantized_graphs_cover_every_matmul_and_share_the_tied_embedding(exported):
     cov4, cov8 = exported["int4"].record["coverage"], exported["int8"].record["coverage"]
     assert cov4["matmuls_quantized"] == cov4["matmuls_total"] == 11  # 2 x (qkv, o, gate, up, down) + lm_head
