@@ -61,6 +61,14 @@ class QuantAlgorithm(enum.StrEnum):
     KEEP_GGUF = "keep_gguf"  # keep the source GGUF's codes where the format represents them exactly
 
 
+class ZeroPoint(enum.StrEnum):
+    """How the hqq and gptq grids place each group's zero."""
+
+    FLOAT = "float"  # any float offset per group (HQQ's; what a GGUF's Q4_1 grid holds)
+    INTEGER = "integer"  # w = scale * (codes - z), z an integer code: ONNX's MatMulNBits takes it natively
+    MIDDLE = "middle"  # z = 2**(bits-1) in every group (symmetric): XNNPACK's int4 kernels take it natively
+
+
 class Rotation(enum.StrEnum):
     NONE = "none"
     HADAMARD = "hadamard"  # residual stream and value heads rotated by randomized Hadamard matrices (QuaRot)
@@ -105,6 +113,12 @@ class QuantizeConfig:
     scale_bits: int = setting(16, choices=(8, 16), doc="16: each group's scale and float offset are fp16 values; "
                                                        "8: 8-bit codes times a power of two per row (double "
                                                        "quantization; hqq and gptq grids)")
+    zero_point: ZeroPoint = setting(ZeroPoint.FLOAT, doc="hqq and gptq grids: 'float' offsets per group; "
+                                                         "'integer' zero points, which ONNX's MatMulNBits runs "
+                                                         "without the per-group correction float offsets need; "
+                                                         "'middle' (symmetric), which ExecuTorch's XNNPACK kernels "
+                                                         "run without one (faster, at more KL: "
+                                                         "docs/quantization.md)")
 
     def code_bits(self) -> set[int]:
         """Every code width the stage writes for this config (body, overrides, lm_head and embedding)."""
@@ -124,6 +138,11 @@ class QuantizeConfig:
             extra.append(Problem("scale_bits", f"8 with algorithm {self.algorithm.value!r}: 8-bit scales and "
                                                f"offsets are chosen by the float-offset grids of 'hqq' and 'gptq'; "
                                                f"use one of those or scale_bits: 16"))
+        if self.zero_point is not ZeroPoint.FLOAT and self.algorithm not in (QuantAlgorithm.HQQ, QuantAlgorithm.GPTQ):
+            extra.append(Problem("zero_point", f"{self.zero_point.value!r} with algorithm {self.algorithm.value!r}: "
+                                               f"it places the zero points of the 'hqq' and 'gptq' grids (rtn's "
+                                               f"follow `symmetric`; keep_gguf keeps the source's); use one of "
+                                               f"those or zero_point: float"))
         if self.smoothing is not None and self.rotation is not Rotation.NONE:
             extra.append(Problem("smoothing", f"with rotation {self.rotation.value!r}: the rotation spreads the "
                                               f"channels the smoothing would scale; choose one"))
@@ -236,6 +255,8 @@ class QuantizedWeights:
                                "lm_head": c.lm_head.value}
         if c.scale_bits != 16:
             out["scale_bits"] = c.scale_bits
+        if c.zero_point is not ZeroPoint.FLOAT:
+            out["zero_point"] = c.zero_point.value
         if self.promoted_to_8bit:
             out["promoted_to_8bit"] = list(self.promoted_to_8bit)
         return out
@@ -285,13 +306,16 @@ class QuantizedWeights:
                               activations=c.activations, embedding=c.embedding, lm_head=c.lm_head)
 
     def bits_summary(self) -> dict[str, Any]:
-        """Average code bits and stored bits (codes + scale and offset at `scale_bits`) per weight, lm_head apart."""
+        """Average code bits and stored bits (codes + scale at `scale_bits` + offset at `scale_bits`, an integer
+        zero point at the codes' width, or nothing for the middle one) per weight, lm_head apart."""
         body = {n: t for n, t in self.tensors.items() if n != "lm_head"}
         weights = sum(t.codes.numel() for t in body.values())
         if not weights:
             return {"linear_weights": 0}
         code_bits = sum(t.codes.numel() * t.bits for t in body.values())
-        meta_bits = sum(t.scale.numel() * self.config.scale_bits * 2 for t in body.values())
+        zero_bits = {ZeroPoint.FLOAT: self.config.scale_bits, ZeroPoint.MIDDLE: 0}
+        meta_bits = sum(t.scale.numel() * (self.config.scale_bits + zero_bits.get(self.config.zero_point, t.bits))
+                        for t in body.values())
         return {"linear_weights": weights, "avg_code_bits": round(code_bits / weights, 3),
                 "avg_stored_bits": round((code_bits + meta_bits) / weights, 3),
                 "bits_histogram": {str(b): sum(1 for t in body.values() if t.bits == b)

@@ -3,7 +3,8 @@ windows, without exporting. What each algorithm and rotation costs before any ru
 
     python scripts/quant_eager.py [--model smollm2-135m-offgrid] [--fit 32] gptq hqq rtn gptq:rotation
 
-Each variant is ALGORITHM[:rotation][:sym][:mixed][:fp32head] (4-bit, group 32, asymmetric unless :sym, embedding
+Each variant is ALGORITHM[:rotation][:sym][:mixed][:fp32head][:intzp|:midzp][:sb8] (4-bit, group 32, asymmetric
+unless :sym, float zero points unless :intzp (integer) or :midzp (the middle code), fp16 scales unless :sb8, embedding
 and lm_head int8, or fp32 with :fp32head; with :rotation the embedding stays fp32, as the stage requires; with
 :mixed the stage's sensitivity search spends the whole --max-avg-bits budget on the most sensitive linears at 8
 bits). The fit windows come from the corpus's
@@ -22,7 +23,7 @@ from compress.data.corpus import build_eval_set, calibration_windows
 from compress.metrics import mean_kl
 from compress.models import load_spec
 from compress.progress import Console
-from compress.quantized import Precision, QuantAlgorithm, QuantizeConfig, Rotation
+from compress.quantized import Precision, QuantAlgorithm, QuantizeConfig, Rotation, ZeroPoint
 from compress.stages.quant_plan import apply, plan, quantize_model
 from compress.stages.rotation import rotate
 from compress.stages.sensitivity import KlProbe, promote_until
@@ -59,7 +60,10 @@ def main() -> None:
                            embedding=Precision.FP32 if rotated or "fp32head" in flags else Precision.INT8,
                            lm_head=head,
                            rotation=Rotation.HADAMARD if rotated else Rotation.NONE,
-                           max_kl=1e-9 if "mixed" in flags else None, max_avg_bits=args.max_avg_bits)
+                           max_kl=1e-9 if "mixed" in flags else None, max_avg_bits=args.max_avg_bits,
+                           zero_point=ZeroPoint.INTEGER if "intzp" in flags else
+                           ZeroPoint.MIDDLE if "midzp" in flags else ZeroPoint.FLOAT,
+                           scale_bits=8 if "sb8" in flags else 16)
         start = time.perf_counter()
         base = rotate(model, 0) if rotated else model
         quantized, qw = quantize_model(base, q, None, fit)

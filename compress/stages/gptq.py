@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from compress.quantized import QuantTensor
+from compress.quantized import QuantTensor, ZeroPoint
 from compress.stages.layerwise import first_layer_inputs, input_grams, layer_output
 
 BLOCK = 128  # columns per lazy-batch update (the paper's B); a multiple of the group size is used
@@ -23,7 +23,7 @@ DAMP = 0.01  # Hessian dampening, as a fraction of its mean diagonal
 
 
 def gptq_linears(model: Any, windows: list[list[int]], plans: dict[str, tuple[int, int]],
-                 console: Any, scale_bits: int = 16) -> dict[str, QuantTensor]:
+                 console: Any, scale_bits: int = 16, zero_point: ZeroPoint = ZeroPoint.FLOAT) -> dict[str, QuantTensor]:
     """GPTQ codes for the planned decoder linears (export-module name -> (bits, group)), e.g.
     {"layers.0.mlp.up_proj": (4, 32)}. Works on a copy of each layer's weights: `model` is left unchanged."""
     import copy
@@ -38,7 +38,7 @@ def gptq_linears(model: Any, windows: list[list[int]], plans: dict[str, tuple[in
         hessians = input_grams(layer, linears, hidden, kwargs)
         for name, linear in linears.items():
             bits, group = plans[name]
-            t = gptq(linear.weight.detach().float(), hessians[name], bits, group, scale_bits)
+            t = gptq(linear.weight.detach().float(), hessians[name], bits, group, scale_bits, zero_point)
             out[name] = t
             with torch.no_grad():
                 linear.weight.copy_(t.dequantize())
@@ -47,11 +47,12 @@ def gptq_linears(model: Any, windows: list[list[int]], plans: dict[str, tuple[in
     return out
 
 
-def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_bits: int = 16) -> QuantTensor:
+def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_bits: int = 16,
+         zero_point: ZeroPoint = ZeroPoint.FLOAT) -> QuantTensor:
     """One (out, in) matrix, its inputs' (in, in) Hessian X^T X: codes, scales and offsets per group.
 
     Each group's grid is fixed from its original columns before any is rounded ("static groups"): HQQ's scale
-    and float offset at `scale_bits` (compress.quantized.snap_grid), so a matrix that already sits on a grid (a GGUF's
+    and offset at `scale_bits`, its zero moved to a code under integer `zero_point` (compress.quantized.snap_grid), so a matrix that already sits on a grid (a GGUF's
     Q4_1 blocks) keeps exactly that grid and its codes (at 16 bits). Columns are then rounded in order of
     decreasing Hessian diagonal (act-order: the inputs that carry the most energy first, while the most columns
     are left to absorb their error); the codes keep the natural group layout every exporter lowers.
@@ -63,7 +64,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_bits: in
     h = h.clone()
     dead = torch.diag(h) == 0  # inputs that never fire: their weights cannot matter
     h[dead, dead] = 1.0
-    grid = hqq(w, bits, group, scale_bits)
+    grid = hqq(w, bits, group, scale_bits, zero_point)
     scale, offset = grid.scale, grid.offset  # (rows, groups)
     w[:, dead] = 0.0
     order = torch.argsort(torch.diag(h), descending=True)

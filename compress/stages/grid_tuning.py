@@ -9,8 +9,9 @@ trainable per-group factors:
 
 so the student the distill stage trains is, at every step, a model the exporters can write without rounding
 anything again: the trained scales and offsets go back into `QuantizedWeights` with the same codes. A symmetric
-tensor (offset = -2**(bits-1) * scale) keeps its offset tied to its scale, so kernels without offsets keep
-taking it. The factors are relative to each group's scale, which is why one learning rate suits every layer.
+tensor (offset = -2**(bits-1) * scale), and under `zero_point: integer` every tensor (offset = -z * scale), keeps
+its offset tied to its scale through its fixed zero point, so kernels taking symmetric codes or integer zero
+points keep taking it. The factors are relative to each group's scale, which is why one learning rate suits every layer.
 The lm_head (and a tied embedding) stays frozen: it is the same matrix as the embedding's gather.
 """
 
@@ -21,15 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.quantized import QuantizedWeights, QuantTensor, snap_grid
+from compress.quantized import QuantizedWeights, QuantTensor, ZeroPoint, snap_grid
 
 
 class GridLinear(nn.Module):
     """A linear on fixed codes whose per-group scale and offset train (see the module docstring)."""
 
-    def __init__(self, t: QuantTensor, bias: torch.Tensor | None):
+    def __init__(self, t: QuantTensor, bias: torch.Tensor | None, integer_zero: bool = False):
         super().__init__()
-        self.group, self.bits, self.tied_offset = t.group, t.bits, t.symmetric
+        self.group, self.bits = t.group, t.bits
+        zero = t.integer_zero_points() if integer_zero or t.symmetric else None
+        self.tied_offset = zero is not None
+        self.register_buffer("zero", None if zero is None else zero.float())  # (out, groups) while tied
         self.register_buffer("codes", t.codes.clone())  # (out, in) uint8
         self.register_buffer("scale0", t.scale.clone().float())  # (out, groups)
         self.register_buffer("offset0", t.offset.clone().float())  # (out, groups)
@@ -41,7 +45,7 @@ class GridLinear(nn.Module):
         """The current (scale, offset), each (out, groups)."""
         scale = self.scale0 * (1 + self.a)
         if self.tied_offset:
-            return scale, -(2 ** (self.bits - 1)) * scale
+            return scale, -self.zero * scale
         return scale, self.offset0 + self.scale0 * self.b
 
     def weight_now(self) -> torch.Tensor:
@@ -57,6 +61,8 @@ class GridLinear(nn.Module):
         with torch.no_grad():
             scale, offset = self.grid()  # onto the quantize stage's grid (compress.quantized.snap_grid)
             scale, offset = snap_grid(scale.detach(), offset.detach(), self.bits, scale_bits)
+            if self.tied_offset:  # the snapped scale times the same zero points
+                offset = -self.zero * scale
             return QuantTensor(self.codes.clone(), scale, offset, self.bits, self.group)
 
 
@@ -76,7 +82,7 @@ def attach(student: Any, quantized: QuantizedWeights) -> list[str]:
             continue
         parent, leaf = _module(student.model, name)
         linear = getattr(parent, leaf)
-        setattr(parent, leaf, GridLinear(t, linear.bias))
+        setattr(parent, leaf, GridLinear(t, linear.bias, quantized.config.zero_point is ZeroPoint.INTEGER))
         swapped.append(name)
     for module in student.modules():
         if type(module).__name__.endswith("RMSNorm"):

@@ -85,7 +85,7 @@ def quantize_one(w: Any, p: Plan, q: QuantizeConfig) -> QuantTensor:
                              f"weights there; use algorithm 'hqq' or 'rtn', or an override for it")
         return t
     if q.algorithm is QuantAlgorithm.HQQ and p.name != "lm_head":
-        return qa.hqq(w, p.bits, p.group, q.scale_bits)
+        return qa.hqq(w, p.bits, p.group, q.scale_bits, q.zero_point)
     # The lm_head is round to nearest even under HQQ: a tied embedding's gather (ONNX's GatherBlockQuantized,
     # ExecuTorch's quantized embedding) takes integer zero points only, and HQQ's are floats.
     return rtn(w, p.bits, p.group, q.symmetric)
@@ -126,7 +126,7 @@ def quantize_model(model: Any, q: QuantizeConfig, console: Any = None, fit: list
         from compress.stages.gptq import gptq_linears
 
         body = {p.name: (p.bits, p.group) for p in plans if p.name != "lm_head"}
-        tensors.update(gptq_linears(model, fit, body, console, q.scale_bits))
+        tensors.update(gptq_linears(model, fit, body, console, q.scale_bits, q.zero_point))
     rest = [p for p in plans if p.name not in tensors]
     for p in console.track(rest, f"Quantizing {len(rest)} linears ({q.algorithm.value})"):
         tensors[p.name] = quantize_one(weights[p.name], p, q)

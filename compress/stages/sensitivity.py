@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from compress.metrics import kl_per_position
-from compress.quantized import QuantAlgorithm, QuantizeConfig, QuantTensor
+from compress.quantized import QuantAlgorithm, QuantizeConfig, QuantTensor, ZeroPoint
 
 RANK_TOKENS = 256  # tokens per sensitivity forward (SmolLM2-135M, 2 cores: ~0.7 s each, 210 linears in ~2.5 min)
 
@@ -128,7 +128,8 @@ def promote_until(model: Any, tensors: dict[str, QuantTensor], plans: list[Any],
     by_name = {p.name: p for p in plans}
     # 8-bit round to nearest (symmetric) for the promoted linears: at 8 bits the algorithm hardly matters, and
     # a symmetric grid is the one every backend's kernels take (its scales fp16, as rtn writes them).
-    rtn8 = dataclasses.replace(q, algorithm=QuantAlgorithm.RTN, symmetric=True, scale_bits=16)
+    rtn8 = dataclasses.replace(q, algorithm=QuantAlgorithm.RTN, symmetric=True, scale_bits=16,
+                               zero_point=ZeroPoint.FLOAT)
     eight = {name: quantize_one(weights[name], Plan(name, 8, by_name[name].group), rtn8)
              for name, _ in ranking[:allowed]}
     measured = {0: kl_plain}

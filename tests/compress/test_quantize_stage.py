@@ -22,6 +22,7 @@ from compress.quantized import (
     QuantizeConfig,
     QuantizedWeights,
     QuantTensor,
+    ZeroPoint,
     rtn,
 )
 from compress.stages import STAGES, StageContext
@@ -155,6 +156,28 @@ def test_8_bit_scales_are_codes_times_a_power_of_two_per_row_and_cost_little(bit
 def test_8_bit_scales_need_a_float_offset_grid():
     with pytest.raises(ConfigError, match="scale_bits: 8 with algorithm 'rtn'"):
         QuantizeConfig(algorithm=QuantAlgorithm.RTN, scale_bits=8)
+
+
+@pytest.mark.parametrize("algorithm", [QuantAlgorithm.RTN, QuantAlgorithm.KEEP_GGUF])
+@pytest.mark.parametrize("zero_point", [ZeroPoint.INTEGER, ZeroPoint.MIDDLE])
+def test_integer_zero_points_are_a_choice_of_the_hqq_and_gptq_grids_only(algorithm, zero_point):
+    with pytest.raises(ConfigError, match=f"zero_point: '{zero_point.value}' with algorithm '{algorithm.value}'"):
+        QuantizeConfig(algorithm=algorithm, zero_point=zero_point)
+
+
+def test_integer_zero_points_store_a_4_bit_zero_or_none_instead_of_a_float_offset(tmp_path):
+    model = tiny_llama(seed=0)
+    stored = {}
+    for zero_point in ZeroPoint:
+        config = _config(algorithm=QuantAlgorithm.HQQ, scale_bits=8, zero_point=zero_point)
+        qw = STAGES.get("quantize").run(model, config, _ctx(model, tmp_path / zero_point.value)).quantized
+        body = [t for n, t in qw.tensors.items() if n != "lm_head"]
+        assert all((t.integer_zero_points() is not None) is (zero_point is not ZeroPoint.FLOAT) for t in body)
+        assert all(t.symmetric is (zero_point is ZeroPoint.MIDDLE) for t in body)
+        stored[zero_point] = qw.bits_summary()["avg_stored_bits"]
+        assert ("zero_point" in qw.scheme) is (zero_point is not ZeroPoint.FLOAT)
+    # an 8-bit scale per group of 32, plus an 8-bit offset, a 4-bit zero, or nothing
+    assert stored == {ZeroPoint.FLOAT: 4.5, ZeroPoint.INTEGER: 4.375, ZeroPoint.MIDDLE: 4.25}
 
 
 def test_stage_output_runs_its_own_codes_and_survives_the_cache(tmp_path):

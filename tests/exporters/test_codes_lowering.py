@@ -19,7 +19,7 @@ from compress.exporters.onnx import OnnxOptions
 from compress.metrics import position_kl
 from compress.models.tiny import byte_tokenizer, tiny_llama
 from compress.progress import Console
-from compress.quantized import Activations, Precision, QuantAlgorithm, QuantizeConfig
+from compress.quantized import Activations, Precision, QuantAlgorithm, QuantizeConfig, ZeroPoint
 from compress.stages import STAGES, StageContext
 
 QUIET = Console(quiet=True)
@@ -51,40 +51,46 @@ def model():
     return tiny_llama(seed=0)
 
 
-@pytest.mark.parametrize("algorithm, bits, corrected, scale_bits", [(QuantAlgorithm.RTN, 4, 0, 16),
-                                                                    (QuantAlgorithm.HQQ, 4, 10, 16),
-                                                                    (QuantAlgorithm.HQQ, 4, 10, 8),
-                                                                    (QuantAlgorithm.RTN, 8, 0, 16)])
-def test_onnx_runs_the_stage_codes_exactly(model, tmp_path, algorithm, bits, corrected, scale_bits):
+@pytest.mark.parametrize("algorithm, bits, corrected, scale_bits, zero_point", [
+    (QuantAlgorithm.RTN, 4, 0, 16, ZeroPoint.FLOAT), (QuantAlgorithm.HQQ, 4, 10, 16, ZeroPoint.FLOAT),
+    (QuantAlgorithm.HQQ, 4, 10, 8, ZeroPoint.FLOAT), (QuantAlgorithm.RTN, 8, 0, 16, ZeroPoint.FLOAT),
+    (QuantAlgorithm.HQQ, 4, 0, 8, ZeroPoint.INTEGER), (QuantAlgorithm.HQQ, 4, 0, 16, ZeroPoint.INTEGER)])
+def test_onnx_runs_the_stage_codes_exactly(model, tmp_path, algorithm, bits, corrected, scale_bits, zero_point):
     pytest.importorskip("onnxruntime_genai")
     from compress.exporters.onnx import OnnxExporter
+    from compress.exporters.onnx_codes import CORRECTION_SUFFIX
     from compress.runtimes.onnxruntime import OnnxRuntimeRuntime as OnnxRuntime
 
-    staged = _stage(model, tmp_path, algorithm=algorithm, weight_bits=bits, scale_bits=scale_bits)
+    staged = _stage(model, tmp_path, algorithm=algorithm, weight_bits=bits, scale_bits=scale_bits,
+                    zero_point=zero_point)
     art = OnnxExporter().export(staged.model, byte_tokenizer(), OnnxOptions(max_context=96), tmp_path / "onnx", QUIET, staged.quantized)
     coverage = art.record["coverage"]
     assert coverage["matmuls_quantized"] == coverage["matmuls_total"] == 11  # 2 x (qkv, o, gate, up, down) + head
-    assert coverage["with_offset_correction"] == corrected  # HQQ's float zero points: every body matmul
+    # HQQ's float zero points: every body matmul; its integer ones (zero_point: integer) none, like rtn's
+    assert coverage["with_offset_correction"] == corrected
     assert coverage["stage_tensors_not_in_graph"] == []
     # The stage's scales and residual offsets are fp16 values, so they are stored in fp16, exactly (below); with
     # scale_bits 8, as 8-bit codes and a factor per row (the lm_head's, rounded to nearest, stay fp16).
     eight = 10 if scale_bits == 8 else 0
+    eight_residuals = eight if corrected else 0
     assert coverage["scales_stored_8bit"] == eight and coverage["scales_stored_fp16"] == 11 - eight
-    assert coverage["residuals_stored_8bit"] == eight and coverage["residuals_stored_fp16"] == corrected - eight
+    assert coverage["residuals_stored_8bit"] == eight_residuals
+    assert coverage.get("residuals_stored_fp16", 0) == corrected - eight_residuals
     import onnx
 
     graph = onnx.load(str(art.path / art.main), load_external_data=False).graph
     halves = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
-    assert sum(n.endswith("_fp16") for n in halves) == 11 + corrected - 2 * eight
+    assert sum(n.endswith("_fp16") for n in halves) == 11 + corrected - eight - eight_residuals
     bytes8 = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
               and i.name.endswith("_q8")}
-    assert len(bytes8) == 2 * eight
+    assert len(bytes8) == eight + eight_residuals
     factors = [i.data_type for i in graph.initializer if i.name.endswith("_factor")]  # powers of two: fp16 holds them
-    assert factors == [onnx.TensorProto.FLOAT16] * (2 * eight)
-    # Default zero points are not stored: only the lm_head shared with the embedding's gather, and, for
-    # asymmetric round-to-nearest, its integer zero points.
+    assert factors == [onnx.TensorProto.FLOAT16] * (eight + eight_residuals)
+    # Default zero points are not stored: only the lm_head shared with the embedding's gather, and integer zero
+    # points (asymmetric round-to-nearest, zero_point: integer).
     with_zero = [n.name for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
-    assert len(with_zero) == (11 if algorithm is QuantAlgorithm.RTN else 1)
+    assert len(with_zero) == (1 if corrected else 11)
+    assert sum(n.name.endswith(CORRECTION_SUFFIX) for n in graph.node) == corrected  # one correction per corrected
     got = _run(OnnxRuntime().load(art, threads=2))
     np.testing.assert_allclose(got, _eager(staged.model), atol=2e-4, rtol=1e-4)
     assert np.abs(got - _eager(model)).max() > 1e-2  # it really is the staged model, not the fp32 one

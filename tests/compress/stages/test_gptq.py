@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.quantized import rtn
+from compress.quantized import QuantTensor, ZeroPoint, rtn
 from compress.stages.gptq import gptq
-from compress.stages.quant_algorithms import hqq
+from compress.stages.quant_algorithms import _codes_on, hqq
 
 
 def _inputs(tokens: int, width: int, seed: int) -> torch.Tensor:
@@ -37,6 +37,39 @@ def test_gptq_beats_nearest_rounding_on_the_same_grid(bits, group):
     err_nearest = (out(w) - out(nearest.dequantize())).pow(2).mean()
     assert err_gptq < 0.8 * err_nearest, (float(err_gptq), float(err_nearest))
     assert err_gptq < (out(w) - out(rtn(w, bits, group, symmetric=False).dequantize())).pow(2).mean()
+
+
+@pytest.mark.parametrize("scale_bits", [16, 8])
+def test_integer_zero_points_sit_next_to_hqqs_and_gptq_still_beats_nearest_rounding(scale_bits):
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 128, generator=gen) / 128 ** 0.5
+    x = _inputs(512, 128, seed=5)
+    floating = hqq(w, 4, 32, scale_bits)
+    nearest = hqq(w, 4, 32, scale_bits, ZeroPoint.INTEGER)
+    assert floating.integer_zero_points() is None  # HQQ's own zeros are floats
+    zero = nearest.integer_zero_points()
+    assert zero is not None and int(zero.max()) <= 15
+    # The code just below or just above HQQ's zero, with a refitted scale; still the stage's fp16 / 8-bit scales.
+    hqq_zero = -floating.offset / floating.scale
+    assert bool(((zero.float() - hqq_zero).abs() < 1).all())
+    assert nearest.scale_codes() is not None if scale_bits == 8 else nearest.fp16_scales()
+    # Weight error: the integer grid costs something against float offsets, and beats rounding HQQ's zero.
+    mse = lambda t: float((t.dequantize() - w).pow(2).mean())
+    rounded_offset = -hqq_zero.round().clamp(0, 15) * floating.scale
+    rounded = QuantTensor(_codes_on(w, floating.scale, rounded_offset, 4, 32), floating.scale, rounded_offset, 4, 32)
+    assert mse(floating) < mse(nearest) < mse(rounded)
+    t = gptq(w, x.T @ x, 4, 32, scale_bits, ZeroPoint.INTEGER)
+    torch.testing.assert_close(t.scale, nearest.scale) and torch.testing.assert_close(t.offset, nearest.offset)
+    assert torch.equal(t.integer_zero_points(), zero)
+    out = lambda m: x @ m.T
+    err = lambda m: float((out(w) - out(m.dequantize())).pow(2).mean())
+    assert err(t) < 0.8 * err(nearest)
+    assert err(t) < err(rtn(w, 4, 32, symmetric=False))
+    # The middle zero point: symmetric codes (no offset term on XNNPACK), GPTQ still beating symmetric rtn.
+    middle = gptq(w, x.T @ x, 4, 32, scale_bits, ZeroPoint.MIDDLE)
+    assert middle.symmetric and bool((middle.integer_zero_points() == 8).all())
+    assert middle.scale_codes() is not None if scale_bits == 8 else middle.fp16_scales()
+    assert err(t) < err(middle) < err(rtn(w, 4, 32, symmetric=True))
 
 
 def test_inputs_that_never_fire_do_not_break_the_factorisation():

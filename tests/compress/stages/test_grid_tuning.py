@@ -21,6 +21,7 @@ from compress.quantized import (
     QuantizedWeights,
     QuantTensor,
     Rotation,
+    ZeroPoint,
 )
 from compress.stages import STAGES, StageContext, StageResult
 from compress.stages.configs import DistillConfig
@@ -46,10 +47,11 @@ def _quantize(model, tmp_path: Path, **kw):
     return STAGES.get("quantize").run(model, q, _ctx(model, tmp_path))
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_distilling_a_quantized_model_trains_its_grids_and_keeps_its_codes(symmetric, tmp_path):
+@pytest.mark.parametrize("symmetric, integer", [(False, False), (True, False), (False, True)])
+def test_distilling_a_quantized_model_trains_its_grids_and_keeps_its_codes(symmetric, integer, tmp_path):
     teacher = tiny_llama(0, num_hidden_layers=2, intermediate_size=128)
-    before = _quantize(teacher, tmp_path, symmetric=symmetric)
+    before = _quantize(teacher, tmp_path, symmetric=symmetric, **(
+        {"algorithm": QuantAlgorithm.HQQ, "zero_point": ZeroPoint.INTEGER} if integer else {}))
     # Every scale (and offset) 20% too large: an error the grids can undo, on any text.
     tensors = {n: t if n == "lm_head" else QuantTensor(t.codes, t.scale * 1.2, t.offset * 1.2, t.bits, t.group)
                for n, t in before.quantized.tensors.items()}
@@ -77,6 +79,8 @@ def test_distilling_a_quantized_model_trains_its_grids_and_keeps_its_codes(symme
         else:
             moved += not torch.equal(t.scale, old.scale)
             assert t.symmetric is symmetric  # a symmetric grid stays symmetric (offset tied to scale)
+            if integer:  # and integer zero points stay the same integers (MatMulNBits keeps taking them)
+                assert torch.equal(t.integer_zero_points(), old.integer_zero_points()), name
     assert moved == 14
     assert not any(isinstance(m, GridLinear) for m in after.model.modules())
     assert type(after.model).__name__ == "LlamaForCausalLM"
