@@ -52,8 +52,9 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, scale_bits: in
     """One (out, in) matrix, its inputs' (in, in) Hessian X^T X: codes, scales and offsets per group.
 
     Each group's grid is fixed from its original columns before any is rounded ("static groups"): HQQ's scale
-    and offset at `scale_bits`, its zero moved to a code under integer `zero_point` (compress.quantized.snap_grid), so a matrix that already sits on a grid (a GGUF's
-    Q4_1 blocks) keeps exactly that grid and its codes (at 16 bits). Columns are then rounded in order of
+    and float offset at `scale_bits` (compress.quantized.snap_grid), or the integer or middle zero point
+    `zero_point` asks for (quant_algorithms.integer_grid), so a matrix that already sits on a float grid (a GGUF's
+    Q4_1 blocks) keeps exactly that grid and its codes (at 16 bits, zero_point float). Columns are then rounded in order of
     decreasing Hessian diagonal (act-order: the inputs that carry the most energy first, while the most columns
     are left to absorb their error); the codes keep the natural group layout every exporter lowers.
     """

@@ -160,6 +160,25 @@ def test_executorch_and_onnx_lower_the_same_8da4w_codes_to_the_same_accuracy(mod
     assert abs(kl["pte"] - stage_kl) < 0.25 * stage_kl and abs(kl["onnx"] - stage_kl) < 0.25 * stage_kl
 
 
+def test_middle_zero_points_reach_xnnpack_without_offset_terms_and_run_the_stage_codes(model, tmp_path):
+    """zero_point: middle (symmetric hqq/gptq grids): the .pte carries no offset term (HQQ's float offsets need
+    one per body linear, above) and adds only its int8 activation rounding to the stage's weights."""
+    pytest.importorskip("executorch")
+    from compress.exporters.executorch import ExecuTorchExporter
+    from compress.runtimes.executorch import ExecuTorchRuntime
+
+    staged = _stage(model, tmp_path, algorithm=QuantAlgorithm.HQQ, zero_point=ZeroPoint.MIDDLE, symmetric=True,
+                    activations=Activations.INT8_DYNAMIC)
+    assert all(t.symmetric for t in staged.quantized.tensors.values())
+    pte = ExecuTorchExporter().export(staged.model, byte_tokenizer(), PteOptions(max_context=96), tmp_path / "pte",
+                                      QUIET, staged.quantized)
+    assert pte.record["coverage"]["linears_with_offset_correction"] == 0
+    reference = _eager(model)
+    stage_kl = position_kl(reference, _eager(staged.model)).mean()
+    kl = position_kl(reference, _run(ExecuTorchRuntime().load(pte, threads=2))).mean()
+    assert stage_kl > 1e-3 and abs(kl - stage_kl) < 0.25 * stage_kl
+
+
 def test_fused_qkv_codes_run_what_separate_projections_run(model, tmp_path):
     """custom_sdpa programs stack each layer's q/k/v codes into one matmul (rows, scales and offsets stacked: exact);
     mixed precision that gives q, k and v different bits keeps them apart."""
