@@ -474,3 +474,52 @@ def test_a_yaml_alias_bomb_is_one_line_and_exit_2(tmp_path: Path, cli):
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr and len(lines) == 1 and len(lines[0]) < 300, result.stderr
     assert "targets.t: expected a mapping, got a list [[" in lines[0]
+
+
+@pytest.mark.parametrize("stages", [[], [{"quantize": {"algorithm": "rtn", "weight_bits": 8, "group_size": 32,
+                                                       "symmetric": True}}]], ids=["no stage", "quantize"])
+def test_the_reference_is_let_go_while_a_stage_s_own_model_is_exported_and_read_again_to_verify(
+        stages: list, tiny_dir: Path, tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch):
+    """What bounds a large build's peak: the export holds the stages' model, not the fp32 reference as well.
+    Where there is no stage the reference is what is exported, so it is kept and read once."""
+    import gc
+    import weakref
+
+    from compress.exporters.safetensors import SafetensorsExporter
+
+    from compress import models
+    from compress.build import BuildRequest, build
+    from compress.progress import Console
+    from compress.targets import load_targets
+
+    loads: list[weakref.ref] = []
+    real_load, real_export = models.load, SafetensorsExporter.export
+    seen: dict[str, bool] = {}
+
+    def load(source):
+        loaded = real_load(source)
+        loads.append(weakref.ref(loaded.model))
+        return loaded
+
+    def export(self, model, *args, **kwargs):
+        gc.collect()
+        seen["reference_alive"] = loads[0]() is not None
+        seen["exports_the_reference"] = model is loads[0]()
+        return real_export(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load", load)
+    monkeypatch.setattr(SafetensorsExporter, "export", export)
+    path = tmp_path / "targets.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "targets": {"t": {
+        "stages": stages, "export": {"format": "safetensors", "dtype": "float32"},
+        "runtime": {"name": "torch_eager", "threads": 1}, "eval": FAST_EVAL, "budgets": {"max_mean_kl": 1.0}}}}))
+    targets = load_targets(path)
+    manifest = build(BuildRequest(targets.get("t"), str(tiny_dir), tmp_path / "out", targets.path),
+                     Console(quiet=True))
+    assert manifest is not None and manifest.verification["metrics"]["mean_kl"] >= 0
+    if stages:
+        assert seen == {"reference_alive": False, "exports_the_reference": False} and len(loads) == 2
+        assert manifest.verification["metrics"]["mean_kl"] > 1e-8  # measured against the fp32 reference, read again
+    else:
+        assert seen == {"reference_alive": True, "exports_the_reference": True} and len(loads) == 1
+        assert manifest.verification["metrics"]["mean_kl"] < 1e-6
