@@ -99,8 +99,10 @@ def check_model(req: BuildRequest, checkpoint: Path, console: Any) -> None:
     if problems:
         raise ConfigError([Problem(f"target {target.name!r} (export.format {target.export.format}): {p.where}",
                                    p.message) for p in problems])
-    trains = any(s.kind in (StageKind.PRUNE, StageKind.DISTILL) for s in target.stages)
-    need, have = memory.estimate(config, trains), memory.available_bytes()
+    kinds = {s.kind for s in target.stages}
+    work = memory.Work.TRAIN if kinds & {StageKind.PRUNE, StageKind.DISTILL} else \
+        memory.Work.QUANTIZE if kinds else memory.Work.EXPORT
+    need, have = memory.estimate(config, work), memory.available_bytes()
     if have is None:
         return
     if need.peak_bytes > have and req.memory_check:

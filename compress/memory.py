@@ -7,19 +7,30 @@ measured builds (docs/scale.md; `/usr/bin/time -v`, 2-core AMD EPYC, 24 GiB): on
 fp32 weights) android (pte) peaked at 6.53 GB, 3.1 copies, in the quantize stage's mixed-precision search (the
 reference, the smoothed model the search overwrites with its trials, the probe); web's export and verification
 after the same (cached) stage at 5.06 GB; android-small (prune and distill: teacher, student, gradients and
-Adam's two moments) at 5.4 GB on 135M. The estimate rounds those up.
+Adam's two moments) at 5.4 GB on 135M; desktop-gguf (no stage: the reference itself is written) at 8.9 GB on
+llama-3.2-1b-shape (4.9 GB of fp32 weights, 0.8 copies beside the logits and the base). The estimate rounds those up.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 GB = 1e9
 BASE_BYTES = 2.0 * GB
-COPIES_EXPORT = 3.5  # quantize stage and exporter: the fp32 reference, the stage's candidate, the export module
-COPIES_TRAINING = 7.0  # a prune/distill stage: teacher + student + gradients + Adam's two moments + activations
+
+
+class Work(StrEnum):
+    """What a target does to the weights before its export, which sets how many copies its heaviest step holds."""
+
+    EXPORT = "export"  # no stage: the fp32 reference itself is exported and verified
+    QUANTIZE = "quantize"  # stages that only quantize: the reference, the stage's candidate, the export module
+    TRAIN = "train"  # a prune/distill stage: teacher + student + gradients + Adam's two moments + activations
+
+
+COPIES = {Work.EXPORT: 1.5, Work.QUANTIZE: 3.5, Work.TRAIN: 7.0}
 LOGIT_ROWS = 3 * 8 * 256  # reference and candidate over the default eval set (8 x 256), and the stage's probe
 
 
@@ -46,10 +57,10 @@ class MemoryEstimate:
                 f"of logits, plus {BASE_BYTES / GB:.0f} GB)")
 
 
-def estimate(config: Any, trains: bool) -> MemoryEstimate:
-    """The peak of a build of `config`; `trains`: the target has a prune or distill stage."""
+def estimate(config: Any, work: Work) -> MemoryEstimate:
+    """The peak of a build of `config` for a target whose stages do `work`."""
     params = parameter_count(config)
-    copies = COPIES_TRAINING if trains else COPIES_EXPORT
+    copies = COPIES[work]
     logits = LOGIT_ROWS * config.vocab_size * 4
     return MemoryEstimate(params, BASE_BYTES + copies * 4 * params + logits, copies, logits)
 

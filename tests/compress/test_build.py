@@ -343,7 +343,7 @@ def test_a_model_larger_than_memory_is_refused_before_loading(tmp_path: Path, ti
 
 
 def test_the_parameter_count_behind_the_memory_estimate_is_the_models():
-    from compress.memory import estimate, parameter_count
+    from compress.memory import Work, estimate, parameter_count
 
     from compress.models.tiny import tiny_llama
 
@@ -351,9 +351,10 @@ def test_the_parameter_count_behind_the_memory_estimate_is_the_models():
         model = tiny_llama(0, tie_word_embeddings=tied, num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
         counted = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         assert parameter_count(model.config) == counted
-    small = estimate(model.config, trains=False)
+    small = estimate(model.config, Work.QUANTIZE)
     assert small.peak_bytes == 2e9 + 3.5 * 4 * small.parameters + 3 * 8 * 256 * model.config.vocab_size * 4
-    assert estimate(model.config, trains=True).peak_bytes > small.peak_bytes
+    assert estimate(model.config, Work.EXPORT).peak_bytes < small.peak_bytes < \
+        estimate(model.config, Work.TRAIN).peak_bytes
 
 
 def _greedy(model_dir: Path, prompt_ids: list[int], n: int) -> list[int]:
