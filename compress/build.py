@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,13 @@ class StagesOutput:
     quantized: QuantizedWeights | None  # the quantize stage's codes, when the target has that stage
     key: str  # the cache key of the last stage's output (the model's content hash without stages)
     records: list[dict[str, Any]]  # one per stage, for the manifest
+    reference_intact: bool = True  # False: a stage that owned the reference changed it (read it again to verify)
+
+    def take_model(self) -> Any:
+        """The model, which this output then no longer holds: a taker that drops it frees it (the exporter, which
+        lets the fp32 weights go as soon as it has read them)."""
+        model, self.model = self.model, None
+        return model
 
 
 def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache, console: Any,
@@ -172,7 +180,7 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
 
         dist.barrier()
     last_hit = max((i for i, k in enumerate(keys) if cache.lookup(k)), default=-1)
-    model, quantized, records = loaded.model, None, []
+    model, quantized, records, intact = loaded.model, None, [], True
     for i, (spec, key) in enumerate(zip(req.target.stages, keys)):
         title = f"Stage {i + 1}/{len(keys)}: {spec.kind.value}"
         if i <= last_hit:
@@ -184,9 +192,12 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
                 with console.step(f"{title} (cached; resuming after it)"):
                     model, quantized = checkpoint.load_stage(cache.path(key))
             continue
+        # A stage owns its input unless that is the reference and a later stage still reads it (ctx.reference).
+        owns = model is not loaded.model or i == len(keys) - 1
+        intact = intact and not (owns and model is loaded.model)
         ctx = StageContext(seed=req.seed, work_dir=cache.root / "work", console=console, reference=loaded.model,
                            calibration=functools.partial(calibration_windows, loaded.tokenizer, calib),
-                           quantized=quantized)
+                           quantized=quantized, owns_model=owns)
         with console.step(title) as step:
             start = time.perf_counter()
             result = stages.get(spec.kind.value).run(model, spec.config, ctx)
@@ -198,7 +209,7 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
         model, quantized = result.model, result.quantized
         records.append({"kind": spec.kind.value, "config": to_data(spec.config), "cache_key": key, "cached": False,
                         "seconds": step.get("seconds", seconds), "notes": result.notes, "tools": tools})
-    return StagesOutput(model, quantized, keys[-1] if keys else loaded.source.sha256, records)
+    return StagesOutput(model, quantized, keys[-1] if keys else loaded.source.sha256, records, intact)
 
 
 def run_export(req: BuildRequest, staged: StagesOutput, tokenizer: Any, cache: StageCache,
@@ -214,7 +225,8 @@ def run_export(req: BuildRequest, staged: StagesOutput, tokenizer: Any, cache: S
     with console.step(f"Export to {fmt}" + (" (cached)" if cached else "")) as step:
         if not cached:
             with cache.write(key, {"kind": "export", "tools": tool_versions()}) as entry:
-                art = exporter.export(staged.model, tokenizer, options, entry / name, console, staged.quantized)
+                art = exporter.export(staged.take_model(), tokenizer, options, entry / name, console,
+                                      staged.quantized)
                 (entry / "artifact.json").write_text(json.dumps(art.to_data()))
         entry = cache.path(key)
         art = Artifact.from_data(json.loads((entry / "artifact.json").read_text()), entry)
@@ -288,19 +300,19 @@ def build(req: BuildRequest, console: Any) -> Manifest | None:
         staged = run_stages(req, loaded, cache, console, world=world)
         phase = "export"
         # The export reads the stages' model only: where a stage made its own copy, the fp32 reference is let go
-        # for the export and read again for the verification (at 1B: 4.9 GB; android's export peak ~20 -> 16.3 GB).
-        released = staged.model is not loaded.model
+        # for the export and read again for the verification (at 1B: 4.9 GB; android's export peak ~20 -> 16.3 GB);
+        # where a stage owned the reference and changed it in place, it is read again too.
+        released = staged.model is not loaded.model or not staged.reference_intact
         if released:
             loaded = replace(loaded, model=None)
             gc.collect()
         artifact, export_record = run_export(req, staged, loaded.tokenizer, cache, console)
-        staged = replace(staged, model=None)  # the export was its last reader
+        staged = replace(staged, model=None)  # the export was its last reader (a cached export did not take it)
         gc.collect()
         phase = "verification"
-        if released and req.verify:
-            with console.step("Loading the fp32 reference again"):
-                loaded = models.load(source)
-        return _verify_and_finish(req, source, staged, artifact, export_record, loaded, console)
+        # A released reference is read again inside the verification, which lets it go once its outputs are known.
+        reload = functools.partial(models.load, source) if released else None
+        return _verify_and_finish(req, source, staged, artifact, export_record, loaded, console, reload)
     except BaseException as err:
         if not (req.out_dir / JUNIT).exists():  # a CI reading junit.xml sees the stopped build as a failed test
             write_failure_junit(req.out_dir, f"compress {req.target.name}", phase, err)
@@ -308,7 +320,8 @@ def build(req: BuildRequest, console: Any) -> Manifest | None:
 
 
 def _verify_and_finish(req: BuildRequest, source: models.ModelSource, staged: StagesOutput, artifact: Artifact,
-                       export_record: dict[str, Any], loaded: models.LoadedModel, console: Any) -> Manifest:
+                       export_record: dict[str, Any], loaded: models.LoadedModel, console: Any,
+                       reload: Callable[[], models.LoadedModel] | None = None) -> Manifest:
     manifest = Manifest(
         model=source.to_data(),
         target={"name": req.target.name, "targets_file": str(req.targets_file),
@@ -320,7 +333,8 @@ def _verify_and_finish(req: BuildRequest, source: models.ModelSource, staged: St
     verification = None
     if req.verify:
         with native_logs_in(req.out_dir / LOGS):
-            verification = verify_artifact(req.target, artifact, loaded, console, req.eval_data, req.threads)
+            verification = verify_artifact(req.target, artifact, loaded, console, req.eval_data, req.threads,
+                                           reload)
     return _finish(req.out_dir, manifest, verification, req.target, console, req.strict)
 
 

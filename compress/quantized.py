@@ -152,6 +152,15 @@ class QuantizeConfig:
 FILE = "compress-quantized.safetensors"
 
 
+ROW_BLOCK_ELEMENTS = 1 << 24  # rtn and dequantize work on row blocks of at most this many weights (64 MB of fp32)
+
+
+def row_blocks(rows: int, width: int, elements: int = ROW_BLOCK_ELEMENTS) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of at most `elements` weights each (at least one row)."""
+    step = max(1, elements // max(width, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
 @dataclass
 class QuantTensor:
     codes: torch.Tensor  # (out, in) uint8
@@ -169,6 +178,19 @@ class QuantTensor:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def rows(self, start: int, stop: int) -> QuantTensor:
+        """Rows start..stop of the matrix (views, no copy)."""
+        return QuantTensor(self.codes[start:stop], self.scale[start:stop], self.offset[start:stop], self.bits,
+                           self.group)
+
+    def dequantize_into(self, out: torch.Tensor, block_elements: int = ROW_BLOCK_ELEMENTS) -> None:
+        """Write the dequantized matrix into `out` (same shape) row block by row block: no full-size temporary."""
+        import torch
+
+        with torch.no_grad():
+            for a, b in row_blocks(*self.codes.shape, block_elements):
+                out[a:b].copy_(self.rows(a, b).dequantize())
 
     def dequantize(self) -> torch.Tensor:
         import torch
@@ -322,9 +344,25 @@ class QuantizedWeights:
                                    for b in sorted({t.bits for t in body.values()})}}
 
 
-def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> QuantTensor:
+def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool,
+        block_elements: int = ROW_BLOCK_ELEMENTS) -> QuantTensor:
     """Round to nearest on a per-group grid (torchao's affine primitives): the stage's plain algorithm, and what an
-    exporter uses where its kernels need a layout the stage's grid is not on (docs/quantization.md says where)."""
+    exporter uses where its kernels need a layout the stage's grid is not on (docs/quantization.md says where).
+
+    Every group is a slice of one row, so a large matrix is rounded row block by row block with the same result:
+    torchao's temporaries for a 128k-vocabulary embedding would otherwise be several fp32 copies of it (~4 GB at
+    Llama 3.2 1B's shape)."""
+    import torch
+
+    blocks = row_blocks(w.shape[0], w.shape[1], block_elements)
+    if len(blocks) > 1:
+        parts = [_rtn(w[a:b], bits, group, symmetric) for a, b in blocks]
+        return QuantTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                           torch.cat([p.offset for p in parts]), bits, group)
+    return _rtn(w, bits, group, symmetric)
+
+
+def _rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> QuantTensor:
     import torch
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
 

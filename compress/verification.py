@@ -6,6 +6,7 @@ Used by `compress build` (after export) and `compress verify OUT_DIR` (re-verifi
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -50,7 +51,10 @@ def check_prompts_fit(eval_set: Any, spec: Any, max_context: int | None) -> None
 
 
 def verify_artifact(target: TargetSpec, artifact: Artifact, reference: LoadedModel, console: Any,
-                    eval_data: str | None = None, threads: int | None = None) -> Verification:
+                    eval_data: str | None = None, threads: int | None = None,
+                    reload: Callable[[], LoadedModel] | None = None) -> Verification:
+    """With `reload`, `reference.model` may be None: the fp32 model is read by `reload` for the reference run and
+    let go before the artifact is loaded, so the two are never in memory together (at 1B: 4.9 GB)."""
     runtime_name = target.runtime.name
     runtime = RUNTIMES.get(runtime_name)
     available = runtime.availability()
@@ -67,9 +71,16 @@ def verify_artifact(target: TargetSpec, artifact: Artifact, reference: LoadedMod
     check_prompts_fit(eval_set, spec, max_context)
     try:
         with torch_threads(threads):
+            if reload is not None:
+                with console.step("Loading the fp32 reference again"):
+                    model = reload().model
+            else:
+                model = reference.model
             with console.step("Running the fp32 reference (eager PyTorch)"):
-                ref_session = TorchEagerRuntime.session_for(reference.model, max_context)
-                ref = run_reference(ref_session, eval_set, spec.greedy_tokens, stops, console)
+                ref = run_reference(TorchEagerRuntime.session_for(model, max_context), eval_set, spec.greedy_tokens,
+                                    stops, console)
+            del model  # the reference's outputs are all the rest reads; a reloaded model is freed here
+            gc.collect()
             with console.step(f"Loading the artifact on {runtime_name} ({threads} threads)"):
                 try:
                     session = runtime.load(artifact, threads)

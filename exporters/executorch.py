@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import gc
 import importlib.util
 import json
 import time
@@ -134,20 +135,24 @@ class ExecuTorchExporter:
             fused = fuse_qkv_codes(codes, model.config.num_hidden_layers)
             fuse, codes = fused is not None, fused or codes
         last = options.logits is PteLogits.LAST
+        tied = bool(model.config.tie_word_embeddings)
+        linears = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
         module = ExportLlama.from_hf(model, options.max_context, backend, fuse_qkv=fuse,
                                      kv_precision=options.kv_cache, last_logits=last)
+        # The export module holds what it needs of the weights: where the caller handed the model over (the build
+        # does), the fp32 linears the codes replace below are freed as they are replaced.
+        del model
+        gc.collect()
         notes: dict[str, Any] = {"quantization": "fp32 (none)"}
         if codes is not None:  # the quantize stage ran: lower its codes as they are
             check_codes(codes)
             with console.step("Lowering the quantize stage's codes (XNNPACK layout)") as step:
                 notes = {"quantization": f"quantize stage ({codes.config.algorithm})",
-                         **apply_codes(module, codes, bool(model.config.tie_word_embeddings)),
-                         "tied_embeddings": model.config.tie_word_embeddings}
+                         **apply_codes(module, codes, tied), "tied_embeddings": tied}
                 step["detail"] = f"{notes['linears_quantized']}/{notes['linears_total']} linears, " \
                                  f"{notes['linears_with_offset_correction']} with an offset correction"
         else:
-            notes.update(linears_total=sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)),
-                         linears_quantized=0)
+            notes.update(linears_total=linears, linears_quantized=0)
         notes["qkv_fused"] = fuse
         notes["kv_cache"] = options.kv_cache.value
         notes["logits"] = options.logits.value

@@ -23,6 +23,11 @@ class StageContext:
     reference: Any  # the unmodified fp32 model (the teacher / the KL reference)
     console: Any  # compress.progress.Console
     quantized: QuantizedWeights | None = None  # the input model's codes, when a quantize stage ran before
+    # The input model is the stage's own: nothing reads it after the stage returns (an earlier stage's output, saved
+    # in the cache already, or the reference when no later stage needs it: the build reads the reference again to
+    # verify), so the stage may change it in place rather than copy it. When the input model is `reference` itself,
+    # the stage reads whatever it needs from the reference before changing it.
+    owns_model: bool = False
 
 
 @dataclass

@@ -41,7 +41,7 @@ def gptq_linears(model: Any, windows: list[list[int]], plans: dict[str, tuple[in
             t = gptq(linear.weight.detach().float(), hessians[name], bits, group, scale_bits, zero_point)
             out[name] = t
             with torch.no_grad():
-                linear.weight.copy_(t.dequantize())
+                t.dequantize_into(linear.weight)
         with torch.no_grad():
             hidden = layer_output(layer(hidden, **kwargs))  # what the next layer reads: this layer quantized
     return out

@@ -101,7 +101,7 @@ def detach(student: Any, quantized: QuantizedWeights, swapped: list[str]) -> Qua
         out, width = grid.codes.shape
         linear = nn.Linear(width, out, bias=grid.bias is not None)
         with torch.no_grad():
-            linear.weight.copy_(tensors[name].dequantize())
+            tensors[name].dequantize_into(linear.weight)
             if grid.bias is not None:
                 linear.bias.copy_(grid.bias)
         setattr(parent, leaf, linear)

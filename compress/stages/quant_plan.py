@@ -104,7 +104,7 @@ def load_codes(model: Any, tensors: dict[str, QuantTensor]) -> Any:
     weights = linear_weights(model)
     with torch.no_grad():
         for name, t in tensors.items():
-            weights[name].copy_(t.dequantize())
+            t.dequantize_into(weights[name])
     return model
 
 

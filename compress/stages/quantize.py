@@ -32,7 +32,10 @@ class QuantizeStage:
         from compress.stages import sensitivity
 
         notes: dict[str, Any] = {}
-        given = model  # the caller's (the fp32 reference, or an earlier stage's result): never overwritten here
+        # The caller's model (the fp32 reference, or an earlier stage's result) is never overwritten here unless
+        # the stage owns it (ctx.owns_model): then it is quantized in place where nothing needs its float weights
+        # afterwards (no smoothing candidate, no mixed-precision search), and the search sets its trials in it.
+        given = None if ctx.owns_model else model
         if config.rotation is Rotation.HADAMARD:
             from compress.stages.rotation import rotate
 
@@ -45,10 +48,12 @@ class QuantizeStage:
         windows = ctx.calibration(config.calibration_windows + (config.fit_windows if fits else 0),
                                   config.calibration_len)
         windows, fit = windows[:config.calibration_windows], windows[config.calibration_windows:]
+        measure = sensitivity.KlProbe(ctx.reference, windows)  # first: an owned model may be the reference itself
+        floats_needed = config.smoothing is not None or config.max_kl is not None
         start = time.perf_counter()
-        quantized, qw = quantize_model(model, config, ctx.console, fit)
+        quantized, qw = quantize_model(model, config, ctx.console, fit,
+                                       in_place=model is not given and not floats_needed)
         seconds = {"quantize": time.perf_counter() - start}
-        measure = sensitivity.KlProbe(ctx.reference, windows)
         kl = measure(quantized)
         smoothing = None
         if config.smoothing is not None and (config.max_kl is None or kl > config.max_kl):

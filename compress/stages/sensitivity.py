@@ -66,7 +66,7 @@ def rank(model: Any, tensors: dict[str, QuantTensor], measure: KlProbe, console:
         w = weights[name]
         original = w.detach().clone()
         with torch.no_grad():
-            w.copy_(tensors[name].dequantize())
+            tensors[name].dequantize_into(w)
         try:
             scores.append((name, measure(model)))
         finally:
@@ -142,7 +142,7 @@ def promote_until(model: Any, tensors: dict[str, QuantTensor], plans: list[Any],
         with torch.no_grad():
             for i, (name, _) in enumerate(ranking[:allowed]):
                 if at_eight[i] != (i < k):
-                    work_weights[name].copy_((eight[name] if i < k else tensors[name]).dequantize())
+                    (eight[name] if i < k else tensors[name]).dequantize_into(work_weights[name])
                     at_eight[i] = i < k
 
     def kl_with(k: int) -> float:

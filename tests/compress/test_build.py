@@ -477,18 +477,25 @@ def test_a_yaml_alias_bomb_is_one_line_and_exit_2(tmp_path: Path, cli):
     assert "targets.t: expected a mapping, got a list [[" in lines[0]
 
 
-@pytest.mark.parametrize("stages", [[], [{"quantize": {"algorithm": "rtn", "weight_bits": 8, "group_size": 32,
-                                                       "symmetric": True}}]], ids=["no stage", "quantize"])
-def test_the_reference_is_let_go_while_a_stage_s_own_model_is_exported_and_read_again_to_verify(
+_RTN8 = {"algorithm": "rtn", "weight_bits": 8, "group_size": 32, "symmetric": True}
+
+
+@pytest.mark.parametrize("stages", [[], [{"quantize": _RTN8}], [{"quantize": {**_RTN8, "smoothing": 0.5}}]],
+                         ids=["no stage", "quantize in place", "quantize a smoothed copy"])
+def test_the_export_holds_one_model_and_the_verification_reads_the_reference_again(
         stages: list, tiny_dir: Path, tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch):
-    """What bounds a large build's peak: the export holds the stages' model, not the fp32 reference as well.
-    Where there is no stage the reference is what is exported, so it is kept and read once."""
+    """What bounds a large build's peak: one fp32-sized model at a time. A quantize stage that is the only reader
+    of the reference quantizes it in place (nothing needs its float weights afterwards); one that needs them makes
+    a copy, and the reference is let go for the export. Either way the verification reads the reference again and
+    lets it go before the artifact is measured. Where there is no stage the reference is what is exported, so it
+    is kept and read once."""
+    import copy
     import gc
     import weakref
 
     from compress.exporters.safetensors import SafetensorsExporter
 
-    from compress import models
+    from compress import models, verification
     from compress.build import BuildRequest, build
     from compress.progress import Console
     from compress.targets import load_targets
@@ -504,12 +511,24 @@ def test_the_reference_is_let_go_while_a_stage_s_own_model_is_exported_and_read_
 
     def export(self, model, *args, **kwargs):
         gc.collect()
-        seen["reference_alive"] = loads[0]() is not None
+        seen["other_models_alive"] = any(r() is not None and r() is not model for r in loads)
         seen["exports_the_reference"] = model is loads[0]()
-        return real_export(self, model, *args, **kwargs)
+        kept, handed = copy.deepcopy(model), weakref.ref(model)
+        del model
+        gc.collect()
+        seen["handed_over"] = handed() is None  # the exporter held the only reference: it may free the weights
+        return real_export(self, kept, *args, **kwargs)
+
+    real_measure = verification.measure_accuracy
+
+    def measure_accuracy(*args, **kwargs):
+        gc.collect()
+        seen["reference_alive_while_measuring"] = any(r() is not None for r in loads)
+        return real_measure(*args, **kwargs)
 
     monkeypatch.setattr(models, "load", load)
     monkeypatch.setattr(SafetensorsExporter, "export", export)
+    monkeypatch.setattr(verification, "measure_accuracy", measure_accuracy)
     path = tmp_path / "targets.yaml"
     path.write_text(yaml.safe_dump({"version": 1, "targets": {"t": {
         "stages": stages, "export": {"format": "safetensors", "dtype": "float32"},
@@ -517,10 +536,12 @@ def test_the_reference_is_let_go_while_a_stage_s_own_model_is_exported_and_read_
     targets = load_targets(path)
     manifest = build(BuildRequest(targets.get("t"), str(tiny_dir), tmp_path / "out", targets.path),
                      Console(quiet=True))
-    assert manifest is not None and manifest.verification["metrics"]["mean_kl"] >= 0
-    if stages:
-        assert seen == {"reference_alive": False, "exports_the_reference": False} and len(loads) == 2
-        assert manifest.verification["metrics"]["mean_kl"] > 1e-8  # measured against the fp32 reference, read again
-    else:
-        assert seen == {"reference_alive": True, "exports_the_reference": True} and len(loads) == 1
-        assert manifest.verification["metrics"]["mean_kl"] < 1e-6
+    assert manifest is not None and seen["other_models_alive"] is False
+    kl = manifest.verification["metrics"]["mean_kl"]
+    if not stages:
+        assert seen["exports_the_reference"] and len(loads) == 1 and kl < 1e-6
+        assert seen["reference_alive_while_measuring"] and not seen["handed_over"]  # read once, held by the build
+    else:  # measured against the fp32 reference, read again and let go once its outputs are known
+        assert seen["exports_the_reference"] is ("smoothing" not in stages[0]["quantize"])
+        assert len(loads) == 2 and kl > 1e-8 and not seen["reference_alive_while_measuring"]
+        assert seen["handed_over"]

@@ -203,6 +203,37 @@ def test_stage_output_runs_its_own_codes_and_survives_the_cache(tmp_path):
         assert torch.equal(u.scale, t.scale) and torch.equal(u.offset, t.offset)
 
 
+@pytest.mark.parametrize("extra", [{}, {"max_kl": 1e-6, "max_avg_bits": 5.0}], ids=["plain", "with the search"])
+def test_a_stage_that_owns_the_reference_changes_it_in_place_with_the_same_result(extra, tmp_path):
+    """Owning its input is a memory change only: the same codes, the same weights, the same KL as a stage that
+    copies, the probe read from the reference before anything changed it. Plain rounding quantizes the owned
+    model itself; the search (which needs the float weights) copies it once and then sets its trials in it."""
+    config = _config(algorithm=QuantAlgorithm.RTN, **extra)
+    copied = STAGES.get("quantize").run(tiny_llama(seed=0), config, _ctx(tiny_llama(seed=0), tmp_path))
+    model = tiny_llama(seed=0)
+    owned = STAGES.get("quantize").run(model, config, dataclasses.replace(_ctx(model, tmp_path), owns_model=True))
+    assert owned.notes["kl_vs_unquantized"] == copied.notes["kl_vs_unquantized"] > 0
+    assert owned.notes.get("promoted_to_8bit") == copied.notes.get("promoted_to_8bit")
+    for name, t in copied.quantized.tensors.items():
+        u = owned.quantized.tensors[name]
+        assert torch.equal(u.codes, t.codes) and torch.equal(u.scale, t.scale) and torch.equal(u.offset, t.offset)
+    got, want = owned.model.state_dict(), copied.model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert owned.model is model  # plain: quantized in place; with the search: its trials set in the owned model
+
+
+def test_rtn_rounds_a_large_matrix_row_block_by_row_block_with_the_same_result():
+    w = torch.randn(37, 96, generator=torch.Generator().manual_seed(3)) * 0.05
+    for symmetric in (True, False):
+        whole = rtn(w, 4, 32, symmetric)
+        blocks = rtn(w, 4, 32, symmetric, block_elements=5 * 96)  # 8 blocks, the last of 2 rows
+        assert torch.equal(whole.codes, blocks.codes) and torch.equal(whole.scale, blocks.scale)
+        assert torch.equal(whole.offset, blocks.offset)
+        out = torch.empty_like(w)
+        whole.dequantize_into(out, block_elements=5 * 96)
+        assert torch.equal(out, whole.dequantize())
+
+
 def test_mixed_precision_raises_the_most_sensitive_linears_until_the_kl_is_met(tmp_path):
     model = tiny_llama(seed=0)
     ctx = _ctx(model, tmp_path)

@@ -330,3 +330,32 @@ def test_a_damaged_weights_file_is_a_failed_verification_naming_the_runtime_s_re
     assert result.code == 4, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "executorch refused to load the artifact" in last and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_model_handed_over_is_freed_once_the_export_module_holds_its_weights(tmp_path, monkeypatch):
+    """The build hands the exporter the only reference to the stages' model: the export module copies the weights
+    it needs, so the HF model's fp32 weights are let go before the codes are lowered and the program is traced."""
+    import gc
+    import weakref
+
+    box = [tiny_llama(seed=0)]
+    alive = weakref.ref(box[0])
+    real = ExecuTorchExporter._lower
+    seen = {}
+
+    def lower(self, *args, **kwargs):
+        gc.collect()
+        seen["model_alive"] = alive() is not None
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ExecuTorchExporter, "_lower", lower)
+    staged, codes = quantize_model(box.pop(), QuantizeConfig(weight_bits=4, group_size=32, symmetric=True,
+                                                              activations=Activations.INT8_DYNAMIC,
+                                                              embedding=Precision.INT8, lm_head=Precision.INT8),
+                                   in_place=True)
+    box.append(staged)  # the model itself, quantized in place
+    del staged  # what the build does: it holds no reference while the exporter runs
+    art = ExecuTorchExporter().export(box.pop(), byte_tokenizer(), PteOptions(max_context=96), tmp_path / "a", QUIET,
+                                      codes)
+    assert seen == {"model_alive": False}
+    assert art.record["coverage"]["linears_quantized"] == art.record["coverage"]["linears_total"]

@@ -257,3 +257,30 @@ def test_an_onnx_build_with_one_norm_flipped_and_re_hashed_fails_verify_with_exi
     result = cli("verify", str(out))
     assert result.code == 4, result.stderr
     assert "budget broken (max_mean_kl" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
+def test_a_model_handed_over_is_freed_before_the_builder_loads_its_own_copy(tmp_path, monkeypatch):
+    """The build hands the exporter the only reference to the stages' model: the fp32 weights are let go once
+    written for the builder, so the parent and the builder's child never both hold them (at 1B, 4.9 GB)."""
+    import gc
+    import weakref
+
+    from compress.exporters import onnx as onnx_exporter
+
+    box = [tiny_llama(seed=0)]
+    alive = weakref.ref(box[0])
+    real = onnx_exporter._run_builder
+    seen = {}
+
+    def run_builder(*args, **kwargs):
+        gc.collect()
+        seen["model_alive"] = alive() is not None
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_exporter, "_run_builder", run_builder)
+    art = OnnxExporter().export(box.pop(), byte_tokenizer(), OnnxOptions(max_context=96), tmp_path / "a", QUIET)
+    assert seen == {"model_alive": False}
+    config = json.loads((art.path / "config.json").read_text())
+    assert config["vocab_size"] == tiny_llama(seed=0).config.vocab_size
+    session = OnnxRuntimeRuntime().load(art, threads=2)
+    assert session.prefill(TOKENS[:4]).shape[0] == 4
