@@ -195,9 +195,14 @@ def run_stages(req: BuildRequest, loaded: models.LoadedModel, cache: StageCache,
         # A stage owns its input unless that is the reference and a later stage still reads it (ctx.reference).
         owns = model is not loaded.model or i == len(keys) - 1
         intact = intact and not (owns and model is loaded.model)
+        # Where an owned model's float weights can be read again: the source checkpoint, or the previous stage's
+        # cache entry (written by rank 0 alone, so only a single process reads it back).
+        saved = loaded.source.checkpoint if model is loaded.model else cache.path(keys[i - 1])
+        saved = saved if model is loaded.model or world.size == 1 else None
         ctx = StageContext(seed=req.seed, work_dir=cache.root / "work", console=console, reference=loaded.model,
                            calibration=functools.partial(calibration_windows, loaded.tokenizer, calib),
-                           quantized=quantized, owns_model=owns)
+                           quantized=quantized, owns_model=owns,
+                           restore_floats=checkpoint.float_restorer(model, saved) if owns and saved else None)
         with console.step(title) as step:
             start = time.perf_counter()
             result = stages.get(spec.kind.value).run(model, spec.config, ctx)

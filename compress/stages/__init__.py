@@ -7,6 +7,7 @@ names a stage kind without an implementation is refused before any work starts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +29,10 @@ class StageContext:
     # verify), so the stage may change it in place rather than copy it. When the input model is `reference` itself,
     # the stage reads whatever it needs from the reference before changing it.
     owns_model: bool = False
+    # For an owned input model: writes its float weights back into it, in place and bitwise (read again from the
+    # checkpoint it came from), so a stage may overwrite them and still have them when it needs them again; None
+    # where they cannot be read again (the stage then keeps a copy).
+    restore_floats: Callable[[Any], None] | None = None
 
 
 @dataclass

@@ -18,11 +18,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from compress.quantized import QuantizeConfig, QuantizedWeights, Rotation
 from compress.stages import StageContext, StageResult
-from compress.stages.quant_plan import CALIBRATED, apply, linear_weights, plan, quantize_model
+from compress.stages.quant_plan import CALIBRATED, apply, linear_weights, load_codes, plan, quantize_model
 
 
 class QuantizeStage:
@@ -33,9 +34,12 @@ class QuantizeStage:
 
         notes: dict[str, Any] = {}
         # The caller's model (the fp32 reference, or an earlier stage's result) is never overwritten here unless
-        # the stage owns it (ctx.owns_model): then it is quantized in place where nothing needs its float weights
-        # afterwards (no smoothing candidate, no mixed-precision search), and the search sets its trials in it.
+        # the stage owns it (ctx.owns_model). An owned model is quantized in place: where float weights are needed
+        # again afterwards (the smoothing candidate, the mixed-precision search), they are written back into it
+        # from its checkpoint (ctx.restore_floats), so one fp32 model lives here; without a way to restore them
+        # (or after a rotation, which makes a model of its own) the stage quantizes a copy.
         given = None if ctx.owns_model else model
+        restore = ctx.restore_floats if ctx.owns_model else None
         if config.rotation is Rotation.HADAMARD:
             from compress.stages.rotation import rotate
 
@@ -43,6 +47,7 @@ class QuantizeStage:
                 model = rotate(model, ctx.seed)
             notes["rotation"] = {"kind": config.rotation.value, "seed": ctx.seed, "seconds": step["seconds"],
                                  "untied_lm_head": True}
+            restore = None  # the checkpoint holds the unrotated weights
         plans = plan(model, config)  # refuses what cannot be done as asked, before any work
         fits = config.algorithm in CALIBRATED
         windows = ctx.calibration(config.calibration_windows + (config.fit_windows if fits else 0),
@@ -50,21 +55,23 @@ class QuantizeStage:
         windows, fit = windows[:config.calibration_windows], windows[config.calibration_windows:]
         measure = sensitivity.KlProbe(ctx.reference, windows)  # first: an owned model may be the reference itself
         floats_needed = config.smoothing is not None or config.max_kl is not None
+        in_place = model is not given and (restore is not None or not floats_needed)
+        refloat = restore if in_place else None  # set when `model` loses its float weights to the codes
         start = time.perf_counter()
-        quantized, qw = quantize_model(model, config, ctx.console, fit,
-                                       in_place=model is not given and not floats_needed)
+        quantized, qw = quantize_model(model, config, ctx.console, fit, in_place=in_place)
         seconds = {"quantize": time.perf_counter() - start}
         kl = measure(quantized)
         smoothing = None
         if config.smoothing is not None and (config.max_kl is None or kl > config.max_kl):
             # Smoothing is a candidate, kept only when its codes measure a lower KL: it rebalances weights that
             # carry folded norm gains, and moves weights that already sit on a grid off it. The unsmoothed
-            # dequantized copy is apply(model, qw.tensors): dropped while the candidate is measured, rebuilt if
-            # the candidate loses, so two fp32 copies live here (the reference and the smoothed model).
+            # dequantized weights are dropped while the candidate is measured and rebuilt from the codes if it
+            # loses; the candidate is smoothed in the stage's own model (floats restored) or in a copy of the
+            # caller's, so at most two fp32 models live here (the caller's and the candidate), one when owned.
             del quantized
             start = time.perf_counter()
             smoothing, quantized, qw, kl, notes["smoothing"] = self._smoothed(model, qw, kl, config, ctx, fit,
-                                                                             fit or windows, measure)
+                                                                             fit or windows, measure, refloat)
             seconds["smoothing"] = time.perf_counter() - start
         notes["kl_all_at_weight_bits"] = kl
         if config.max_kl is not None and kl > config.max_kl:
@@ -73,8 +80,10 @@ class QuantizeStage:
             # The search sets its trials in one model in place and hands it back holding the chosen codes: the
             # smoothed (or rotated) copy is the stage's own, so it becomes that model, no third fp32 copy.
             del quantized
+            if refloat is not None:  # the stage's own model holds codes: its float weights again
+                refloat(model)
             if smoothing is not None:  # its float weights, rebuilt bitwise from the scales (quantized in place)
-                model = smoothing.apply(model)
+                model = smoothing.apply(model, in_place=refloat is not None)
             mixed = sensitivity.promote_until(model, tensors, plans, config, measure, ctx.console, kl,
                                               work=None if model is given else model)
             seconds["mixed_precision"] = time.perf_counter() - start
@@ -93,21 +102,24 @@ class QuantizeStage:
 
     @staticmethod
     def _smoothed(model: Any, qw: QuantizedWeights, kl: float, config: QuantizeConfig, ctx: StageContext,
-                  fit: list[list[int]], windows: list[list[int]],
-                  measure: Any) -> tuple[Any, Any, QuantizedWeights, float, dict]:
+                  fit: list[list[int]], windows: list[list[int]], measure: Any,
+                  refloat: Callable[[Any], None] | None) -> tuple[Any, Any, QuantizedWeights, float, dict]:
         """The smoothed candidate against the unsmoothed codes `qw` (KL `kl`): (the Smoothing when kept, else
         None; the kept codes' dequantized model; the codes; their KL; the notes). The scales come from the
-        activations over `windows`, GPTQ fits on `fit`. The smoothed copy is quantized in place, so the candidate
-        costs one fp32 copy."""
+        activations over `windows`, GPTQ fits on `fit`. With `refloat`, `model` is the stage's own and holds the
+        unsmoothed codes: its float weights are restored and smoothed in place (no second fp32 copy), else a
+        smoothed copy is made; either way the candidate is quantized in place."""
         from compress.stages.smoothing import smoothing_for
 
+        if refloat is not None:
+            refloat(model)
         with ctx.console.step(f"Smoothing the normed activations (alpha {config.smoothing})") as step:
             smoothing = smoothing_for(model, windows, config.smoothing)
             info: dict[str, Any] = dict(smoothing.info)
             step["detail"] = (f"largest channel / median {info['outlier_ratio_before']} -> "
                               f"{info['outlier_ratio_after']}")
-        s_quantized, s_qw = quantize_model(smoothing.apply(model), config, ctx.console, fit,
-                                           in_place=True)
+        s_quantized, s_qw = quantize_model(smoothing.apply(model, in_place=refloat is not None), config,
+                                           ctx.console, fit, in_place=True)
         s_kl = measure(s_quantized)
         info.update(kl_without=kl, kl_with=s_kl, kept=s_kl < kl)
         ctx.console.print(f"  smoothing: KL {kl:.4g} without, {s_kl:.4g} with: "
@@ -115,6 +127,9 @@ class QuantizeStage:
         if s_kl < kl:
             return smoothing, s_quantized, s_qw, s_kl, info
         del s_quantized, s_qw
+        if refloat is not None:  # the unsmoothed codes' values, in the stage's own model again
+            refloat(model)
+            return None, load_codes(model, qw.tensors), qw, kl, info
         return None, apply(model, qw.tensors), qw, kl, info
 
 

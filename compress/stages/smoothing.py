@@ -32,11 +32,12 @@ class Smoothing:
     scales: tuple[torch.Tensor, ...]
     info: dict[str, float]
 
-    def apply(self, model: Any) -> Any:
-        """A smoothed copy of `model`: norm gains divided by the scales, the columns of the linears that read them
-        multiplied. The same scales on the same model give bitwise the same weights every time, so a caller may
-        drop the copy and rebuild it."""
-        model = copy.deepcopy(model)
+    def apply(self, model: Any, in_place: bool = False) -> Any:
+        """A smoothed copy of `model` (`model` itself, changed, with `in_place`): norm gains divided by the scales,
+        the columns of the linears that read them multiplied. The same scales on the same weights give bitwise the
+        same result every time, so a caller may drop the smoothed weights and rebuild them."""
+        if not in_place:
+            model = copy.deepcopy(model)
         with torch.no_grad():
             for (norm, linears), s in zip(_sites(model), self.scales):
                 norm.weight.div_(s)

@@ -203,6 +203,17 @@ def test_stage_output_runs_its_own_codes_and_survives_the_cache(tmp_path):
         assert torch.equal(u.scale, t.scale) and torch.equal(u.offset, t.offset)
 
 
+def _assert_same_stage_result(owned, copied) -> None:
+    """The same KL, promotions, codes and weights (every parameter, bitwise) from both stages."""
+    assert owned.notes["kl_vs_unquantized"] == copied.notes["kl_vs_unquantized"] > 0
+    assert owned.notes.get("promoted_to_8bit") == copied.notes.get("promoted_to_8bit")
+    for name, t in copied.quantized.tensors.items():
+        u = owned.quantized.tensors[name]
+        assert torch.equal(u.codes, t.codes) and torch.equal(u.scale, t.scale) and torch.equal(u.offset, t.offset)
+    got, want = owned.model.state_dict(), copied.model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 @pytest.mark.parametrize("extra", [{}, {"max_kl": 1e-6, "max_avg_bits": 5.0}], ids=["plain", "with the search"])
 def test_a_stage_that_owns_the_reference_changes_it_in_place_with_the_same_result(extra, tmp_path):
     """Owning its input is a memory change only: the same codes, the same weights, the same KL as a stage that
@@ -212,14 +223,70 @@ def test_a_stage_that_owns_the_reference_changes_it_in_place_with_the_same_resul
     copied = STAGES.get("quantize").run(tiny_llama(seed=0), config, _ctx(tiny_llama(seed=0), tmp_path))
     model = tiny_llama(seed=0)
     owned = STAGES.get("quantize").run(model, config, dataclasses.replace(_ctx(model, tmp_path), owns_model=True))
-    assert owned.notes["kl_vs_unquantized"] == copied.notes["kl_vs_unquantized"] > 0
-    assert owned.notes.get("promoted_to_8bit") == copied.notes.get("promoted_to_8bit")
-    for name, t in copied.quantized.tensors.items():
-        u = owned.quantized.tensors[name]
-        assert torch.equal(u.codes, t.codes) and torch.equal(u.scale, t.scale) and torch.equal(u.offset, t.offset)
-    got, want = owned.model.state_dict(), copied.model.state_dict()
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    _assert_same_stage_result(owned, copied)
     assert owned.model is model  # plain: quantized in place; with the search: its trials set in the owned model
+
+
+_SEARCH = {"max_kl": 1e-6, "max_avg_bits": 5.0}
+
+
+@pytest.mark.parametrize("extra, kept", [
+    ({"algorithm": QuantAlgorithm.HQQ, "smoothing": 0.5}, True),
+    ({"algorithm": QuantAlgorithm.HQQ, "smoothing": 0.3}, False),
+    ({"algorithm": QuantAlgorithm.HQQ, "smoothing": 0.5, **_SEARCH}, True),
+    ({"algorithm": QuantAlgorithm.HQQ, "smoothing": 0.3, **_SEARCH}, False),
+    ({"algorithm": QuantAlgorithm.GPTQ, "smoothing": 0.8, "fit_windows": 2}, True),
+    ({"algorithm": QuantAlgorithm.RTN, **_SEARCH}, None),
+], ids=["smoothing kept", "smoothing lost", "smoothing kept, then the search", "smoothing lost, then the search",
+        "gptq, smoothing kept", "the search"])
+def test_an_owned_model_whose_floats_can_be_restored_is_never_copied_and_gives_the_same_result(extra, kept,
+                                                                                                tmp_path, monkeypatch):
+    """With its float weights readable again from its checkpoint (ctx.restore_floats), an owned model is quantized
+    in place, restored for the smoothing candidate (smoothed in place), restored again when the candidate loses
+    or the search needs them: no copy of the whole model is ever made, and the codes, weights and KL are those of
+    a stage that copies."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    config = _config(**extra)
+    copied = STAGES.get("quantize").run(tiny_llama(seed=0), config, _ctx(tiny_llama(seed=0), tmp_path))
+    model = tiny_llama(seed=0)
+    model.save_pretrained(tmp_path / "source", safe_serialization=True)
+    restore = checkpoint.float_restorer(model, tmp_path / "source")
+    assert restore is not None
+    restored, copies, deepcopy = [], [], copy.deepcopy
+
+    def counting(obj, *args, **kwargs):
+        copies.extend([type(obj).__name__] if isinstance(obj, LlamaForCausalLM) else [])
+        return deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", counting)
+    ctx = dataclasses.replace(_ctx(model, tmp_path), owns_model=True,
+                              restore_floats=lambda m: (restored.append(m), restore(m)))
+    owned = STAGES.get("quantize").run(model, config, ctx)
+    assert copies == [] and owned.model is model and restored and all(m is model for m in restored)
+    if kept is not None:  # the candidate won or lost as the parameter says, for both stages alike
+        assert owned.notes["smoothing"] == copied.notes["smoothing"] and copied.notes["smoothing"]["kept"] is kept
+    _assert_same_stage_result(owned, copied)  # norm gains too: smoothed only when kept
+
+
+def test_float_weights_are_restored_bitwise_from_a_bf16_checkpoint_and_refused_where_keys_differ(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_llama(seed=0).to(torch.bfloat16)
+    source.save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    loaded, _ = checkpoint.load_stage(tmp_path / "bf16")  # fp32, as the build loads a bf16 checkpoint
+    model = tiny_llama(seed=5)
+    restore = checkpoint.float_restorer(model, tmp_path / "bf16")
+    restore(model)
+    want = loaded.state_dict()
+    assert all(torch.equal(v, want[k]) and v.dtype == torch.float32 for k, v in model.state_dict().items())
+    (tmp_path / "renamed").mkdir()
+    tensors = load_file(tmp_path / "bf16" / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, tmp_path / "renamed" / "model.safetensors")
+    assert checkpoint.float_restorer(model, tmp_path / "renamed") is None
+    assert checkpoint.float_restorer(model, tmp_path / "empty") is None
 
 
 def test_rtn_rounds_a_large_matrix_row_block_by_row_block_with_the_same_result():
