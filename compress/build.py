@@ -312,7 +312,9 @@ def build(req: BuildRequest, console: Any) -> Manifest | None:
             loaded = replace(loaded, model=None)
             gc.collect()
         artifact, export_record = run_export(req, staged, loaded.tokenizer, cache, console)
-        staged = replace(staged, model=None)  # the export was its last reader (a cached export did not take it)
+        # The export was the last reader of the model (a cached export did not take it) and of the codes (1.3 GB at
+        # 1B): the verification reads the artifact, and of the stages only their records.
+        staged = replace(staged, model=None, quantized=None)
         gc.collect()
         phase = "verification"
         # A released reference is read again inside the verification, which lets it go once its outputs are known.

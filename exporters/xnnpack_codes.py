@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from compress.errors import ExportError
-from compress.quantized import Activations, QuantizedWeights, QuantTensor, rtn
+from compress.quantized import ROW_BLOCK_ELEMENTS, Activations, QuantizedWeights, QuantTensor, row_blocks, rtn
 
 _Q = torch.ops.quantized_decomposed
 
@@ -132,7 +132,7 @@ def apply_codes(module: nn.Module, qw: QuantizedWeights, tied: bool) -> dict[str
         if t.bits == 8 and t.group != width:
             # XNNPACK's int8 linears take one scale per row ("Only 4b group quantization is supported"), so 8-bit
             # per-group codes (a GGUF's Q8_0 lm_head) are re-rounded per channel here, and the manifest says so.
-            tensors[name] = rtn(t.dequantize(), 8, width, symmetric=True)
+            tensors[name] = per_channel_int8(t)
             requantized[name] = f"8-bit group {t.group} -> per channel (XNNPACK's int8 kernels are per channel)"
     with torch.no_grad():
         corrected, rows = [], {}
@@ -155,6 +155,15 @@ def apply_codes(module: nn.Module, qw: QuantizedWeights, tied: bool) -> dict[str
                                for b in sorted({t.bits for t in qw.tensors.values()})}}
 
 
+def per_channel_int8(t: QuantTensor, block_elements: int = ROW_BLOCK_ELEMENTS) -> QuantTensor:
+    """`t` rounded again to 8 bits per output channel, row block by row block: a 128k-vocabulary lm_head's
+    dequantized matrix is 1 GB of fp32 at Llama 3.2 1B's shape, and each row's channel depends on that row only,
+    so the blocks give the same codes as the whole matrix."""
+    parts = [rtn(t.rows(a, b).dequantize(), 8, t.shape[1], symmetric=True) for a, b in row_blocks(*t.shape, block_elements)]
+    return QuantTensor(torch.cat([q.codes for q in parts]), torch.cat([q.scale for q in parts]),
+                       torch.cat([q.offset for q in parts]), 8, t.shape[1])
+
+
 def _quantize_offsets(module: nn.Module, acts: Activations) -> str:
     """With int8 dynamic activations, the offset terms run as int8 linears too (per-channel weights, the group sums
     quantized per token like every other activation): their fp32 weights were 13.3 MB of SmolLM2's 138 MB, read
@@ -169,21 +178,10 @@ def _quantize_offsets(module: nn.Module, acts: Activations) -> str:
     return "int8 per channel, int8 dynamic activations"
 
 
-def _write(weight: Any, t: QuantTensor, zero: torch.Tensor | None) -> None:
-    """Overwrite torchao's tensor with the codes: qdata = signed codes, zero point 0 unless given (signed)."""
-    if tuple(weight.qdata.shape) != t.shape or tuple(weight.scale.shape) != tuple(t.scale.shape):
-        raise ExportError(f"torchao laid out {tuple(weight.qdata.shape)} / scales {tuple(weight.scale.shape)} for "
-                          f"codes {t.shape} / {tuple(t.scale.shape)}")
-    weight.qdata.copy_(t.signed_codes())
-    weight.scale.copy_(t.scale.to(weight.scale.dtype))
-    weight.zero_point.copy_(torch.zeros_like(weight.zero_point) if zero is None else zero.to(weight.zero_point.dtype))
-
-
 def _embedding_from_lm_head(module: nn.Module, head: QuantTensor | None, scheme: Any, tied: bool) -> str:
     """The tied embedding gathers rows of the codes the lm_head runs with (integer zero points), or stays fp32.
     Byte for byte the same int8 matrix as the lm_head's, which lets the exporter store it once (external data)."""
-    from torchao.quantization import IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization import IntxUnpackedToInt8Tensor
 
     if not tied or head is None or scheme.embedding is not scheme.lm_head:
         return "fp32"
@@ -191,9 +189,17 @@ def _embedding_from_lm_head(module: nn.Module, head: QuantTensor | None, scheme:
     if zero is None:
         raise ExportError("the tied embedding reads the lm_head's codes, whose offsets are not integer zero points "
                           "(ExecuTorch's quantized embedding needs them); quantize the lm_head with 'rtn' or keep_gguf")
-    dtype = torch.int4 if head.bits == 4 else torch.int8
-    quantize_(module, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(head.group)),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
-    _write(module.embed_tokens.weight, head, zero=zero.to(torch.int16) - head.midpoint)
+    # torchao's own tensor for a quantized embedding, made from the codes directly: what `quantize_` with
+    # IntxWeightOnlyConfig makes, with its qdata / scale / zero point then overwritten by the codes, but without
+    # its quantizer's temporaries over the fp32 matrix (several fp32 copies of a 1 GB embedding at 1B).
+    embedding = module.embed_tokens
+    if tuple(embedding.weight.shape) != head.shape:
+        raise ExportError(f"the tied embedding {tuple(embedding.weight.shape)} is not the lm_head's {head.shape}")
+    weight = IntxUnpackedToInt8Tensor(
+        qdata=head.signed_codes(), scale=head.scale.to(embedding.weight.dtype),
+        zero_point=(zero.to(torch.int16) - head.midpoint).to(torch.int8),
+        target_dtype=torch.int4 if head.bits == 4 else torch.int8, block_size=(1, head.group),
+        dtype=embedding.weight.dtype, activation_quantization=None)
+    embedding.weight = nn.Parameter(weight, requires_grad=False)  # the fp32 matrix goes
     group = "per row" if head.group == head.shape[1] else f"group {head.group}"
     return f"int{head.bits} {group}, the lm_head's codes"

@@ -487,7 +487,8 @@ def test_the_export_holds_one_model_and_the_verification_reads_the_reference_aga
     """What bounds a large build's peak: one fp32-sized model at a time. A quantize stage that is the only reader
     of the reference quantizes it in place, and where it needs the float weights again (the smoothing candidate)
     it reads them back from the checkpoint into the same model, so what is exported is the reference itself,
-    changed. The verification then reads the reference again and lets it go before the artifact is measured.
+    changed. The verification then reads the reference again and lets it go before the artifact is measured, by
+    which time the stage's codes are gone too.
     Where there is no stage the reference is what is exported, so it is kept and read once."""
     import copy
     import gc
@@ -503,6 +504,7 @@ def test_the_export_holds_one_model_and_the_verification_reads_the_reference_aga
     loads: list[weakref.ref] = []
     real_load, real_export = models.load, SafetensorsExporter.export
     seen: dict[str, bool] = {}
+    codes_ref: list[weakref.ref] = []  # the quantize stage's codes, as handed to the exporter
 
     def load(source):
         loaded = real_load(source)
@@ -517,6 +519,8 @@ def test_the_export_holds_one_model_and_the_verification_reads_the_reference_aga
         del model
         gc.collect()
         seen["handed_over"] = handed() is None  # the exporter held the only reference: it may free the weights
+        codes = args[-1] if len(args) == 5 else kwargs.get("quantized")
+        codes_ref.extend([weakref.ref(codes)] if codes is not None else [])
         return real_export(self, kept, *args, **kwargs)
 
     real_measure = verification.measure_accuracy
@@ -524,6 +528,7 @@ def test_the_export_holds_one_model_and_the_verification_reads_the_reference_aga
     def measure_accuracy(*args, **kwargs):
         gc.collect()
         seen["reference_alive_while_measuring"] = any(r() is not None for r in loads)
+        seen["codes_alive_while_measuring"] = any(r() is not None for r in codes_ref)
         return real_measure(*args, **kwargs)
 
     monkeypatch.setattr(models, "load", load)
@@ -545,3 +550,4 @@ def test_the_export_holds_one_model_and_the_verification_reads_the_reference_aga
         assert seen["exports_the_reference"]  # quantized (and smoothed) in place: no copy was made
         assert len(loads) == 2 and kl > 1e-8 and not seen["reference_alive_while_measuring"]
         assert seen["handed_over"]
+        assert len(codes_ref) == 1 and not seen["codes_alive_while_measuring"]  # dropped after the export

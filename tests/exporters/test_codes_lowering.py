@@ -110,6 +110,21 @@ def test_the_export_module_computes_the_stage_model_with_the_offset_correction(m
     np.testing.assert_allclose(got, _eager(staged.model), atol=2e-4, rtol=1e-4)
 
 
+def test_an_8_bit_per_group_lm_head_is_rounded_per_channel_row_block_by_row_block_as_a_whole():
+    """XNNPACK's int8 linears are per channel, so 8-bit per-group codes are rounded again; by row blocks (a 128k
+    lm_head's dequantized matrix is 1 GB at 1B) the codes and scales are those of the whole matrix."""
+    from compress.exporters.xnnpack_codes import per_channel_int8
+
+    from compress.quantized import rtn
+
+    t = rtn(torch.randn(37, 96, generator=torch.Generator().manual_seed(4)) * 0.05, 8, 32, symmetric=False)
+    whole = rtn(t.dequantize(), 8, 96, symmetric=True)
+    blocks = per_channel_int8(t, block_elements=5 * 96)  # 8 blocks, the last of 2 rows
+    assert (blocks.bits, blocks.group) == (8, 96)
+    assert torch.equal(blocks.codes, whole.codes) and torch.equal(blocks.scale, whole.scale)
+    assert torch.equal(blocks.offset, whole.offset)
+
+
 def test_linears_reading_one_input_share_one_group_sum_after_export(model, tmp_path):
     """q/k/v (and gate/up) read the same input: after the exporter's CSE, one group sum serves them all, and the
     program still computes the same thing."""
